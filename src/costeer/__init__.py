@@ -1,0 +1,28 @@
+"""costeer: collaborative decoding-time personalization (CoSteer, arXiv 2507.04756).
+
+A cloud model writes; a small device model that alone reads the user's private
+context steers it token by token through its local delta.
+"""
+
+from .errors import UserError
+from .fusion import SteeringParams, fuse_closed_form, fuse_ftrl_loop, local_delta, steering_coefficient
+from .generator import CoSteer, Generation
+from .methods import METHODS
+from .prompts import PAPER_SYSTEM_PROMPT, load_context
+from .sampling import SamplingConfig
+
+__version__ = "0.1.0"
+__all__ = [
+    "CoSteer",
+    "Generation",
+    "METHODS",
+    "PAPER_SYSTEM_PROMPT",
+    "SamplingConfig",
+    "SteeringParams",
+    "UserError",
+    "fuse_closed_form",
+    "fuse_ftrl_loop",
+    "load_context",
+    "local_delta",
+    "steering_coefficient",
+]

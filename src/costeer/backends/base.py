@@ -1,0 +1,73 @@
+"""The one small interface every model backend implements.
+
+A `LanguageModel` is a loaded model plus its tokenizer. `open_streams` starts a
+`StreamGroup`: several prompts decoded in lockstep, each keeping its own KV cache.
+In CoSteer every stream of a model sees the same generated tokens after its own
+prompt (the device model runs with and without the private context), so a group
+advances all its streams with one token at a time, which also lets a backend batch
+them into one forward pass.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Sequence
+
+import numpy as np
+
+ChatMessage = dict[str, str]  # {"role": "system"|"user"|"assistant", "content": "..."}
+
+
+class StreamGroup(ABC):
+    """Prompts decoded in lockstep; `logits()` is the next-token logits of each."""
+
+    @abstractmethod
+    def logits(self) -> np.ndarray:
+        """float32 array of shape (n_streams, vocab_size) for the next position."""
+
+    @abstractmethod
+    def advance(self, token_id: int) -> None:
+        """Append one token to every stream, feeding only that token (KV cache)."""
+
+    def close(self) -> None:
+        """Free the caches; the group is unusable afterwards."""
+
+    def __enter__(self) -> "StreamGroup":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class LanguageModel(ABC):
+    name: str
+    vocab_size: int  # width of the logits
+    eos_token_ids: frozenset[int]
+    context_window: int  # most tokens one stream may hold
+
+    @abstractmethod
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of text; special-token markup (ChatML tags) is parsed."""
+
+    @abstractmethod
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes a token stands for, used to detokenize and to compare vocabularies."""
+
+    @abstractmethod
+    def render_chat(self, messages: Sequence[ChatMessage]) -> str:
+        """The model's own chat template applied to messages, ending with the
+        assistant turn's opening so generation starts the reply."""
+
+    @abstractmethod
+    def open_streams(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> StreamGroup:
+        """Prefill each prompt and return the group positioned after them."""
+
+    def detokenize(self, token_ids: Sequence[int]) -> str:
+        return b"".join(self.token_bytes(t) for t in token_ids).decode("utf-8", errors="replace")
+
+    def vocabulary_fingerprint(self) -> list[bytes]:
+        """Every token's bytes, in id order; equal lists mean a shared tokenizer."""
+        return [self.token_bytes(i) for i in range(self.vocab_size)]
+
+    def close(self) -> None:
+        """Release the model's memory."""

@@ -1,0 +1,203 @@
+"""GGUF models through llama.cpp's C API (llama-cpp-python), the default backend.
+
+We use the low-level API rather than `llama_cpp.Llama` because CoSteer needs
+several sequences of one model decoded in lockstep: one context with
+`n_seq_max` sequences and a unified KV cache lets the device model's two
+streams (with and without the private context) share one forward pass.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import UserError
+from .base import ChatMessage, LanguageModel, StreamGroup
+from .chat_template import render_chat_template
+
+_PREFILL_CHUNK = 512
+
+
+def _llama():
+    try:
+        import llama_cpp
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise UserError("llama-cpp-python is not installed: pip install llama-cpp-python") from exc
+    _init_once(llama_cpp)
+    return llama_cpp
+
+
+_initialized = False
+_log_callback = None  # kept referenced so ctypes does not free it
+
+
+def _init_once(llama_cpp) -> None:
+    global _initialized, _log_callback
+    if _initialized:
+        return
+    if not os.environ.get("COSTEER_LLAMA_LOGS"):
+        _log_callback = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
+        llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
+    llama_cpp.llama_backend_init()
+    _initialized = True
+
+
+def default_threads() -> int:
+    configured = os.environ.get("COSTEER_THREADS")
+    if configured:
+        return max(1, int(configured))
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+class LlamaCppModel(LanguageModel):
+    def __init__(self, path: str | os.PathLike, n_threads: int | None = None) -> None:
+        self._lib = lib = _llama()
+        self.path = Path(path)
+        self.name = self.path.name
+        self.n_threads = n_threads or default_threads()
+        params = lib.llama_model_default_params()
+        params.n_gpu_layers = int(os.environ.get("COSTEER_GPU_LAYERS", "0"))
+        self._model = lib.llama_model_load_from_file(str(self.path).encode(), params)
+        if not self._model:
+            raise UserError(f"llama.cpp could not load {self.path} (is it a GGUF model file?)")
+        self._vocab = lib.llama_model_get_vocab(self._model)
+        self.vocab_size = int(lib.llama_vocab_n_tokens(self._vocab))
+        self.context_window = int(lib.llama_model_n_ctx_train(self._model))
+        self.eos_token_ids = frozenset(
+            t for t in range(self.vocab_size) if lib.llama_vocab_is_eog(self._vocab, t)
+        )
+        template = lib.llama_model_chat_template(self._model, None)
+        self._chat_template = template.decode("utf-8") if template else None
+        self._bos = self._special_text(lib.llama_vocab_bos(self._vocab))
+        self._eos = self._special_text(lib.llama_vocab_eos(self._vocab))
+        self._piece_cache: dict[int, bytes] = {}
+
+    def _special_text(self, token_id: int) -> str:
+        return self.token_bytes(token_id).decode("utf-8", "replace") if token_id >= 0 else ""
+
+    def tokenize(self, text: str) -> list[int]:
+        data = text.encode("utf-8")
+        capacity = len(data) + 16
+        buf = (self._lib.llama_token * capacity)()
+        n = self._lib.llama_tokenize(self._vocab, data, len(data), buf, capacity, False, True)
+        if n < 0:  # buffer too small: -n is the size needed
+            capacity = -n
+            buf = (self._lib.llama_token * capacity)()
+            n = self._lib.llama_tokenize(self._vocab, data, len(data), buf, capacity, False, True)
+        return list(buf[:n])
+
+    def token_bytes(self, token_id: int) -> bytes:
+        cached = self._piece_cache.get(token_id)
+        if cached is not None:
+            return cached
+        buf = ctypes.create_string_buffer(64)
+        n = self._lib.llama_token_to_piece(self._vocab, token_id, buf, len(buf), 0, True)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = self._lib.llama_token_to_piece(self._vocab, token_id, buf, len(buf), 0, True)
+        piece = buf.raw[:n]
+        self._piece_cache[token_id] = piece
+        return piece
+
+    def render_chat(self, messages: Sequence[ChatMessage]) -> str:
+        if not self._chat_template:
+            raise UserError(f"{self.name} has no chat template in its GGUF metadata")
+        return render_chat_template(self._chat_template, messages, self._bos, self._eos)
+
+    def open_streams(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> StreamGroup:
+        return _LlamaCppStreams(self, prompts, max_new_tokens)
+
+    def close(self) -> None:
+        if self._model:
+            self._lib.llama_model_free(self._model)
+            self._model = None
+
+    def __del__(self) -> None:  # pragma: no cover - best effort at interpreter exit
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class _LlamaCppStreams(StreamGroup):
+    def __init__(self, model: LlamaCppModel, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+        lib = self._lib = model._lib
+        self._model = model
+        self._positions = [len(p) for p in prompts]
+        for p in prompts:
+            if not p:
+                raise ValueError("empty prompt")
+            if len(p) + max_new_tokens > model.context_window:
+                raise UserError(
+                    f"prompt of {len(p)} tokens plus {max_new_tokens} new tokens exceeds "
+                    f"{model.name}'s window of {model.context_window} tokens"
+                )
+        needed = sum(len(p) + max_new_tokens + 1 for p in prompts)
+        cparams = lib.llama_context_default_params()
+        cparams.n_ctx = (needed + 255) // 256 * 256
+        cparams.n_batch = _PREFILL_CHUNK
+        cparams.n_ubatch = _PREFILL_CHUNK
+        cparams.n_seq_max = len(prompts)
+        cparams.n_threads = model.n_threads
+        cparams.n_threads_batch = model.n_threads
+        if hasattr(cparams, "kv_unified"):
+            cparams.kv_unified = True  # sequences share one cache of n_ctx cells
+        self._ctx = lib.llama_init_from_model(model._model, cparams)
+        if not self._ctx:
+            raise RuntimeError(f"llama.cpp could not create a context of {cparams.n_ctx} tokens")
+        self._batch = lib.llama_batch_init(max(_PREFILL_CHUNK, len(prompts)), 0, 1)
+        self._logits = np.empty((len(prompts), model.vocab_size), dtype=np.float32)
+        for seq, prompt in enumerate(prompts):
+            for start in range(0, len(prompt), _PREFILL_CHUNK):
+                chunk = prompt[start : start + _PREFILL_CHUNK]
+                last = start + len(chunk) == len(prompt)
+                self._fill([(tok, start + i, seq, last and i == len(chunk) - 1) for i, tok in enumerate(chunk)])
+                self._decode()
+                if last:
+                    self._copy_logits(len(chunk) - 1, seq)
+
+    def _fill(self, entries: list[tuple[int, int, int, bool]]) -> None:
+        b = self._batch
+        for i, (token, pos, seq, want_logits) in enumerate(entries):
+            b.token[i] = token
+            b.pos[i] = pos
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = seq
+            b.logits[i] = want_logits
+        b.n_tokens = len(entries)
+
+    def _decode(self) -> None:
+        rc = self._lib.llama_decode(self._ctx, self._batch)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed with code {rc}")
+
+    def _copy_logits(self, batch_index: int, seq: int) -> None:
+        ptr = self._lib.llama_get_logits_ith(self._ctx, batch_index)
+        self._logits[seq] = np.ctypeslib.as_array(ptr, shape=(self._model.vocab_size,))
+
+    def logits(self) -> np.ndarray:
+        return self._logits
+
+    def advance(self, token_id: int) -> None:
+        n = len(self._positions)
+        self._fill([(token_id, self._positions[s], s, True) for s in range(n)])
+        self._decode()
+        for s in range(n):
+            self._copy_logits(s, s)
+            self._positions[s] += 1
+
+    def close(self) -> None:
+        if getattr(self, "_ctx", None):
+            self._lib.llama_batch_free(self._batch)
+            self._lib.llama_free(self._ctx)
+            self._ctx = None
+
+    def __del__(self) -> None:  # pragma: no cover
+        try:
+            self.close()
+        except Exception:
+            pass

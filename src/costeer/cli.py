@@ -1,0 +1,167 @@
+"""The `costeer` command line: a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from .errors import UserError
+from .fusion import SteeringParams
+from .methods import METHODS
+
+EXAMPLE_DIR = Path(__file__).parent / "examples"
+DEMO_PROMPT = "Write a two-sentence invitation to my birthday party."
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be finite, got {text}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, as argparse does, minus the usage dump
+        raise UserError(message)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--llm", help="cloud model: a GGUF file or a Hugging Face folder (default: Qwen2.5-Coder-1.5B)")
+    p.add_argument("--slm", help="device model: a GGUF file or a Hugging Face folder (default: Qwen2.5-Coder-0.5B)")
+    p.add_argument("--backend", default="auto", choices=["auto", "llama.cpp", "transformers"])
+
+
+def _add_decoding_args(p: argparse.ArgumentParser) -> None:
+    d = SteeringParams()
+    p.add_argument("--max-new-tokens", type=_positive_int, default=256)
+    p.add_argument("--temperature", type=_finite_float, default=0.0, help="0 (default) decodes greedily")
+    p.add_argument("--top-p", type=_finite_float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--iterations", "-T", type=int, default=d.iterations, help="FTRL iterations T (default 20)")
+    p.add_argument("--alpha", type=_finite_float, default=d.alpha)
+    p.add_argument("--beta", type=_finite_float, default=d.beta)
+    p.add_argument("--lambda", dest="lam", type=_finite_float, default=d.lam)
+    p.add_argument("--eta", type=_finite_float, default=d.eta)
+    p.add_argument("--fusion", choices=["closed", "loop"], default="closed", help="closed form (default) or the paper's loop")
+    p.add_argument("--system-prompt", default=None, help="default: the paper's 'You are a helpful assistant.'")
+    p.add_argument("--max-context-tokens", type=int, default=None, help="cut the private context to this many tokens")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="costeer", description="CoSteer: a cloud LLM steered by a private on-device model.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    gen = sub.add_parser("generate", help="generate an answer")
+    gen.add_argument("--prompt", required=True, help="the public request (the cloud sees it)")
+    gen.add_argument("--context", action="append", default=[], metavar="FILE", help="private context file (repeatable)")
+    gen.add_argument("--context-text", default=None, help="private context given inline")
+    gen.add_argument("--method", default="costeer", choices=list(METHODS))
+    gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    _add_model_args(gen)
+    _add_decoding_args(gen)
+
+    demo = sub.add_parser("demo", help="the cloud model alone and CoSteer side by side on an example profile")
+    demo.add_argument("--prompt", default=DEMO_PROMPT)
+    demo.add_argument("--context", action="append", default=[], metavar="FILE")
+    demo.add_argument("--max-new-tokens", type=_positive_int, default=80)
+    _add_model_args(demo)
+
+    models = sub.add_parser("models", help="assemble and verify the default models, print their paths")
+    models.add_argument("--quiet", action="store_true")
+    return parser
+
+
+def _steering(args: argparse.Namespace) -> SteeringParams:
+    return SteeringParams(args.iterations, args.alpha, args.beta, args.lam, args.eta)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .generator import CoSteer
+    from .prompts import PAPER_SYSTEM_PROMPT, load_context
+
+    context = load_context(args.context, args.context_text)
+    params = _steering(args)
+    cs = CoSteer(args.llm, args.slm, backend=args.backend)
+    stream = None if args.json else (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
+    g = cs.generate(
+        args.prompt,
+        context,
+        method=args.method,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        params=params,
+        fusion=args.fusion,
+        stop=args.stop,
+        system_prompt=args.system_prompt if args.system_prompt is not None else PAPER_SYSTEM_PROMPT,
+        max_context_tokens=args.max_context_tokens,
+        on_text=stream,
+    )
+    if args.json:
+        print(json.dumps(g.to_dict(), ensure_ascii=False))
+    else:
+        sys.stdout.write("\n")
+        print(f"[{g.method}: {g.new_tokens} tokens in {g.elapsed_s:.1f} s, {g.tokens_per_second:.1f} tok/s]", file=sys.stderr)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .generator import CoSteer
+    from .prompts import load_context
+
+    files = args.context or [EXAMPLE_DIR / "profile.md"]
+    context = load_context(files)
+    print(f"Request (public, sent to the cloud): {args.prompt}")
+    print(f"Private context (stays on the device): {', '.join(str(Path(f).name) for f in files)}\n")
+    cs = CoSteer(args.llm, args.slm, backend=args.backend)
+    for method, title in (("llm", "Cloud model alone"), ("costeer", "CoSteer (cloud model steered by the device)")):
+        print(f"=== {title} [--method {method}]")
+        g = cs.generate(args.prompt, context, method=method, max_new_tokens=args.max_new_tokens,
+                        on_text=lambda t: (sys.stdout.write(t), sys.stdout.flush()))
+        print(f"\n[{g.new_tokens} tokens, {g.tokens_per_second:.1f} tok/s]\n")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .default_models import DEFAULT_LLM, DEFAULT_SLM, ensure_model
+
+    for role, model in (("llm", DEFAULT_LLM), ("slm", DEFAULT_SLM)):
+        print(f"{role}\t{model.key}\t{ensure_model(model, quiet=args.quiet)}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return {"generate": cmd_generate, "demo": cmd_demo, "models": cmd_models}[args.command](args)
+    except UserError as exc:
+        print(f"costeer: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("costeer: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

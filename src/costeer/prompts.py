@@ -1,0 +1,91 @@
+"""Building the public (cloud) and private (device) chat prompts.
+
+The cloud sees only the public messages: the system prompt and the user's request.
+The device's "with context" stream sees the same request with the private context
+placed in front of it, inside the same user turn:
+
+    <system prompt>
+    user:  ## Private context
+           <context, one section per source>
+
+           ## Request
+           <the user's request>
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from .backends.base import ChatMessage
+from .errors import UserError
+
+PAPER_SYSTEM_PROMPT = "You are a helpful assistant."
+
+
+@dataclass(frozen=True)
+class PromptPair:
+    """The two conversations one generation needs: what the cloud may see, what only the device sees."""
+
+    public: list[ChatMessage]
+    private: list[ChatMessage]
+
+
+def load_context(files: Sequence[str | Path] = (), text: str | None = None) -> str:
+    """Concatenate context sources: files (plain text, Markdown or JSON) then inline text."""
+    sections: list[str] = []
+    for f in files:
+        path = Path(f)
+        if not path.is_file():
+            raise UserError(f"context file not found: {path}")
+        try:
+            raw = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise UserError(f"context file is not UTF-8 text: {path}") from None
+        if path.suffix.lower() == ".json":
+            try:
+                raw = json_to_text(json.loads(raw))
+            except json.JSONDecodeError as exc:  # position only: never echo private content
+                raise UserError(f"context file {path} is not valid JSON (line {exc.lineno}, column {exc.colno})") from None
+        if raw.strip():
+            sections.append(raw.strip())
+    if text and text.strip():
+        sections.append(text.strip())
+    return "\n\n".join(sections)
+
+
+def json_to_text(value: object, indent: int = 0) -> str:
+    """Readable Markdown-ish text from JSON: keys become labels, lists become bullets."""
+    pad = "  " * indent
+    if isinstance(value, dict):
+        lines = []
+        for key, item in value.items():
+            if isinstance(item, (dict, list)):
+                lines.append(f"{pad}{key}:\n{json_to_text(item, indent + 1)}")
+            else:
+                lines.append(f"{pad}{key}: {item}")
+        return "\n".join(lines)
+    if isinstance(value, list):
+        return "\n".join(
+            f"{pad}- {json_to_text(item, indent + 1).lstrip()}" if isinstance(item, (dict, list)) else f"{pad}- {item}"
+            for item in value
+        )
+    return f"{pad}{value}"
+
+
+def with_context(prompt: str, context: str) -> str:
+    if not context:
+        return prompt
+    return f"## Private context\n{context}\n\n## Request\n{prompt}"
+
+
+def build_prompts(prompt: str, context: str = "", system_prompt: str | None = PAPER_SYSTEM_PROMPT) -> PromptPair:
+    if not prompt or not prompt.strip():
+        raise UserError("the prompt is empty")
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return PromptPair(
+        public=system + [{"role": "user", "content": prompt}],
+        private=system + [{"role": "user", "content": with_context(prompt, context)}],
+    )

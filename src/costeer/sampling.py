@@ -1,0 +1,65 @@
+"""Choosing the next token from a log-distribution: greedy, or seeded sampling."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """temperature 0 means greedy (the default, deterministic)."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k cut
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise UserError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if not math.isfinite(self.top_p) or not 0 < self.top_p <= 1:
+            raise UserError(f"top-p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise UserError(f"top-k must be >= 0, got {self.top_k}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+class TokenPicker:
+    """Picks token ids from log-probabilities; one instance per generation so a
+    seed reproduces the whole sequence."""
+
+    def __init__(self, config: SamplingConfig) -> None:
+        self.config = config
+        self._rng = np.random.default_rng(config.seed)
+
+    def pick(self, logprobs: np.ndarray) -> int:
+        if self.config.greedy:
+            return int(np.argmax(logprobs))
+        ids, probs = self._candidates(logprobs)
+        return int(self._rng.choice(ids, p=probs))
+
+    def _candidates(self, logprobs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids and their renormalized probabilities after temperature, top-k, top-p."""
+        cfg = self.config
+        scaled = np.asarray(logprobs, dtype=np.float64) / cfg.temperature
+        if cfg.top_k and cfg.top_k < scaled.size:
+            ids = np.argpartition(-scaled, cfg.top_k - 1)[: cfg.top_k]
+        else:
+            ids = np.arange(scaled.size)
+        ids = ids[np.argsort(-scaled[ids], kind="stable")]
+        probs = np.exp(scaled[ids] - scaled[ids[0]])
+        probs /= probs.sum()
+        if cfg.top_p < 1.0:
+            # keep the smallest prefix whose mass reaches top_p (at least one token)
+            keep = int(np.searchsorted(np.cumsum(probs), cfg.top_p)) + 1
+            ids, probs = ids[:keep], probs[:keep]
+            probs = probs / probs.sum()
+        return ids, probs
