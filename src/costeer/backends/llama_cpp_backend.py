@@ -61,10 +61,14 @@ class LlamaCppModel(LanguageModel):
         self.n_threads = n_threads or default_threads()
         params = lib.llama_model_default_params()
         params.n_gpu_layers = int(os.environ.get("COSTEER_GPU_LAYERS", "0"))
+        # ggml's AMX weight buffers crash (SIGSEGV in ggml_backend_amx_mul_mat) on Q4_K_M
+        # models on the Sapphire Rapids VMs we test on; plain CPU buffers are safe.
+        params.use_extra_bufts = os.environ.get("COSTEER_EXTRA_BUFTS", "0") == "1"
         self._model = lib.llama_model_load_from_file(str(self.path).encode(), params)
         if not self._model:
             raise UserError(f"llama.cpp could not load {self.path} (is it a GGUF model file?)")
         self._vocab = lib.llama_model_get_vocab(self._model)
+        self._piece_cache: dict[int, bytes] = {}
         self.vocab_size = int(lib.llama_vocab_n_tokens(self._vocab))
         self.context_window = int(lib.llama_model_n_ctx_train(self._model))
         self.eos_token_ids = frozenset(
@@ -74,7 +78,6 @@ class LlamaCppModel(LanguageModel):
         self._chat_template = template.decode("utf-8") if template else None
         self._bos = self._special_text(lib.llama_vocab_bos(self._vocab))
         self._eos = self._special_text(lib.llama_vocab_eos(self._vocab))
-        self._piece_cache: dict[int, bytes] = {}
 
     def _special_text(self, token_id: int) -> str:
         return self.token_bytes(token_id).decode("utf-8", "replace") if token_id >= 0 else ""

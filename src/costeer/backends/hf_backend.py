@@ -1,0 +1,132 @@
+"""Hugging Face checkpoints through transformers (and a GPU where present)."""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import UserError
+from .base import ChatMessage, LanguageModel, StreamGroup
+
+
+def _import_hf():
+    try:
+        import torch
+        import transformers
+    except ImportError as exc:
+        raise UserError("the transformers backend needs: pip install 'costeer[hf]'") from exc
+    return torch, transformers
+
+
+@lru_cache(maxsize=1)
+def _byte_level_decoder() -> dict[str, int]:
+    """Inverse of the byte-to-printable-character map of byte-level BPE (GPT-2 style)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = list(printable)
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, chars)}
+
+
+class TransformersModel(LanguageModel):
+    def __init__(self, path: str | os.PathLike, device: str | None = None) -> None:
+        torch, transformers = _import_hf()
+        self._torch = torch
+        self.path = Path(path)
+        self.name = self.path.name
+        self.device = device or os.environ.get("COSTEER_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
+        try:
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+            self._model = transformers.AutoModelForCausalLM.from_pretrained(
+                self.path, local_files_only=True, dtype=dtype
+            ).to(self.device)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"transformers could not load {self.path}: {str(exc).splitlines()[0]}") from None
+        self._model.eval()
+        config = self._model.config
+        self.vocab_size = int(self._model.get_output_embeddings().weight.shape[0])
+        self.context_window = int(getattr(config, "max_position_embeddings", 0) or 1 << 20)
+        eos = set()
+        for source in (getattr(self._model, "generation_config", None), config, self.tokenizer):
+            ids = getattr(source, "eos_token_id", None)
+            eos.update([ids] if isinstance(ids, int) else (ids or []))
+        self.eos_token_ids = frozenset(eos)
+        self._byte_level = self._is_byte_level()
+        self._special = set(self.tokenizer.all_special_tokens) | set(self.tokenizer.get_added_vocab())
+
+    def _is_byte_level(self) -> bool:
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            return False
+        decoder = json.loads(backend.to_str()).get("decoder") or {}
+        return decoder.get("type") == "ByteLevel"
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def token_bytes(self, token_id: int) -> bytes:
+        token = self.tokenizer.convert_ids_to_tokens(int(token_id))
+        if token is None:
+            return b""  # padding rows of the embedding beyond the tokenizer
+        if token in self._special:
+            return token.encode("utf-8")
+        if self._byte_level:
+            table = _byte_level_decoder()
+            return bytes(table[ch] for ch in token if ch in table)
+        return self.tokenizer.convert_tokens_to_string([token]).encode("utf-8")
+
+    def render_chat(self, messages: Sequence[ChatMessage]) -> str:
+        if not self.tokenizer.chat_template:
+            raise UserError(f"{self.name} has no chat template (tokenizer_config.json: chat_template)")
+        return self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+
+    def open_streams(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> StreamGroup:
+        for p in prompts:
+            if len(p) + max_new_tokens > self.context_window:
+                raise UserError(
+                    f"prompt of {len(p)} tokens plus {max_new_tokens} new tokens exceeds "
+                    f"{self.name}'s window of {self.context_window} tokens"
+                )
+        return _TransformersStreams(self, prompts)
+
+
+class _TransformersStreams(StreamGroup):
+    """One KV cache per stream; streams run one after another (prompts differ in length)."""
+
+    def __init__(self, model: TransformersModel, prompts: Sequence[Sequence[int]]) -> None:
+        self._m = model
+        self._caches: list[object] = [None] * len(prompts)
+        self._logits = np.empty((len(prompts), model.vocab_size), dtype=np.float32)
+        for i, prompt in enumerate(prompts):
+            self._forward(i, list(prompt))
+
+    def _forward(self, i: int, ids: list[int]) -> None:
+        torch = self._m._torch
+        with torch.inference_mode():
+            out = self._m._model(
+                input_ids=torch.tensor([ids], device=self._m.device),
+                past_key_values=self._caches[i],
+                use_cache=True,
+            )
+        self._caches[i] = out.past_key_values
+        self._logits[i] = out.logits[0, -1].float().cpu().numpy()
+
+    def logits(self) -> np.ndarray:
+        return self._logits
+
+    def advance(self, token_id: int) -> None:
+        for i in range(len(self._caches)):
+            self._forward(i, [token_id])
+
+    def close(self) -> None:
+        self._caches = []
