@@ -14,7 +14,7 @@ from typing import Callable, Literal
 import numpy as np
 
 from .errors import UserError
-from .fusion import SteeringParams, fuse_closed_form, fuse_ftrl_loop, local_delta, log_softmax
+from .fusion import FUSION_DTYPE, SteeringParams, fuse_ftrl_loop, local_delta, log_softmax
 
 Role = Literal["llm", "slm"]  # cloud model, device model
 PromptKind = Literal["public", "private"]  # without / with the private context
@@ -33,7 +33,8 @@ class Policy(ABC):
 
     @abstractmethod
     def next_logprobs(self, logits: list[np.ndarray]) -> np.ndarray:
-        """Log-probabilities over the vocabulary, given each stream's logits in `streams` order."""
+        """Log-probabilities over the vocabulary, up to an additive constant (the
+        picker normalizes), given each stream's logits in `streams` order."""
 
     @property
     def roles(self) -> set[Role]:
@@ -65,11 +66,12 @@ class CoSteerPolicy(Policy):
         self.coefficient = params.coefficient
 
     def next_logprobs(self, logits: list[np.ndarray]) -> np.ndarray:
-        base = log_softmax(logits[0])
-        delta = local_delta(logits[1], logits[2])
         if self.fusion == "loop":
-            return fuse_ftrl_loop(base, delta, self.params)
-        return fuse_closed_form(base, delta, self.coefficient)
+            return fuse_ftrl_loop(log_softmax(logits[0]), local_delta(logits[1], logits[2]), self.params)
+        # log_softmax(B + c*delta) without its normalizations, which only shift every
+        # token by one constant: z_llm + c*(z_with - z_without). 5x cheaper per token.
+        llm, with_ctx, without_ctx = (np.asarray(x, dtype=FUSION_DTYPE) for x in logits)
+        return llm + self.coefficient * (with_ctx - without_ctx)
 
 
 def _costeer(params: SteeringParams, fusion: Fusion) -> Policy:
