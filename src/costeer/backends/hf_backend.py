@@ -53,6 +53,11 @@ class TransformersModel(LanguageModel):
         except (OSError, ValueError) as exc:
             raise UserError(f"transformers could not load {self.path}: {str(exc).splitlines()[0]}") from None
         self._model.eval()
+        # transformers renamed `past_key_values` to `cache` in 5.x; accept both
+        import inspect
+
+        forward_params = inspect.signature(self._model.forward).parameters
+        self._cache_arg = "cache" if "cache" in forward_params else "past_key_values"
         config = self._model.config
         self.vocab_size = int(self._model.get_output_embeddings().weight.shape[0])
         self.context_window = int(getattr(config, "max_position_embeddings", 0) or 1 << 20)
@@ -115,10 +120,11 @@ class _TransformersStreams(StreamGroup):
         with torch.inference_mode():
             out = self._m._model(
                 input_ids=torch.tensor([ids], device=self._m.device),
-                past_key_values=self._caches[i],
                 use_cache=True,
+                logits_to_keep=1,
+                **{self._m._cache_arg: self._caches[i]},
             )
-        self._caches[i] = out.past_key_values
+        self._caches[i] = getattr(out, self._m._cache_arg)
         self._logits[i] = out.logits[0, -1].float().cpu().numpy()
 
     def logits(self) -> np.ndarray:

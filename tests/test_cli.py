@@ -1,0 +1,76 @@
+"""The `costeer` command as a user runs it: real subprocesses, real models."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import BIRTHDAY_PROMPT, EXAMPLE_PROFILE, facts_in
+
+
+def costeer(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run(
+        [sys.executable, "-m", "costeer.cli", *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["generate", "--prompt", "hi", "--context", "/nonexistent/profile.md"], "context file not found"),
+        (["generate", "--prompt", "hi", "--method", "magic"], "invalid choice"),
+        (["generate", "--prompt", "hi", "--iterations", "0"], "iterations"),
+        (["generate", "--prompt", "hi", "--lambda", "0"], "lambda"),
+        (["generate", "--prompt", "hi", "--eta", "-1"], "eta"),
+        (["generate", "--prompt", "hi", "--alpha", "nan"], "finite"),
+        (["generate", "--prompt", "hi", "--max-new-tokens", "0"], "max-new-tokens"),
+        (["generate", "--prompt", "hi", "--temperature", "-1"], "temperature"),
+        (["generate", "--prompt", "hi", "--top-p", "2"], "top-p"),
+        (["generate", "--prompt", "hi", "--llm", "/nonexistent/model.gguf"], "model not found"),
+        (["generate", "--prompt", "   "], "prompt is empty"),
+        (["generate"], "--prompt"),
+        (["fly"], "invalid choice"),
+    ],
+)
+def test_user_mistakes_exit_nonzero_with_one_line_and_no_traceback(args, message):
+    result = costeer(*args, timeout=120)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_invalid_json_context_names_the_position_but_not_the_content(tmp_path):
+    secret = tmp_path / "notes.json"
+    secret.write_text('{"diary": "my secret canary-7731 text", }', encoding="utf-8")
+    result = costeer("generate", "--prompt", "hi", "--context", str(secret), timeout=120)
+    assert result.returncode == 2 and "not valid JSON (line 1" in result.stderr
+    assert "canary-7731" not in result.stderr
+
+
+@pytest.mark.models
+def test_generate_json_is_one_object_with_the_documented_fields():
+    result = costeer("generate", "--prompt", BIRTHDAY_PROMPT, "--context", str(EXAMPLE_PROFILE),
+                     "--max-new-tokens", "80", "--json")
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)  # exactly one JSON document on stdout
+    for key in ("text", "method", "new_tokens", "elapsed_s", "tokens_per_second"):
+        assert key in out
+    assert out["method"] == "costeer" and 0 < out["new_tokens"] <= 80 and out["tokens_per_second"] > 0
+    assert len(facts_in(out["text"])) >= 2, out["text"]
+
+
+@pytest.mark.models
+def test_generate_streams_plain_text_and_reports_speed_on_stderr(tmp_path):
+    notes = tmp_path / "me.json"
+    notes.write_text(json.dumps({"name": "Thaddeus", "city": "Tromsø"}), encoding="utf-8")
+    result = costeer("generate", "--prompt", "Say hello to me by name.", "--context", str(notes),
+                     "--context-text", "I love ice sculpting.", "--max-new-tokens", "12", "--method", "slm-context")
+    assert result.returncode == 0, result.stderr
+    assert "Thaddeus" in result.stdout
+    assert "tok/s" in result.stderr

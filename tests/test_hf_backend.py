@@ -1,0 +1,142 @@
+"""The transformers backend on tiny Qwen2 models built here from a config with random
+weights and a tokenizer trained on the spot: no download, real forward passes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+from costeer import CoSteer, UserError  # noqa: E402
+from costeer.backends import check_same_tokenizer, load_model  # noqa: E402
+from costeer.fusion import log_softmax  # noqa: E402
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CORPUS = [
+    "Write a short note to my friend about the weather in the mountains.",
+    "I live in Tromsø and I love ice sculpting, skiing and reindeer stew.",
+    "Birthday party invitations should be warm, short and playful.",
+] * 20
+
+
+def make_tokenizer(vocab_size: int, corpus: list[str] = CORPUS):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(corpus, trainer)
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
+    fast.chat_template = CHATML
+    return fast
+
+
+def make_model_folder(path, tokenizer, seed: int, layers: int = 2, window: int = 256):
+    torch.manual_seed(seed)
+    config = transformers.Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=window,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+    )
+    model = transformers.Qwen2ForCausalLM(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tmp_path_factory):
+    tok = make_tokenizer(300)
+    root = tmp_path_factory.mktemp("hf")
+    llm = make_model_folder(root / "llm", tok, seed=1, layers=3)
+    slm = make_model_folder(root / "slm", tok, seed=2)
+    return llm, slm
+
+
+def test_backend_loads_a_folder_and_reports_its_vocabulary(tiny_pair):
+    model = load_model(tiny_pair[0])
+    assert type(model).__name__ == "TransformersModel"
+    ids = model.tokenize(model.render_chat([{"role": "user", "content": "I love skiing."}]))
+    assert model.detokenize(ids).startswith("<|im_start|>user\nI love skiing.<|im_end|>")
+    assert model.eos_token_ids == {model.tokenize("<|im_end|>")[0]}
+
+
+def test_kv_cache_steps_equal_a_full_forward(tiny_pair):
+    model = load_model(tiny_pair[1])
+    prompt = model.tokenize("I live in Tromsø")
+    more = model.tokenize(" and I love ice sculpting")
+    with model.open_streams([prompt], 16) as stepped:
+        for t in more:
+            stepped.advance(t)
+        stepped_logits = stepped.logits()[0].copy()
+    with model.open_streams([prompt + more], 16) as full:
+        np.testing.assert_allclose(stepped_logits, full.logits()[0], atol=1e-4)
+
+
+def test_costeer_on_hf_models_and_loop_equals_closed_form(tiny_pair):
+    cs = CoSteer(*tiny_pair, quiet=True)
+    closed = cs.generate("Write a note.", "I live in Tromsø.", max_new_tokens=12, fusion="closed")
+    loop = cs.generate("Write a note.", "I live in Tromsø.", max_new_tokens=12, fusion="loop")
+    assert closed.token_ids == loop.token_ids and closed.new_tokens >= 1
+    assert closed.prompt_tokens.keys() == {"llm_public", "slm_private", "slm_public"}
+
+
+def test_fused_step_is_the_closed_form_of_the_three_streams(tiny_pair):
+    """One decoding step by hand: B + c*delta over the real logits picks the token CoSteer picks."""
+    cs = CoSteer(*tiny_pair, quiet=True)
+    g = cs.generate("Write a note.", "I love reindeer stew.", max_new_tokens=1)
+    llm, slm = cs.model("llm"), cs.model("slm")
+    public = [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "Write a note."}]
+    private = [public[0], {"role": "user", "content": "Write a note.\n\nFor reference, here is some information about me:\n\nI love reindeer stew."}]
+    with llm.open_streams([llm.tokenize(llm.render_chat(public))], 1) as cloud, slm.open_streams(
+        [slm.tokenize(slm.render_chat(private)), slm.tokenize(slm.render_chat(public))], 1
+    ) as device:
+        base = log_softmax(cloud.logits()[0])
+        delta = log_softmax(device.logits()[0]) - log_softmax(device.logits()[1])
+        expected = int(np.argmax(base + g.steering_coefficient * delta))
+    first = g.token_ids[0] if g.token_ids else None
+    assert first == expected or (first is None and expected in llm.eos_token_ids)
+
+
+def test_different_tokenizers_are_refused_at_load_time(tmp_path, tiny_pair):
+    other = make_model_folder(tmp_path / "other", make_tokenizer(280), seed=3)
+    with pytest.raises(UserError, match="different vocabularies"):
+        check_same_tokenizer(load_model(tiny_pair[0]), load_model(other))
+    cs = CoSteer(tiny_pair[0], other, quiet=True)
+    with pytest.raises(UserError, match="share a tokenizer"):
+        cs.generate("Write a note.", "ctx", max_new_tokens=2)
+
+
+
+def test_same_size_but_different_token_strings_are_refused(tmp_path):
+    # 259 bytes and specials + 11 merges: both corpora have far more than 11 pairs to merge
+    first = make_model_folder(tmp_path / "a", make_tokenizer(270), seed=5)
+    other_corpus = ["Completely different words: zebra xylophone quantum marmalade."] * 50
+    second = make_model_folder(tmp_path / "b", make_tokenizer(270, other_corpus), seed=6)
+    a, b = load_model(first), load_model(second)
+    assert a.vocab_size == b.vocab_size == 270
+    with pytest.raises(UserError, match="token strings differ"):
+        check_same_tokenizer(a, b)
+
+
+def test_context_longer_than_the_window_is_cut_not_crashed(tiny_pair, capsys):
+    cs = CoSteer(*tiny_pair, quiet=True)  # window: 256 tokens
+    long_context = "I love ice sculpting and skiing in the mountains. " * 100
+    g = cs.generate("Write a note.", long_context, max_new_tokens=8)
+    assert g.context_truncated and g.prompt_tokens["slm_private"] + 8 <= 256
+    assert "private context cut" in capsys.readouterr().err
+    with pytest.raises(UserError, match="no room for the context"):
+        cs.generate("Write a note.", long_context, max_new_tokens=250)
