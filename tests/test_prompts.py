@@ -1,0 +1,48 @@
+import json
+
+import pytest
+
+from costeer import UserError, load_context
+from costeer.prompts import CONTEXT_INTRO, PAPER_SYSTEM_PROMPT, build_prompts
+
+
+def test_public_prompt_holds_the_request_only_and_private_adds_the_context():
+    pair = build_prompts("Plan my weekend.", "I live in Tromsø.")
+    assert pair.public == [
+        {"role": "system", "content": PAPER_SYSTEM_PROMPT},
+        {"role": "user", "content": "Plan my weekend."},
+    ]
+    assert pair.private[0] == pair.public[0]
+    assert pair.private[1]["content"] == f"Plan my weekend.\n\n{CONTEXT_INTRO}\n\nI live in Tromsø."
+    assert "Tromsø" not in json.dumps(pair.public, ensure_ascii=False)
+
+
+def test_no_context_means_identical_conversations_and_no_system_prompt_is_allowed():
+    pair = build_prompts("Hi.", "", system_prompt=None)
+    assert pair.public == pair.private == [{"role": "user", "content": "Hi."}]
+
+
+def test_context_files_text_markdown_json_and_inline_are_joined_in_order(tmp_path):
+    (tmp_path / "a.txt").write_text("plain facts\n", encoding="utf-8")
+    (tmp_path / "b.md").write_text("# Me\n- likes owls", encoding="utf-8")
+    (tmp_path / "c.json").write_text(json.dumps({"name": "Ada", "pets": ["cat", {"kind": "dog", "name": "Rex"}]}))
+    text = load_context([tmp_path / "a.txt", tmp_path / "b.md", tmp_path / "c.json"], "inline note")
+    assert text.split("\n\n") == [
+        "plain facts",
+        "# Me\n- likes owls",
+        "name: Ada\npets:\n  - cat\n  - kind: dog\n    name: Rex",
+        "inline note",
+    ]
+
+
+@pytest.mark.parametrize("content, message", [(b"\xff\xfe\x00bad", "not UTF-8"), (b"{oops", "not valid JSON")])
+def test_unreadable_context_files_are_user_errors(tmp_path, content, message):
+    path = tmp_path / "ctx.json"
+    path.write_bytes(content)
+    with pytest.raises(UserError, match=message):
+        load_context([path])
+
+
+def test_empty_prompt_is_refused():
+    with pytest.raises(UserError, match="empty"):
+        build_prompts("  ", "ctx")
