@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import codecs
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -17,6 +18,7 @@ class DecodeResult:
     text: str
     token_ids: list[int]
     finish_reason: str  # "eos", "stop" (a stop string) or "length"
+    prompt_lengths: list[int]  # per stream, in policy.streams order
     prefill_s: float
     time_to_first_token_s: float
     elapsed_s: float
@@ -57,6 +59,28 @@ class TextAssembler:
         return chunk
 
 
+class _GroupAdvancer:
+    """Advances every group by one token. Remote groups run in a thread while the
+    local ones compute, so a step costs max(cloud, device), not their sum; local
+    groups stay sequential (they share this machine's cores)."""
+
+    def __init__(self, groups: dict[Role, StreamGroup]) -> None:
+        self._local = [g for g in groups.values() if not g.remote]
+        self._remote = [g for g in groups.values() if g.remote]
+        self._pool = ThreadPoolExecutor(max_workers=len(self._remote)) if self._remote else None
+
+    def __call__(self, token: int) -> None:
+        pending = [self._pool.submit(g.advance, token) for g in self._remote] if self._pool else []
+        for group in self._local:
+            group.advance(token)
+        for future in pending:
+            future.result()
+
+    def close(self) -> None:
+        if self._pool:
+            self._pool.shutdown(wait=True)
+
+
 def decode(
     policy: Policy,
     models: dict[Role, LanguageModel],
@@ -76,10 +100,16 @@ def decode(
     for i, spec in enumerate(policy.streams):
         by_role.setdefault(spec.role, []).append(i)
     groups: dict[Role, StreamGroup] = {}
+    overlap = None
     try:
         for role, indices in by_role.items():
             groups[role] = models[role].open_streams([prompt_ids[i] for i in indices], max_new_tokens)
         prefill_s = time.perf_counter() - start
+        prompt_lengths = [0] * len(policy.streams)
+        for role, indices in by_role.items():
+            for i, n in zip(indices, groups[role].prompt_lengths):
+                prompt_lengths[i] = n
+        overlap = _GroupAdvancer(groups)
         decoder_model = models[policy.streams[0].role]
         eos = decoder_model.eos_token_ids
         text = TextAssembler(stop)
@@ -87,12 +117,11 @@ def decode(
         first_token_s = 0.0
         finish = "length"
         while len(tokens) < max_new_tokens:
-            logits = [None] * len(policy.streams)
+            dists = [None] * len(policy.streams)
             for role, indices in by_role.items():
-                group_logits = groups[role].logits()
-                for row, i in enumerate(indices):
-                    logits[i] = group_logits[row]
-            token = picker.pick(policy.next_logprobs(logits))
+                for i, dist in zip(indices, groups[role].next_tokens()):
+                    dists[i] = dist
+            token = picker.pick(policy.scores(dists, picker.config.greedy))
             if not tokens:
                 first_token_s = time.perf_counter() - start
             if token in eos:
@@ -106,18 +135,20 @@ def decode(
                 finish = "stop"
                 break
             if len(tokens) < max_new_tokens:
-                for group in groups.values():
-                    group.advance(token)
+                overlap(token)
         rest = text.finish()
         if rest and on_text:
             on_text(rest)
     finally:
         for group in groups.values():
             group.close()
+        if overlap is not None:
+            overlap.close()
     return DecodeResult(
         text=text.text,
         token_ids=tokens,
         finish_reason=finish,
+        prompt_lengths=prompt_lengths,
         prefill_s=prefill_s,
         time_to_first_token_s=first_token_s,
         elapsed_s=time.perf_counter() - start,

@@ -136,14 +136,12 @@ class CoSteer:
         return self._run(policy, models, PromptPair(public, private), max_new_tokens, sampling or SamplingConfig(), stop, on_text, False)
 
     def _run(self, policy, models, pair, max_new_tokens, sampling, stop, on_text, truncated) -> Generation:
-        prompt_ids = []
-        prompt_tokens: dict[str, int] = {}
-        for spec in policy.streams:
-            model = models[spec.role]
-            ids = model.tokenize(model.render_chat(pair.public if spec.prompt == "public" else pair.private))
-            prompt_ids.append(ids)
-            prompt_tokens[f"{spec.role}_{spec.prompt}"] = len(ids)
-        result = decode(policy, models, prompt_ids, TokenPicker(sampling), max_new_tokens, stop, on_text)
+        prompts = [
+            models[spec.role].encode_chat(pair.public if spec.prompt == "public" else pair.private)
+            for spec in policy.streams
+        ]
+        result = decode(policy, models, prompts, TokenPicker(sampling), max_new_tokens, stop, on_text)
+        prompt_tokens = {f"{s.role}_{s.prompt}": n for s, n in zip(policy.streams, result.prompt_lengths)}
         n = len(result.token_ids)
         return Generation(
             text=result.text,

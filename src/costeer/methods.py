@@ -14,11 +14,16 @@ from typing import Callable, Literal
 import numpy as np
 
 from .errors import UserError
+from .certified import CertificationStats, fuse_with_partial_cloud
+from .distribution import NextToken
 from .fusion import FUSION_DTYPE, SteeringParams, fuse_ftrl_loop, local_delta, log_softmax
 
 Role = Literal["llm", "slm"]  # cloud model, device model
 PromptKind = Literal["public", "private"]  # without / with the private context
 Fusion = Literal["closed", "loop"]
+
+# First top-k a remote cloud is asked for (see certified.py and the README's traffic table).
+DEFAULT_TOP_K = 64
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,11 @@ class Policy(ABC):
         """Log-probabilities over the vocabulary, up to an additive constant (the
         picker normalizes), given each stream's logits in `streams` order."""
 
+    def scores(self, dists: list[NextToken], greedy: bool) -> np.ndarray:
+        """What the loop picks from. Policies that can decide from a remote cloud's
+        top-k override this; the default asks every stream for its full vector."""
+        return self.next_logprobs([d.full()[0] for d in dists])
+
     @property
     def roles(self) -> set[Role]:
         return {s.role for s in self.streams}
@@ -49,7 +59,16 @@ class SingleModel(Policy):
         self.streams = (StreamSpec(role, prompt),)
 
     def next_logprobs(self, logits: list[np.ndarray]) -> np.ndarray:
-        return log_softmax(logits[0])
+        return np.asarray(logits[0], dtype=FUSION_DTYPE)
+
+    def scores(self, dists: list[NextToken], greedy: bool) -> np.ndarray:
+        dist = dists[0]
+        if dist.local or not greedy:
+            return self.next_logprobs([dist.full()[0]])
+        ids, logits, _ = dist.top(1)  # greedy needs the argmax only
+        scores = np.full(dist.vocab_size, -np.inf)
+        scores[ids] = logits
+        return scores
 
 
 class CoSteerPolicy(Policy):
@@ -57,13 +76,22 @@ class CoSteerPolicy(Policy):
 
     streams = (StreamSpec("llm", "public"), StreamSpec("slm", "private"), StreamSpec("slm", "public"))
 
-    def __init__(self, name: str, params: SteeringParams, fusion: Fusion = "closed") -> None:
+    def __init__(self, name: str, params: SteeringParams, fusion: Fusion = "closed", first_k: int = DEFAULT_TOP_K) -> None:
         if fusion not in ("closed", "loop"):
             raise UserError(f"unknown fusion {fusion!r}: choose closed or loop")
         self.name = name
         self.params = params
         self.fusion = fusion
         self.coefficient = params.coefficient
+        self.first_k = first_k
+        self.traffic = CertificationStats()  # filled only when the cloud is remote
+
+    def scores(self, dists: list[NextToken], greedy: bool) -> np.ndarray:
+        cloud, with_ctx, without_ctx = dists
+        if cloud.local or self.fusion == "loop":
+            return super().scores(dists, greedy)
+        steer = self.coefficient * (with_ctx.full()[0].astype(FUSION_DTYPE) - without_ctx.full()[0])
+        return fuse_with_partial_cloud(cloud, steer, self.first_k, greedy, self.traffic)
 
     def next_logprobs(self, logits: list[np.ndarray]) -> np.ndarray:
         if self.fusion == "loop":

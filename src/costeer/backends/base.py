@@ -15,6 +15,8 @@ from typing import Sequence
 
 import numpy as np
 
+from ..distribution import LocalNextToken, NextToken
+
 ChatMessage = dict[str, str]  # {"role": "system"|"user"|"assistant", "content": "..."}
 
 
@@ -28,6 +30,19 @@ class StreamGroup(ABC):
     @abstractmethod
     def advance(self, token_id: int) -> None:
         """Append one token to every stream, feeding only that token (KV cache)."""
+
+    # True when the streams run on another machine: the loop then overlaps their
+    # step with the local ones instead of running them one after another.
+    remote = False
+
+    @property
+    def prompt_lengths(self) -> list[int]:
+        """Tokens in each stream's prompt."""
+        return list(self._prompt_lengths)
+
+    def next_tokens(self) -> list["NextToken"]:
+        """Each stream's next-token distribution."""
+        return [LocalNextToken(row) for row in self.logits()]
 
     def close(self) -> None:
         """Free the caches; the group is unusable afterwards."""
@@ -61,6 +76,10 @@ class LanguageModel(ABC):
     @abstractmethod
     def open_streams(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> StreamGroup:
         """Prefill each prompt and return the group positioned after them."""
+
+    def encode_chat(self, messages: Sequence[ChatMessage]) -> Sequence[int]:
+        """The prompt `open_streams` takes for these messages."""
+        return self.tokenize(self.render_chat(messages))
 
     def detokenize(self, token_ids: Sequence[int]) -> str:
         return b"".join(self.token_bytes(t) for t in token_ids).decode("utf-8", errors="replace")

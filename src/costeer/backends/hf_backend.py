@@ -111,6 +111,7 @@ class _TransformersStreams(StreamGroup):
     def __init__(self, model: TransformersModel, prompts: Sequence[Sequence[int]]) -> None:
         self._m = model
         self._caches: list[object] = [None] * len(prompts)
+        self._prompt_lengths = [len(p) for p in prompts]
         self._logits = np.empty((len(prompts), model.vocab_size), dtype=np.float32)
         for i, prompt in enumerate(prompts):
             self._forward(i, list(prompt))

@@ -173,6 +173,7 @@ class _LlamaCppStreams(StreamGroup):
         lib = self._lib = model._lib
         self._model = model
         self._positions = [len(p) for p in prompts]
+        self._prompt_lengths = list(self._positions)
         for p in prompts:
             if not p:
                 raise ValueError("empty prompt")
