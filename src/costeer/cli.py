@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
 
 from .errors import UserError
 from .fusion import SteeringParams
-from .methods import METHODS
+from .methods import DEFAULT_TOP_K, METHODS
+from .transport.limits import ServerLimits
 
 EXAMPLE_DIR = Path(__file__).parent / "examples"
 DEMO_PROMPT = "Write a two-sentence invitation to my birthday party."
@@ -48,7 +50,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", choices=["auto", "llama.cpp", "transformers"])
 
 
-def _add_decoding_args(p: argparse.ArgumentParser) -> None:
+def _add_decoding_args(p: argparse.ArgumentParser, prompt_args: bool = True) -> None:
     d = SteeringParams()
     p.add_argument("--max-new-tokens", type=_positive_int, default=256)
     p.add_argument("--temperature", type=_finite_float, default=0.0, help="0 (default) decodes greedily")
@@ -62,8 +64,9 @@ def _add_decoding_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lambda", dest="lam", type=_finite_float, default=d.lam)
     p.add_argument("--eta", type=_finite_float, default=d.eta)
     p.add_argument("--fusion", choices=["closed", "loop"], default="closed", help="closed form (default) or the paper's loop")
-    p.add_argument("--system-prompt", default=None, help="default: the paper's 'You are a helpful assistant.'")
-    p.add_argument("--max-context-tokens", type=int, default=None, help="cut the private context to this many tokens")
+    if prompt_args:  # `eval` takes its prompts from the dataset
+        p.add_argument("--system-prompt", default=None, help="default: the paper's 'You are a helpful assistant.'")
+        p.add_argument("--max-context-tokens", type=int, default=None, help="cut the private context to this many tokens")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,6 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--context-text", default=None, help="private context given inline")
     gen.add_argument("--method", default="costeer", choices=list(METHODS))
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    cloud = gen.add_argument_group("remote cloud (the device model stays here)")
+    cloud.add_argument("--cloud", metavar="URL", help="a `costeer serve` server hosting the cloud model")
+    cloud.add_argument("--api-key", default=None, help="the server's key (default: $COSTEER_API_KEY)")
+    cloud.add_argument("--wire-log", metavar="FILE", help="append every message to and from the cloud as JSON lines")
+    cloud.add_argument("--simulate-rtt", metavar="MS", type=_finite_float, default=0.0, help="add this network round-trip time")
+    cloud.add_argument("--cloud-top-k", type=_positive_int, default=DEFAULT_TOP_K,
+                       help=f"first k asked of the cloud each step (default {DEFAULT_TOP_K}); escalates when not certified")
     _add_model_args(gen)
     _add_decoding_args(gen)
 
@@ -85,8 +95,31 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-new-tokens", type=_positive_int, default=80)
     _add_model_args(demo)
 
+    srv = sub.add_parser("serve", help="host the cloud model over HTTP for devices (`generate --cloud`)")
+    srv.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
+    srv.add_argument("--port", type=_positive_int, default=8750)
+    srv.add_argument("--api-key", default=None, help="require this key (default: $COSTEER_API_KEY; none: open)")
+    srv.add_argument("--llm", help="the cloud model: a GGUF file or a Hugging Face folder (default: Qwen2.5-Coder-1.5B)")
+    srv.add_argument("--backend", default="auto", choices=["auto", "llama.cpp", "transformers"])
+    limits = ServerLimits()
+    srv.add_argument("--max-sessions", type=_positive_int, default=limits.max_sessions)
+    srv.add_argument("--session-ttl", type=_positive_int, default=limits.session_ttl_s, help="seconds an idle session lives")
+    srv.add_argument("--max-prompt-tokens", type=_positive_int, default=limits.max_prompt_tokens)
+    srv.add_argument("--max-new-tokens", type=_positive_int, default=limits.max_new_tokens)
+
     models = sub.add_parser("models", help="assemble and verify the default models, print their paths")
     models.add_argument("--quiet", action="store_true")
+
+    ev = sub.add_parser("eval", help="run methods over a dataset, score the answers, write results and a report")
+    ev.add_argument("--dataset", required=True, metavar="PATH",
+                    help="a CoGenesis folder or ctx_X.json (with ctx_X_wo.json beside it), or preference:KIND "
+                         "with KIND concise, verbose, creative or uplifting")
+    ev.add_argument("--out", required=True, metavar="DIR", help="results.jsonl, report.md and plots; rerun to resume")
+    ev.add_argument("--methods", default="llm,costeer",
+                    help="comma-separated methods (default llm,costeer): those of generate, cos, cos:LAMBDA, mix:W")
+    ev.add_argument("--limit", type=_positive_int, default=None, help="only the first N examples")
+    _add_model_args(ev)
+    _add_decoding_args(ev, prompt_args=False)
     return parser
 
 
@@ -100,7 +133,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     context = load_context(args.context, args.context_text)
     params = _steering(args)
-    cs = CoSteer(args.llm, args.slm, backend=args.backend)
+    cs = CoSteer(args.llm, args.slm, backend=args.backend, cloud=args.cloud,
+                 api_key=args.api_key or os.environ.get("COSTEER_API_KEY"), wire_log=args.wire_log,
+                 simulate_rtt_ms=args.simulate_rtt, cloud_top_k=args.cloud_top_k)
     stream = None if args.json else (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
     g = cs.generate(
         args.prompt,
@@ -123,6 +158,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write("\n")
         print(f"[{g.method}: {g.new_tokens} tokens in {g.elapsed_s:.1f} s, {g.tokens_per_second:.1f} tok/s]", file=sys.stderr)
+        if g.traffic:
+            print(f"[cloud traffic: {json.dumps(g.traffic)}]", file=sys.stderr)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .backends import load_model
+    from .default_models import DEFAULT_LLM, ensure_model
+    from .transport.server import serve
+
+    model = load_model(args.llm or ensure_model(DEFAULT_LLM), args.backend)
+    limits = ServerLimits(args.max_sessions, args.session_ttl, args.max_prompt_tokens, args.max_new_tokens)
+    key = args.api_key or os.environ.get("COSTEER_API_KEY")
+    print(f"costeer: serving {model.name} on http://{args.host}:{args.port} "
+          f"({'API key required' if key else 'no API key'}); schema at /openapi.json", file=sys.stderr)
+    serve(model, args.host, args.port, key, limits)
     return 0
 
 
@@ -151,10 +202,23 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluation.runner import EvalSettings, run_eval
+
+    settings = EvalSettings(
+        dataset=args.dataset, out=Path(args.out), methods=[m.strip() for m in args.methods.split(",") if m.strip()],
+        limit=args.limit, max_new_tokens=args.max_new_tokens, seed=args.seed, temperature=args.temperature,
+        top_p=args.top_p, top_k=args.top_k, params=_steering(args), fusion=args.fusion, stop=args.stop,
+        llm=args.llm, slm=args.slm, backend=args.backend,
+    )
+    print(f"report: {run_eval(settings)}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        return {"generate": cmd_generate, "demo": cmd_demo, "models": cmd_models}[args.command](args)
+        return {"generate": cmd_generate, "demo": cmd_demo, "models": cmd_models, "serve": cmd_serve, "eval": cmd_eval}[args.command](args)
     except UserError as exc:
         print(f"costeer: error: {exc}", file=sys.stderr)
         return 2

@@ -22,6 +22,7 @@ class DecodeResult:
     prefill_s: float
     time_to_first_token_s: float
     elapsed_s: float
+    traffic: dict | None = None  # remote groups' network counters
 
 
 class TextAssembler:
@@ -57,6 +58,13 @@ class TextAssembler:
         chunk = self.text[self._emitted : upto]
         self._emitted = upto
         return chunk
+
+
+def _merge_traffic(groups) -> dict | None:
+    counters = [t for t in (g.traffic() for g in groups) if t]
+    if not counters:
+        return None
+    return {k: sum(c[k] for c in counters) for k in counters[0]}
 
 
 class _GroupAdvancer:
@@ -139,6 +147,7 @@ def decode(
         rest = text.finish()
         if rest and on_text:
             on_text(rest)
+        traffic = _merge_traffic(groups.values())
     finally:
         for group in groups.values():
             group.close()
@@ -149,6 +158,7 @@ def decode(
         token_ids=tokens,
         finish_reason=finish,
         prompt_lengths=prompt_lengths,
+        traffic=traffic,
         prefill_s=prefill_s,
         time_to_first_token_s=first_token_s,
         elapsed_s=time.perf_counter() - start,

@@ -14,7 +14,7 @@ from .decoding import decode
 from .default_models import DEFAULT_LLM, DEFAULT_SLM, ChunkedModel, ensure_model
 from .errors import UserError
 from .fusion import SteeringParams
-from .methods import Fusion, Policy, Role, make_policy
+from .methods import DEFAULT_TOP_K, Fusion, Policy, Role, make_policy
 from .prompts import PAPER_SYSTEM_PROMPT, PromptPair, build_prompts
 from .sampling import SamplingConfig, TokenPicker
 
@@ -37,6 +37,7 @@ class Generation:
     prompt_tokens: dict[str, int]
     context_truncated: bool = False
     steering_coefficient: float | None = None
+    traffic: dict | None = None  # with a remote cloud: bytes, round trips, certification
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -57,17 +58,38 @@ class CoSteer:
     >>> print(g.text)
     """
 
-    def __init__(self, llm: ModelSource = None, slm: ModelSource = None, backend: str = "auto", quiet: bool = False):
+    def __init__(
+        self,
+        llm: ModelSource = None,
+        slm: ModelSource = None,
+        backend: str = "auto",
+        quiet: bool = False,
+        cloud: str | None = None,
+        api_key: str | None = None,
+        wire_log: str | os.PathLike | None = None,
+        simulate_rtt_ms: float = 0.0,
+        cloud_top_k: int = DEFAULT_TOP_K,
+    ):
+        """`cloud`: URL of a `costeer serve` server that hosts the cloud model instead of
+        running it here; the device model (slm) stays local and reads the private context."""
+        if cloud and llm is not None:
+            raise UserError("give either a cloud URL or a local cloud model (--llm), not both")
+        if cloud_top_k < 1:
+            raise UserError(f"cloud top-k must be >= 1, got {cloud_top_k}")
         self._slots: dict[Role, _ModelSlot] = {"llm": _ModelSlot(llm, DEFAULT_LLM), "slm": _ModelSlot(slm, DEFAULT_SLM)}
         self.backend = backend
         self.quiet = quiet
+        self.cloud_top_k = cloud_top_k
+        self._cloud = (cloud, api_key, wire_log, simulate_rtt_ms) if cloud else None
         self._tokenizers_checked = False
 
     def model(self, role: Role) -> LanguageModel:
         slot = self._slots[role]
         if slot.model is None:
             source = slot.source
-            if isinstance(source, LanguageModel):
+            if role == "llm" and self._cloud:
+                slot.model = _connect_cloud(*self._cloud, tokenizer=self.model("slm"), prefetch_k=self.cloud_top_k)
+            elif isinstance(source, LanguageModel):
                 slot.model = source
             else:
                 path = ensure_model(slot.default, quiet=self.quiet) if source is None else source
@@ -136,6 +158,8 @@ class CoSteer:
         return self._run(policy, models, PromptPair(public, private), max_new_tokens, sampling or SamplingConfig(), stop, on_text, False)
 
     def _run(self, policy, models, pair, max_new_tokens, sampling, stop, on_text, truncated) -> Generation:
+        if hasattr(policy, "first_k"):
+            policy.first_k = self.cloud_top_k
         prompts = [
             models[spec.role].encode_chat(pair.public if spec.prompt == "public" else pair.private)
             for spec in policy.streams
@@ -156,6 +180,7 @@ class CoSteer:
             prompt_tokens=prompt_tokens,
             context_truncated=truncated,
             steering_coefficient=getattr(policy, "coefficient", None),
+            traffic=_traffic_report(policy, result.traffic),
         )
 
     def close(self) -> None:
@@ -163,6 +188,25 @@ class CoSteer:
             if slot.model is not None and not isinstance(slot.source, LanguageModel):
                 slot.model.close()
             slot.model = None
+
+
+def _connect_cloud(url, api_key, wire_log, simulate_rtt_ms, tokenizer: LanguageModel, prefetch_k: int) -> LanguageModel:
+    from .transport.client import RemoteCloudModel
+    from .transport.wire import WireClient
+
+    if not url.startswith(("http://", "https://")):
+        raise UserError(f"cloud URL must start with http:// or https://, got {url!r}")
+    return RemoteCloudModel(WireClient(url, api_key, wire_log, simulate_rtt_ms), tokenizer, prefetch_k)
+
+
+def _traffic_report(policy: Policy, counters: dict | None) -> dict | None:
+    if counters is None:
+        return None
+    report = dict(counters)
+    stats = getattr(policy, "traffic", None)
+    if stats is not None and stats.steps:
+        report.update(stats.as_dict())
+    return report
 
 
 def _check_max_new_tokens(n: int) -> None:

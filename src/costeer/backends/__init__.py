@@ -40,6 +40,13 @@ def check_same_tokenizer(a: LanguageModel, b: LanguageModel) -> None:
             f"{a.name} and {b.name} have different vocabularies ({a.vocab_size} vs {b.vocab_size} tokens); "
             "CoSteer needs the cloud and device models to share a tokenizer"
         )
+    if a.vocabulary_digest() == b.vocabulary_digest():
+        return
+    if not (a.local and b.local):
+        raise UserError(
+            f"{a.name} and {b.name} have different tokenizers (the token strings differ); "
+            "CoSteer needs the cloud and device models to share a tokenizer"
+        )
     fa, fb = a.vocabulary_fingerprint(), b.vocabulary_fingerprint()
     differing = sum(x != y for x, y in zip(fa, fb))
     if differing:

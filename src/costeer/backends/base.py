@@ -10,6 +10,7 @@ them into one forward pass.
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from typing import Sequence
 
@@ -40,6 +41,10 @@ class StreamGroup(ABC):
         """Tokens in each stream's prompt."""
         return list(self._prompt_lengths)
 
+    def traffic(self) -> dict | None:
+        """Network counters for remote streams (bytes each way, round trips)."""
+        return None
+
     def next_tokens(self) -> list["NextToken"]:
         """Each stream's next-token distribution."""
         return [LocalNextToken(row) for row in self.logits()]
@@ -55,6 +60,7 @@ class StreamGroup(ABC):
 
 
 class LanguageModel(ABC):
+    local = True  # False for a model served elsewhere (transport/client.py)
     name: str
     vocab_size: int  # width of the logits
     eos_token_ids: frozenset[int]
@@ -87,6 +93,17 @@ class LanguageModel(ABC):
     def vocabulary_fingerprint(self) -> list[bytes]:
         """Every token's bytes, in id order; equal lists mean a shared tokenizer."""
         return [self.token_bytes(i) for i in range(self.vocab_size)]
+
+    def vocabulary_digest(self) -> str:
+        """SHA-256 of the length-prefixed token bytes: compares vocabularies across a network."""
+        cached = getattr(self, "_vocabulary_digest", None)
+        if cached is None:
+            h = hashlib.sha256()
+            for piece in self.vocabulary_fingerprint():
+                h.update(len(piece).to_bytes(4, "little"))
+                h.update(piece)
+            cached = self._vocabulary_digest = h.hexdigest()
+        return cached
 
     def close(self) -> None:
         """Release the model's memory."""

@@ -1,0 +1,76 @@
+"""Messages between the device and the cloud server (JSON over HTTP).
+
+The device opens a session with the public conversation only, then sends the
+chosen token ids and asks for the next-token distribution's top-k, or the full
+vector. Values are raw float32 logits plus their log-normalizer `lse`, so the
+device computes exactly what an embedded run computes.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+API_PREFIX = "/v1"
+
+
+class Message(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class OpenSession(BaseModel):
+    messages: list[Message] = Field(min_length=1, description="the public conversation: no private context")
+    max_new_tokens: int = Field(ge=1, description="tokens this session may generate")
+    top_k: int | None = Field(default=64, ge=1, description="k of the first distribution; null for the full vector")
+
+
+class Step(BaseModel):
+    tokens: list[int] = Field(default_factory=list, description="chosen token ids to append (may be empty)")
+    top_k: int | None = Field(default=64, ge=1, description="k largest logits to return; null for the full vector")
+
+
+class Distribution(BaseModel):
+    """Next-token distribution after the session's tokens."""
+
+    position: int = Field(description="tokens in the session so far, prompt included")
+    lse: float = Field(description="log-sum-exp of all logits: log p = logit - lse")
+    top_ids_b64: str | None = Field(default=None, description="top-k token ids, likeliest first: int32 little-endian, base64")
+    top_logits_b64: str | None = Field(default=None, description="their raw logits: float32 little-endian, base64")
+    full_logits_b64: str | None = Field(default=None, description="all logits in id order: float32 little-endian, base64")
+
+
+class SessionOpened(BaseModel):
+    session_id: str
+    prompt_tokens: int
+    distribution: Distribution
+
+
+class ModelInfo(BaseModel):
+    name: str
+    vocab_size: int
+    context_window: int
+    eos_token_ids: list[int]
+    vocabulary_sha256: str = Field(description="digest of every token's bytes, to check a shared tokenizer")
+    limits: dict[str, int]
+
+
+class ErrorBody(BaseModel):
+    error: str = Field(description="machine-readable kind, e.g. unknown_session")
+    message: str
+
+
+# Numbers travel as base64 of little-endian arrays: 4 bytes a value plus a third,
+# parsed in microseconds (a JSON list of 16,384 floats took tens of milliseconds).
+def encode_array(values: np.ndarray, dtype: str) -> str:
+    return base64.b64encode(np.ascontiguousarray(values, dtype=dtype).tobytes()).decode("ascii")
+
+
+def decode_array(text: str, dtype: str) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(text), dtype=dtype)
+
+
+FLOATS, IDS = "<f4", "<i4"
