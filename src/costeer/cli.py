@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv = sub.add_parser("serve", help="host the cloud model over HTTP for devices (`generate --cloud`)")
     srv.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
     srv.add_argument("--port", type=_positive_int, default=8750)
-    srv.add_argument("--api-key", default=None, help="require this key (default: $COSTEER_API_KEY; none: open)")
+    srv.add_argument("--api-key", action="append", default=[],
+                     help="require a key; repeatable, one per user (default: $COSTEER_API_KEY, comma-separated; none: open)")
     srv.add_argument("--llm", help="the cloud model: a GGUF file or a Hugging Face folder (default: Qwen2.5-Coder-1.5B)")
     srv.add_argument("--backend", default="auto", choices=["auto", "llama.cpp", "transformers"])
     limits = ServerLimits()
@@ -170,10 +171,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     model = load_model(args.llm or ensure_model(DEFAULT_LLM), args.backend)
     limits = ServerLimits(args.max_sessions, args.session_ttl, args.max_prompt_tokens, args.max_new_tokens)
-    key = args.api_key or os.environ.get("COSTEER_API_KEY")
+    keys = args.api_key or [k for k in os.environ.get("COSTEER_API_KEY", "").split(",") if k]
     print(f"costeer: serving {model.name} on http://{args.host}:{args.port} "
-          f"({'API key required' if key else 'no API key'}); schema at /openapi.json", file=sys.stderr)
-    serve(model, args.host, args.port, key, limits)
+          f"({'API key required' if keys else 'no API key'}); schema at /openapi.json", file=sys.stderr)
+    serve(model, args.host, args.port, keys, limits)
     return 0
 
 

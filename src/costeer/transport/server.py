@@ -12,6 +12,7 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Sequence
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -50,7 +51,8 @@ def _distribution(group: StreamGroup, position: int, top_k: int | None, vocab_si
     return Distribution(position=position, lse=lse, top_ids_b64=encode_array(ids, IDS), top_logits_b64=encode_array(logits, FLOATS))
 
 
-def create_app(model: LanguageModel, api_key: str | None = None, limits: ServerLimits = ServerLimits()) -> FastAPI:
+def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: ServerLimits = ServerLimits()) -> FastAPI:
+    """`api_keys` empty: open to anyone who can connect (bind to loopback then)."""
     app = FastAPI(
         title="costeer cloud",
         version="1",
@@ -81,13 +83,15 @@ def create_app(model: LanguageModel, api_key: str | None = None, limits: ServerL
         return JSONResponse(status_code=422, content=ErrorBody(error=kind, message=message).model_dump())
 
     def caller_key(request: Request) -> str | None:
-        if api_key is None:
+        if not api_keys:
             return None
         header = request.headers.get("authorization", "")
-        given = header[7:] if header.lower().startswith("bearer ") else ""
-        if not given or not hmac.compare_digest(given.encode(), api_key.encode()):
+        given = header[7:].encode() if header.lower().startswith("bearer ") else b""
+        # compare against every key so the time taken does not depend on which matched
+        matches = [k for k in api_keys if hmac.compare_digest(given, k.encode())]
+        if not given or not matches:
             raise ApiError(401, "unauthorized", "a valid API key is required (Authorization: Bearer KEY)")
-        return given
+        return matches[0]
 
     def expire_idle() -> None:
         now = time.monotonic()
@@ -170,7 +174,7 @@ def create_app(model: LanguageModel, api_key: str | None = None, limits: ServerL
     return app
 
 
-def serve(model: LanguageModel, host: str, port: int, api_key: str | None, limits: ServerLimits) -> None:
+def serve(model: LanguageModel, host: str, port: int, api_keys: Sequence[str], limits: ServerLimits) -> None:
     import uvicorn
 
-    uvicorn.run(create_app(model, api_key, limits), host=host, port=port, log_level="warning")
+    uvicorn.run(create_app(model, api_keys, limits), host=host, port=port, log_level="warning")

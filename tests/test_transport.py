@@ -1,0 +1,149 @@
+"""The device/cloud split over real HTTP on loopback: exactness, privacy, robustness."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from costeer import CoSteer
+from conftest import BIRTHDAY_PROMPT
+from servers import costeer_serve, free_port
+
+KEY, OTHER_KEY = "test-key-1", "test-key-2"
+CANARY = "canary-Zq81-Wx"
+
+
+@pytest.fixture(scope="module")
+def cloud_url():
+    """`costeer serve` with the default cloud model and two keys."""
+    with costeer_serve("--api-key", KEY, "--api-key", OTHER_KEY, port=free_port()) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def device(cloud_url, tmp_path_factory):
+    wire = tmp_path_factory.mktemp("wire") / "wire.jsonl"
+    cs = CoSteer(cloud=cloud_url, api_key=KEY, wire_log=wire, quiet=True)
+    yield cs, wire
+    cs.close()
+
+
+def wire_records(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.mark.models
+def test_remote_greedy_equals_embedded_token_for_token(default_costeer, device, profile_text):
+    cs, _ = device
+    for method, tokens in (("costeer", 48), ("light", 16), ("costeer-plausible", 16), ("llm", 16)):
+        remote = cs.generate(BIRTHDAY_PROMPT, profile_text, method=method, max_new_tokens=tokens)
+        local = default_costeer.generate(BIRTHDAY_PROMPT, profile_text, method=method, max_new_tokens=tokens)
+        assert remote.token_ids == local.token_ids, method
+        assert remote.traffic["round_trips"] >= remote.new_tokens and remote.traffic["bytes_from_cloud"] > 0
+    assert remote.traffic.get("steps") is None  # `llm` needs no certification: top-1 is its answer
+
+
+@pytest.mark.models
+def test_certified_traffic_is_reported_and_much_smaller_than_full_vectors(device, profile_text):
+    cs, _ = device
+    g = cs.generate(BIRTHDAY_PROMPT, profile_text, max_new_tokens=24)
+    t = g.traffic
+    assert t["steps"] == g.new_tokens or t["steps"] == g.new_tokens + 1  # + the step that chose end-of-sequence
+    assert 0 <= t["certified_first_fraction"] <= 1 and t["uncertified_steps"] == 0
+    full_vectors = t["steps"] * 151_936 * 4
+    assert t["bytes_from_cloud"] < full_vectors / 3
+
+
+@pytest.mark.models
+def test_private_context_never_reaches_the_cloud(device, profile_text):
+    cs, wire = device
+    start = len(wire_records(wire))
+    g = cs.generate(BIRTHDAY_PROMPT, f"{profile_text}\nSecret code: {CANARY}", max_new_tokens=12,
+                    system_prompt="You are a helpful assistant.")
+    records = wire_records(wire)[start:]
+    to_cloud = [r for r in records if r["direction"] == "device->cloud"]
+    assert to_cloud and all(CANARY not in json.dumps(r) for r in to_cloud)
+    assert all("Thaddeus" not in json.dumps(r, ensure_ascii=False) for r in to_cloud)
+    opened = next(r for r in to_cloud if r["path"] == "/v1/sessions")
+    assert opened["body"]["messages"] == [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": BIRTHDAY_PROMPT},
+    ]
+    steps = [r["body"]["tokens"] for r in to_cloud if r["path"].endswith("/step")]
+    assert [t for s in steps for t in s] == g.token_ids[: len([t for s in steps for t in s])]
+    # escalations ask for a bigger k or everything, never for particular ids
+    assert all(set(r["body"]) == {"tokens", "top_k"} for r in to_cloud if r["path"].endswith("/step"))
+
+
+@pytest.mark.models
+def test_simulated_rtt_delays_every_round_trip_and_changes_nothing_else(cloud_url, default_costeer, profile_text):
+    slow = CoSteer(cloud=cloud_url, api_key=KEY, simulate_rtt_ms=40, quiet=True)
+    slow.model("slm")
+    g = slow.generate(BIRTHDAY_PROMPT, profile_text, max_new_tokens=6)
+    local = default_costeer.generate(BIRTHDAY_PROMPT, profile_text, max_new_tokens=6)
+    assert g.token_ids == local.token_ids
+    assert g.elapsed_s >= g.traffic["round_trips"] * 0.040 * 0.9  # the delay is real; a lower bound only
+    slow.close()
+
+
+def test_server_refuses_bad_input_with_json_and_keeps_serving(cloud_url):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    with httpx.Client(base_url=cloud_url, timeout=120) as http:
+        def check(response, status, kind):
+            assert response.status_code == status, response.text
+            assert response.json()["error"] == kind and response.json()["message"]
+
+        check(http.get("/v1/model"), 401, "unauthorized")
+        check(http.get("/v1/model", headers={"Authorization": "Bearer wrong"}), 401, "unauthorized")
+        check(http.post("/v1/sessions", content=b"{not json", headers={**auth, "Content-Type": "application/json"}),
+              422, "malformed_json")
+        check(http.post("/v1/sessions", json={"messages": [], "max_new_tokens": 4}, headers=auth), 422, "invalid_request")
+        check(http.post("/v1/sessions", json={"messages": [{"role": "wizard", "content": "x"}], "max_new_tokens": 4},
+                        headers=auth), 422, "invalid_request")
+        check(http.post("/v1/sessions/nope/step", json={"tokens": [1]}, headers=auth), 404, "unknown_session")
+        huge = {"messages": [{"role": "user", "content": "word " * 40_000}], "max_new_tokens": 4}
+        check(http.post("/v1/sessions", json=huge, headers=auth), 413, "prompt_too_large")
+        check(http.post("/v1/sessions", json={"messages": [{"role": "user", "content": "hi"}], "max_new_tokens": 10**6},
+                        headers=auth), 422, "too_many_new_tokens")
+
+        opened = http.post("/v1/sessions", json={"messages": [{"role": "user", "content": "Say hi."}],
+                                                 "max_new_tokens": 2, "top_k": 5}, headers=auth)
+        assert opened.status_code == 200, opened.text
+        sid = opened.json()["session_id"]
+        step = f"/v1/sessions/{sid}/step"
+        check(http.post(step, json={"tokens": [151_936]}, headers=auth), 422, "token_out_of_range")
+        check(http.post(step, json={"tokens": [-1]}, headers=auth), 422, "token_out_of_range")
+        # a session is bound to the key that opened it: another valid key cannot see it
+        check(http.post(step, json={"tokens": [9707]}, headers={"Authorization": f"Bearer {OTHER_KEY}"}), 404, "unknown_session")
+        check(http.post(step, json={"tokens": [9707, 11, 12]}, headers=auth), 422, "session_budget_exhausted")
+        ok = http.post(step, json={"tokens": [9707], "top_k": 3}, headers=auth)
+        assert ok.status_code == 200 and ok.json()["position"] == opened.json()["prompt_tokens"] + 1
+        assert http.delete(f"/v1/sessions/{sid}", headers=auth).status_code == 204
+        check(http.post(step, json={"tokens": []}, headers=auth), 404, "unknown_session")
+        assert http.get("/v1/model", headers=auth).json()["vocab_size"] == 151_936  # still serving
+
+
+def test_openapi_schema_is_published(cloud_url):
+    schema = httpx.get(cloud_url + "/openapi.json", timeout=30).json()
+    assert {"/v1/model", "/v1/sessions", "/v1/sessions/{session_id}/step", "/v1/sessions/{session_id}"} <= set(schema["paths"])
+
+
+def test_session_cap_and_idle_expiry(tmp_path):
+    from tiny_hf import make_model_folder, make_tokenizer
+
+    folder = make_model_folder(tmp_path / "tiny", make_tokenizer(300), seed=1)
+    with costeer_serve("--llm", str(folder), "--max-sessions", "2", "--session-ttl", "2", port=free_port()) as url:
+        with httpx.Client(base_url=url, timeout=60) as http:
+            body = {"messages": [{"role": "user", "content": "hello"}], "max_new_tokens": 4}
+            first, second = http.post("/v1/sessions", json=body), http.post("/v1/sessions", json=body)
+            assert first.status_code == second.status_code == 200
+            third = http.post("/v1/sessions", json=body)
+            assert third.status_code == 429 and third.json()["error"] == "too_many_sessions"
+            import time
+
+            time.sleep(3)  # both idle past their 2 s time-to-live
+            assert http.post("/v1/sessions", json=body).status_code == 200
+            sid = first.json()["session_id"]
+            assert http.post(f"/v1/sessions/{sid}/step", json={"tokens": [1]}).json()["error"] == "unknown_session"
