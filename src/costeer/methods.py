@@ -24,6 +24,9 @@ Fusion = Literal["closed", "loop"]
 
 # First top-k a remote cloud is asked for (see certified.py and the README's traffic table).
 DEFAULT_TOP_K = 64
+# costeer-plausible: candidates are the cloud's top PLAUSIBLE_K with p >= PLAUSIBLE_TAU * p_max
+# (0.1 as in contrastive decoding; 20 is the most logprobs vLLM returns by default).
+PLAUSIBLE_K, PLAUSIBLE_TAU = 20, 0.1
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,30 @@ class CoSteerPolicy(Policy):
         return llm + self.coefficient * (with_ctx - without_ctx)
 
 
+class PlausibleCoSteer(CoSteerPolicy):
+    """costeer-plausible (ours, not the paper's): the fused choice is restricted to
+    tokens the cloud model itself finds plausible, in the spirit of contrastive
+    decoding's adaptive plausibility constraint: tokens in the cloud's top-k whose
+    probability is at least `tau` times its best one. A remote cloud's top-k holds
+    the whole candidate set, so this is exact with top-k traffic by construction,
+    and a strong delta cannot pull in a token the cloud finds implausible (such as
+    a verbatim copy of private text)."""
+
+    def __init__(self, name: str, params: SteeringParams, k: int = PLAUSIBLE_K, tau: float = PLAUSIBLE_TAU) -> None:
+        super().__init__(name, params, "closed")
+        self.k, self.log_tau = k, float(np.log(tau))
+
+    def scores(self, dists: list[NextToken], greedy: bool) -> np.ndarray:
+        cloud, with_ctx, without_ctx = dists
+        ids, logits, _ = cloud.top(self.k)
+        keep = logits >= logits[0] + self.log_tau  # p_i >= tau * p_max; logits[0] is the max
+        ids, logits = ids[keep], logits[keep].astype(FUSION_DTYPE)
+        steer = self.coefficient * (with_ctx.full()[0][ids].astype(FUSION_DTYPE) - without_ctx.full()[0][ids])
+        scores = np.full(cloud.vocab_size, -np.inf)
+        scores[ids] = logits + steer
+        return scores
+
+
 def _costeer(params: SteeringParams, fusion: Fusion) -> Policy:
     return CoSteerPolicy("costeer", params, fusion)
 
@@ -112,17 +139,69 @@ def _light(params: SteeringParams, fusion: Fusion) -> Policy:
     return CoSteerPolicy("light", one_step, fusion)
 
 
+# CoS with lambda = 1 doubles the context's influence; He et al. sweep lambda over
+# about -1..3. `cos:L` picks another lambda.
+DEFAULT_COS_LAMBDA = 1.0
+
+
+class ContextSteering(Policy):
+    """Context Steering (CoS, He et al. 2024) on the device model alone: its
+    with-context log-probabilities plus lambda times the likelihood gap the context makes."""
+
+    streams = (StreamSpec("slm", "private"), StreamSpec("slm", "public"))
+
+    def __init__(self, lam: float, name: str | None = None) -> None:
+        self.name = name or f"cos:{lam:.12g}"
+        self.lam = lam
+
+    def next_logprobs(self, logits: list[np.ndarray]) -> np.ndarray:
+        with_ctx = log_softmax(logits[0])
+        return with_ctx + self.lam * (with_ctx - log_softmax(logits[1]))
+
+
+class FixedWeightMix(CoSteerPolicy):
+    """Logit arithmetic log_softmax(B + w*delta) with w given directly. CoSteer is this
+    with w = c(T, alpha, beta, lambda, eta); sweeping w shows where the paper's c sits."""
+
+    def __init__(self, weight: float) -> None:
+        super().__init__(f"mix:{weight:.12g}", SteeringParams())  # closed form: the params are unused
+        self.coefficient = weight
+
+
+def _parameter(method: str, text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not np.isfinite(value):
+        raise UserError(f"method {method!r}: expected a finite number after ':', got {text!r}")
+    return value
+
+
+# Methods named `prefix:number`: the number is the policy's weight.
+PARAMETRIC_METHODS: dict[str, Callable[[float], Policy]] = {
+    "mix": FixedWeightMix,
+    "cos": ContextSteering,
+}
+
+
 METHODS: dict[str, Callable[[SteeringParams, Fusion], Policy]] = {
     "costeer": _costeer,
     "light": _light,
+    "costeer-plausible": lambda p, f: PlausibleCoSteer("costeer-plausible", p),
     "llm": lambda p, f: SingleModel("llm", "llm", "public"),
     "llm-context": lambda p, f: SingleModel("llm-context", "llm", "private"),
     "slm": lambda p, f: SingleModel("slm", "slm", "public"),
     "slm-context": lambda p, f: SingleModel("slm-context", "slm", "private"),
+    "cos": lambda p, f: ContextSteering(DEFAULT_COS_LAMBDA, name="cos"),
 }
 
 
 def make_policy(method: str, params: SteeringParams | None = None, fusion: Fusion = "closed") -> Policy:
+    prefix, colon, value = method.partition(":")
+    if colon and prefix in PARAMETRIC_METHODS:
+        return PARAMETRIC_METHODS[prefix](_parameter(method, value))
     if method not in METHODS:
-        raise UserError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+        choices = ", ".join([*METHODS, *(f"{p}:NUMBER" for p in PARAMETRIC_METHODS)])
+        raise UserError(f"unknown method {method!r}: choose one of {choices}")
     return METHODS[method](params or SteeringParams(), fusion)
