@@ -50,3 +50,21 @@ def costeer_serve(*args: str, port: int, threads: int = 1) -> contextlib.Abstrac
     # one thread each: the server and the device share this machine's 2 cores
     return running([sys.executable, "-m", "costeer.cli", "serve", "--port", str(port), *args], "/healthz", port,
                    env={"COSTEER_THREADS": str(threads)})
+
+
+# llama-cpp-python's OpenAI-compatible server, as a third party runs it, except that
+# ggml's AMX buffer type is removed first: on this CPU it crashes every llama.cpp
+# build (see costeer.backends.llama_cpp_backend._drop_amx_buffer_type).
+_LLAMA_SERVER = """
+import runpy, sys
+from costeer.backends.llama_cpp_backend import _llama
+_llama()
+sys.argv = ["llama_cpp.server"] + sys.argv[1:]
+runpy.run_module("llama_cpp.server", run_name="__main__")
+"""
+
+
+def llama_cpp_server(model_path: str, port: int) -> contextlib.AbstractContextManager[str]:
+    command = [sys.executable, "-c", _LLAMA_SERVER, "--model", model_path, "--port", str(port),
+               "--host", "127.0.0.1", "--n_threads", "1", "--logits_all", "true"]
+    return running(command, "/v1/models", port)

@@ -147,3 +147,49 @@ def test_session_cap_and_idle_expiry(tmp_path):
             assert http.post("/v1/sessions", json=body).status_code == 200
             sid = first.json()["session_id"]
             assert http.post(f"/v1/sessions/{sid}/step", json={"tokens": [1]}).json()["error"] == "unknown_session"
+
+
+@pytest.fixture(scope="module")
+def openai_url():
+    from costeer.default_models import DEFAULT_LLM, ensure_model
+    from servers import llama_cpp_server
+
+    with llama_cpp_server(str(ensure_model(DEFAULT_LLM, quiet=True)), free_port()) as url:
+        yield url
+
+
+@pytest.mark.models
+def test_openai_compatible_server_as_the_cloud(openai_url, default_costeer, profile_text, tmp_path):
+    """llama-cpp-python's server: one-token completions with top-20 logprobs, prompt as text
+    (it refuses token ids). Where greedy output differs from the embedded run, it must be
+    at a near-tie: the server computes the same model with other kernels and batch shapes."""
+    wire = tmp_path / "wire.jsonl"
+    cs = CoSteer(cloud=f"openai+{openai_url}/v1", wire_log=wire, quiet=True)
+    for method in ("llm", "costeer"):
+        remote = cs.generate(BIRTHDAY_PROMPT, f"{profile_text}\n{CANARY}", method=method, max_new_tokens=12)
+        local = default_costeer.generate(BIRTHDAY_PROMPT, f"{profile_text}\n{CANARY}", method=method, max_new_tokens=12)
+        assert remote.text and remote.traffic["prompt_as_text"] is True
+        diverged = next((i for i, (a, b) in enumerate(zip(remote.token_ids, local.token_ids)) if a != b), None)
+        if diverged is not None and method == "llm":
+            gap = _embedded_gap(default_costeer, remote.token_ids[:diverged], local.token_ids[diverged], remote.token_ids[diverged])
+            assert gap < 0.5, f"differs at token {diverged} by {gap:.3f} nats: more than numerical noise"
+    # the server's cap is final: no escalation; steps it cannot certify are counted
+    assert remote.traffic["steps"] >= 1 and remote.traffic["escalations"] == {}
+    assert 0 <= remote.traffic["uncertified_steps"] <= remote.traffic["steps"]
+    to_cloud = [r for r in wire_records(wire) if r["direction"] == "device->cloud"]
+    assert to_cloud and all(CANARY not in json.dumps(r) and "Thaddeus" not in json.dumps(r) for r in to_cloud)
+    cs.close()
+
+
+def _embedded_gap(cs: CoSteer, prefix: list[int], ours: int, theirs: int) -> float:
+    """How much more likely the embedded cloud model finds its token than the server's, in nats."""
+    from costeer.fusion import log_softmax
+
+    llm = cs.model("llm")
+    prompt = llm.encode_chat([{"role": "system", "content": "You are a helpful assistant."},
+                              {"role": "user", "content": BIRTHDAY_PROMPT}])
+    with llm.open_streams([prompt], len(prefix) + 1) as stream:
+        for token in prefix:
+            stream.advance(token)
+        lp = log_softmax(stream.logits()[0])
+    return float(lp[ours] - lp[theirs])

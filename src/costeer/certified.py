@@ -51,9 +51,12 @@ def _log1m_mass(logprobs: np.ndarray) -> float:
     return math.log(rest) if rest > 0 else -math.inf
 
 
-def certificate_margin(base_k: np.ndarray, steer_k: np.ndarray, base_rest_log: float, steer_out_max: float) -> float:
-    """> 0 proves argmax over K of B + s is the argmax over the whole vocabulary."""
-    bound = min(float(base_k.min()), base_rest_log) + steer_out_max
+def certificate_margin(
+    base_k: np.ndarray, steer_k: np.ndarray, base_rest_log: float, steer_out_max: float, exact_top: bool = True
+) -> float:
+    """> 0 proves argmax over K of B + s is the argmax over the whole vocabulary.
+    Without `exact_top` (K may miss some of the true top-k) only the mass bound holds."""
+    bound = (min(float(base_k.min()), base_rest_log) if exact_top else base_rest_log) + steer_out_max
     return float((base_k + steer_k).max()) - bound
 
 
@@ -92,10 +95,9 @@ def fuse_with_partial_cloud(
     """
     vocab = steer.shape[-1]
     stats.steps += 1
-    cap = getattr(cloud, "max_k", None)
-    for attempt, k in enumerate(escalation_ladder(first_k, vocab)):
-        if cap is not None and k > cap:
-            k = cap
+    cap = getattr(cloud, "max_k", None)  # a server that sends at most `cap` tokens, all at once
+    ladder = [cap] if cap is not None else escalation_ladder(first_k, vocab)
+    for attempt, k in enumerate(ladder):
         if attempt:
             stats.requests_by_k["full" if k >= vocab else k] += 1
         if k >= vocab:
@@ -109,7 +111,7 @@ def fuse_with_partial_cloud(
         steer_out_max = float(outside.max())
         rest_log = _log1m_mass(base_k)
         if greedy:
-            settled = certificate_margin(base_k, steer_k, rest_log, steer_out_max) > 0
+            settled = certificate_margin(base_k, steer_k, rest_log, steer_out_max, getattr(cloud, "exact_top", True)) > 0
         else:
             missed = missed_mass_bound(base_k, steer_k, rest_log, steer_out_max)
             settled = missed <= max_missed_mass

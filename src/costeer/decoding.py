@@ -64,7 +64,11 @@ def _merge_traffic(groups) -> dict | None:
     counters = [t for t in (g.traffic() for g in groups) if t]
     if not counters:
         return None
-    return {k: sum(c[k] for c in counters) for k in counters[0]}
+    merged: dict = {}
+    for c in counters:
+        for k, v in c.items():
+            merged[k] = (merged.get(k, False) or v) if isinstance(v, bool) else merged.get(k, 0) + v
+    return merged
 
 
 class _GroupAdvancer:

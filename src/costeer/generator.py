@@ -69,9 +69,13 @@ class CoSteer:
         wire_log: str | os.PathLike | None = None,
         simulate_rtt_ms: float = 0.0,
         cloud_top_k: int = DEFAULT_TOP_K,
+        cloud_model: str | None = None,
+        cloud_max_k: int | None = None,
     ):
-        """`cloud`: URL of a `costeer serve` server that hosts the cloud model instead of
-        running it here; the device model (slm) stays local and reads the private context."""
+        """`cloud`: where the cloud model runs instead of here: the URL of a `costeer serve`
+        server, or `openai+URL` for any OpenAI-compatible completions server (then
+        `cloud_model` names the model and `cloud_max_k` is the server's cap on logprobs).
+        The device model (slm) stays local and alone reads the private context."""
         if cloud and llm is not None:
             raise UserError("give either a cloud URL or a local cloud model (--llm), not both")
         if cloud_top_k < 1:
@@ -80,7 +84,7 @@ class CoSteer:
         self.backend = backend
         self.quiet = quiet
         self.cloud_top_k = cloud_top_k
-        self._cloud = (cloud, api_key, wire_log, simulate_rtt_ms) if cloud else None
+        self._cloud = (cloud, api_key, wire_log, simulate_rtt_ms, cloud_model, cloud_max_k) if cloud else None
         self._tokenizers_checked = False
 
     def model(self, role: Role) -> LanguageModel:
@@ -190,13 +194,19 @@ class CoSteer:
             slot.model = None
 
 
-def _connect_cloud(url, api_key, wire_log, simulate_rtt_ms, tokenizer: LanguageModel, prefetch_k: int) -> LanguageModel:
+def _connect_cloud(url, api_key, wire_log, simulate_rtt_ms, model_name, max_k, tokenizer: LanguageModel, prefetch_k: int) -> LanguageModel:
     from .transport.client import RemoteCloudModel
+    from .transport.openai_client import DEFAULT_MAX_K, OpenAICloudModel
     from .transport.wire import WireClient
 
-    if not url.startswith(("http://", "https://")):
-        raise UserError(f"cloud URL must start with http:// or https://, got {url!r}")
-    return RemoteCloudModel(WireClient(url, api_key, wire_log, simulate_rtt_ms), tokenizer, prefetch_k)
+    openai = url.startswith("openai+")
+    base = url[len("openai+"):] if openai else url
+    if not base.startswith(("http://", "https://")):
+        raise UserError(f"cloud URL must be http(s)://HOST:PORT or openai+http(s)://HOST:PORT/v1, got {url!r}")
+    wire = WireClient(base, api_key, wire_log, simulate_rtt_ms)
+    if openai:
+        return OpenAICloudModel(wire, tokenizer, model_name, max_k or DEFAULT_MAX_K)
+    return RemoteCloudModel(wire, tokenizer, prefetch_k)
 
 
 def _traffic_report(policy: Policy, counters: dict | None) -> dict | None:

@@ -27,6 +27,14 @@ class WireCounters:
         return WireCounters(**self.__dict__)
 
 
+class CloudRefused(UserError):
+    """The cloud answered 4xx/5xx; `status` says which."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 class WireLog:
     """Every message as one JSON line; the API key (a header) is never written."""
 
@@ -92,13 +100,23 @@ class WireClient:
             self._log.write({"ts": time.time(), "direction": "cloud->device", "path": path, "status": response.status_code,
                              "bytes": len(response.content), "body": data})
         if response.status_code == 401:
-            raise UserError(f"the cloud at {self.base_url} needs a valid API key (--api-key or COSTEER_API_KEY)")
+            raise CloudRefused(f"the cloud at {self.base_url} needs a valid API key (--api-key or COSTEER_API_KEY)", 401)
         if response.status_code >= 400:
-            message = data.get("message") or data.get("detail") if isinstance(data, dict) else None
-            raise UserError(f"the cloud refused {method} {path} ({response.status_code}): {message or response.text[:200]}")
+            message = _error_message(data) or response.text[:200]
+            raise CloudRefused(f"the cloud refused {method} {path} ({response.status_code}): {message}", response.status_code)
         return data
 
     def close(self) -> None:
         self._http.close()
         if self._log:
             self._log.close()
+
+
+def _error_message(data: object) -> str | None:
+    """The message of costeer's, FastAPI's or OpenAI's error bodies, first line only."""
+    if not isinstance(data, dict):
+        return None
+    found = data.get("message") or data.get("detail") or data.get("error")
+    if isinstance(found, dict):
+        found = found.get("message")
+    return str(found).splitlines()[0][:300] if found else None
