@@ -74,3 +74,14 @@ def test_generate_streams_plain_text_and_reports_speed_on_stderr(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "Thaddeus" in result.stdout
     assert "tok/s" in result.stderr
+
+
+@pytest.mark.models
+@pytest.mark.parametrize("url, message", [
+    ("http://127.0.0.1:9", "cannot reach the cloud"),
+    ("ftp://example", "cloud URL must be"),
+])
+def test_unreachable_or_malformed_cloud_is_a_one_line_error(url, message):
+    result = costeer("generate", "--prompt", "hi", "--cloud", url, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr

@@ -80,7 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--method", default="costeer", choices=list(METHODS))
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     cloud = gen.add_argument_group("remote cloud (the device model stays here)")
-    cloud.add_argument("--cloud", metavar="URL", help="a `costeer serve` server hosting the cloud model")
+    cloud.add_argument("--cloud", metavar="URL", help="a `costeer serve` server (http://HOST:PORT), or any "
+                       "OpenAI-compatible completions server (openai+http://HOST:PORT/v1)")
+    cloud.add_argument("--cloud-model", help="model name for an OpenAI-compatible server (default: its first)")
+    cloud.add_argument("--cloud-max-k", type=_positive_int, default=None,
+                       help="an OpenAI-compatible server's cap on logprobs (default 20, vLLM's --max-logprobs)")
     cloud.add_argument("--api-key", default=None, help="the server's key (default: $COSTEER_API_KEY)")
     cloud.add_argument("--wire-log", metavar="FILE", help="append every message to and from the cloud as JSON lines")
     cloud.add_argument("--simulate-rtt", metavar="MS", type=_finite_float, default=0.0, help="add this network round-trip time")
@@ -136,7 +140,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     params = _steering(args)
     cs = CoSteer(args.llm, args.slm, backend=args.backend, cloud=args.cloud,
                  api_key=args.api_key or os.environ.get("COSTEER_API_KEY"), wire_log=args.wire_log,
-                 simulate_rtt_ms=args.simulate_rtt, cloud_top_k=args.cloud_top_k)
+                 simulate_rtt_ms=args.simulate_rtt, cloud_top_k=args.cloud_top_k,
+                 cloud_model=args.cloud_model, cloud_max_k=args.cloud_max_k)
     stream = None if args.json else (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
     g = cs.generate(
         args.prompt,
@@ -219,7 +224,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        return {"generate": cmd_generate, "demo": cmd_demo, "models": cmd_models, "serve": cmd_serve, "eval": cmd_eval}[args.command](args)
+        return {"generate": cmd_generate, "demo": cmd_demo, "models": cmd_models, "serve": cmd_serve,
+                "eval": cmd_eval}[args.command](args)
     except UserError as exc:
         print(f"costeer: error: {exc}", file=sys.stderr)
         return 2

