@@ -23,7 +23,8 @@ def costeer(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     "args, message",
     [
         (["generate", "--prompt", "hi", "--context", "/nonexistent/profile.md"], "context file not found"),
-        (["generate", "--prompt", "hi", "--method", "magic"], "invalid choice"),
+        (["generate", "--prompt", "hi", "--method", "magic"], "unknown method"),
+        (["generate", "--prompt", "hi", "--method", "mix:abc"], "finite number"),
         (["generate", "--prompt", "hi", "--iterations", "0"], "iterations"),
         (["generate", "--prompt", "hi", "--lambda", "0"], "lambda"),
         (["generate", "--prompt", "hi", "--eta", "-1"], "eta"),

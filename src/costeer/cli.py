@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True, help="the public request (the cloud sees it)")
     gen.add_argument("--context", action="append", default=[], metavar="FILE", help="private context file (repeatable)")
     gen.add_argument("--context-text", default=None, help="private context given inline")
-    gen.add_argument("--method", default="costeer", choices=list(METHODS))
+    gen.add_argument("--method", default="costeer",
+                     help=f"one of {', '.join(METHODS)}, or cos:LAMBDA, mix:W (default costeer)")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     cloud = gen.add_argument_group("remote cloud (the device model stays here)")
     cloud.add_argument("--cloud", metavar="URL", help="a `costeer serve` server (http://HOST:PORT), or any "
