@@ -21,7 +21,6 @@ import argparse
 import json
 import statistics
 import sys
-from collections import Counter
 from pathlib import Path
 
 import numpy as np

@@ -5,7 +5,7 @@ from __future__ import annotations
 import codecs
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from .backends.base import LanguageModel, StreamGroup
@@ -96,13 +96,14 @@ class _GroupAdvancer:
 def decode(
     policy: Policy,
     models: dict[Role, LanguageModel],
-    prompt_ids: Sequence[Sequence[int]],
+    prompts: Sequence[Sequence],
     picker: TokenPicker,
     max_new_tokens: int,
     stop: Sequence[str] = (),
     on_text: Callable[[str], None] | None = None,
 ) -> DecodeResult:
-    """Generate with `policy`. `prompt_ids[i]` is the prompt of `policy.streams[i]`.
+    """Generate with `policy`. `prompts[i]` is the prompt of `policy.streams[i]`, as
+    its model's `encode_chat` made it (token ids; messages for a remote cloud).
 
     Streams of the same model form one group that advances in lockstep (and is
     batched by the backend); every group is fed each chosen token.
@@ -112,16 +113,16 @@ def decode(
     for i, spec in enumerate(policy.streams):
         by_role.setdefault(spec.role, []).append(i)
     groups: dict[Role, StreamGroup] = {}
-    overlap = None
+    advance_all = None
     try:
         for role, indices in by_role.items():
-            groups[role] = models[role].open_streams([prompt_ids[i] for i in indices], max_new_tokens)
+            groups[role] = models[role].open_streams([prompts[i] for i in indices], max_new_tokens)
         prefill_s = time.perf_counter() - start
         prompt_lengths = [0] * len(policy.streams)
         for role, indices in by_role.items():
             for i, n in zip(indices, groups[role].prompt_lengths):
                 prompt_lengths[i] = n
-        overlap = _GroupAdvancer(groups)
+        advance_all = _GroupAdvancer(groups)
         decoder_model = models[policy.streams[0].role]
         eos = decoder_model.eos_token_ids
         text = TextAssembler(stop)
@@ -147,7 +148,7 @@ def decode(
                 finish = "stop"
                 break
             if len(tokens) < max_new_tokens:
-                overlap(token)
+                advance_all(token)
         rest = text.finish()
         if rest and on_text:
             on_text(rest)
@@ -155,8 +156,8 @@ def decode(
     finally:
         for group in groups.values():
             group.close()
-        if overlap is not None:
-            overlap.close()
+        if advance_all is not None:
+            advance_all.close()
     return DecodeResult(
         text=text.text,
         token_ids=tokens,
