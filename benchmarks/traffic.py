@@ -87,7 +87,7 @@ class MeasuringCoSteer(CoSteerPolicy):
         exact = super().scores(dists, greedy)  # local cloud: the full-vocabulary closed form
         choice = int(np.argmax(exact))
         logits = cloud.logits
-        steer = self.coefficient * (with_ctx.logits.astype(np.float64) - without_ctx.logits)
+        steer = self.steering(with_ctx.logits, without_ctx.logits)
         for k in self.ks:
             replay = Replay(logits)
             scores = fuse_with_partial_cloud(replay, steer, k, True, self.stats[k])

@@ -89,11 +89,16 @@ class CoSteerPolicy(Policy):
         self.first_k = first_k
         self.traffic = CertificationStats()  # filled only when the cloud is remote
 
+    def steering(self, with_ctx: np.ndarray, without_ctx: np.ndarray) -> np.ndarray:
+        """c * (z_with - z_without): c * delta up to a constant. Every fusion path uses
+        this one expression, so remote and embedded scores are bit-identical."""
+        return self.coefficient * (np.asarray(with_ctx, dtype=FUSION_DTYPE) - np.asarray(without_ctx, dtype=FUSION_DTYPE))
+
     def scores(self, dists: list[NextToken], greedy: bool) -> np.ndarray:
         cloud, with_ctx, without_ctx = dists
         if cloud.local or self.fusion == "loop":
             return super().scores(dists, greedy)
-        steer = self.coefficient * (with_ctx.full()[0].astype(FUSION_DTYPE) - without_ctx.full()[0])
+        steer = self.steering(with_ctx.full()[0], without_ctx.full()[0])
         return fuse_with_partial_cloud(cloud, steer, self.first_k, greedy, self.traffic)
 
     def next_logprobs(self, logits: list[np.ndarray]) -> np.ndarray:
@@ -101,8 +106,7 @@ class CoSteerPolicy(Policy):
             return fuse_ftrl_loop(log_softmax(logits[0]), local_delta(logits[1], logits[2]), self.params)
         # log_softmax(B + c*delta) without its normalizations, which only shift every
         # token by one constant: z_llm + c*(z_with - z_without). 5x cheaper per token.
-        llm, with_ctx, without_ctx = (np.asarray(x, dtype=FUSION_DTYPE) for x in logits)
-        return llm + self.coefficient * (with_ctx - without_ctx)
+        return np.asarray(logits[0], dtype=FUSION_DTYPE) + self.steering(logits[1], logits[2])
 
 
 class PlausibleCoSteer(CoSteerPolicy):
@@ -123,9 +127,8 @@ class PlausibleCoSteer(CoSteerPolicy):
         ids, logits, _ = cloud.top(self.k)
         keep = logits >= logits[0] + self.log_tau  # p_i >= tau * p_max; logits[0] is the max
         ids, logits = ids[keep], logits[keep].astype(FUSION_DTYPE)
-        steer = self.coefficient * (with_ctx.full()[0][ids].astype(FUSION_DTYPE) - without_ctx.full()[0][ids])
         scores = np.full(cloud.vocab_size, -np.inf)
-        scores[ids] = logits + steer
+        scores[ids] = logits + self.steering(with_ctx.full()[0][ids], without_ctx.full()[0][ids])
         return scores
 
 
