@@ -8,9 +8,18 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+import numpy as np
+
 from .backends.base import LanguageModel, StreamGroup
+from .certified import AskFor, CertificationStats, Pick
+from .cloud import CloudSession, RemoteCloud
+from .errors import UserError
 from .methods import Policy, Role
 from .sampling import TokenPicker
+
+# A step asks a remote cloud again at most this often: the ladder (k x16, then the
+# full vector) ends within 4 requests for any vocabulary below 2**20 tokens.
+MAX_REQUESTS_PER_STEP = 8
 
 
 @dataclass
@@ -22,7 +31,7 @@ class DecodeResult:
     prefill_s: float
     time_to_first_token_s: float
     elapsed_s: float
-    traffic: dict | None = None  # remote groups' network counters
+    traffic: dict | None = None  # remote groups' network counters, and certification
 
 
 class TextAssembler:
@@ -76,9 +85,9 @@ class _GroupAdvancer:
     local ones compute, so a step costs max(cloud, device), not their sum; local
     groups stay sequential (they share this machine's cores)."""
 
-    def __init__(self, groups: dict[Role, StreamGroup]) -> None:
-        self._local = [g for g in groups.values() if not g.remote]
-        self._remote = [g for g in groups.values() if g.remote]
+    def __init__(self, groups: dict[Role, StreamGroup | CloudSession]) -> None:
+        self._local = [g for g in groups.values() if not isinstance(g, CloudSession)]
+        self._remote = [g for g in groups.values() if isinstance(g, CloudSession)]
         self._pool = ThreadPoolExecutor(max_workers=len(self._remote)) if self._remote else None
 
     def __call__(self, token: int) -> None:
@@ -93,9 +102,17 @@ class _GroupAdvancer:
             self._pool.shutdown(wait=True)
 
 
+def _open(model: LanguageModel | RemoteCloud, prompts: list, max_new_tokens: int, first_cloud_k: int | None):
+    if isinstance(model, RemoteCloud):
+        if len(prompts) != 1:
+            raise ValueError("a remote cloud session holds one public conversation")
+        return model.open_session(prompts[0], max_new_tokens, first_cloud_k)
+    return model.open_streams(prompts, max_new_tokens)
+
+
 def decode(
     policy: Policy,
-    models: dict[Role, LanguageModel],
+    models: dict[Role, LanguageModel | RemoteCloud],
     prompts: Sequence[Sequence],
     picker: TokenPicker,
     max_new_tokens: int,
@@ -103,20 +120,25 @@ def decode(
     on_text: Callable[[str], None] | None = None,
 ) -> DecodeResult:
     """Generate with `policy`. `prompts[i]` is the prompt of `policy.streams[i]`, as
-    its model's `encode_chat` made it (token ids; messages for a remote cloud).
+    its model's `encode_chat` made it (token ids; a public chat for a remote cloud).
 
     Streams of the same model form one group that advances in lockstep (and is
-    batched by the backend); every group is fed each chosen token.
+    batched by the backend); every group is fed each chosen token. Where the policy
+    cannot settle a step from a remote cloud's top-k, the loop asks the cloud again
+    at the same position, as the policy says, until it can.
     """
     start = time.perf_counter()
     by_role: dict[Role, list[int]] = {}
     for i, spec in enumerate(policy.streams):
         by_role.setdefault(spec.role, []).append(i)
-    groups: dict[Role, StreamGroup] = {}
+    groups: dict[Role, StreamGroup | CloudSession] = {}
     advance_all = None
+    sampling = picker.config
+    certification = CertificationStats()
     try:
         for role, indices in by_role.items():
-            groups[role] = models[role].open_streams([prompts[i] for i in indices], max_new_tokens)
+            groups[role] = _open(models[role], [prompts[i] for i in indices], max_new_tokens,
+                                 policy.first_cloud_k(sampling))
         prefill_s = time.perf_counter() - start
         prompt_lengths = [0] * len(policy.streams)
         for role, indices in by_role.items():
@@ -129,12 +151,30 @@ def decode(
         tokens: list[int] = []
         first_token_s = 0.0
         finish = "length"
+        remote = [g for g in groups.values() if isinstance(g, CloudSession)]
+
+        def decide() -> Pick:
+            asked: list[int | None] = []
+            while True:
+                dists = [None] * len(policy.streams)
+                for role, indices in by_role.items():
+                    for i, dist in zip(indices, groups[role].next_tokens()):
+                        dists[i] = dist
+                decision = policy.decide(dists, sampling)
+                if isinstance(decision, Pick):
+                    break
+                if not remote or len(asked) >= MAX_REQUESTS_PER_STEP:
+                    raise RuntimeError(f"{policy.name} asked for more than the cloud can send ({asked})")
+                asked.append(decision.k)
+                remote[0].widen(decision.k)
+            if remote and (asked or decision.certified is not None):
+                certification.record(decision, asked)
+            if not np.isfinite(decision.scores).any():
+                raise UserError(f"{policy.name}: the cloud sent nothing this method can choose from")
+            return decision
+
         while len(tokens) < max_new_tokens:
-            dists = [None] * len(policy.streams)
-            for role, indices in by_role.items():
-                for i, dist in zip(indices, groups[role].next_tokens()):
-                    dists[i] = dist
-            token = picker.pick(policy.scores(dists, picker.config.greedy))
+            token = picker.pick(decide().scores)
             if not tokens:
                 first_token_s = time.perf_counter() - start
             if token in eos:
@@ -153,6 +193,8 @@ def decode(
         if rest and on_text:
             on_text(rest)
         traffic = _merge_traffic(groups.values())
+        if traffic is not None and certification.steps:
+            traffic.update(certification.as_dict())
     finally:
         for group in groups.values():
             group.close()

@@ -1,8 +1,9 @@
 """One stream's next-token distribution, possibly known only in part.
 
-Local models hand over all their logits for free. A remote cloud model sends what
-it is asked for: its top-k, or the full vector. Policies ask for as little as
-they can prove is enough (see `certified.py`).
+Local models hand over all their logits for free. A remote cloud sends its top-k
+(or the full vector) and more only when asked; policies decide from what is known
+and, where that cannot settle the step, say how much more they need (`AskFor`).
+The decoding loop, not the policy, makes the round trip (see `decoding.py`).
 
 Values are raw logits z with their log-normalizer lse, so log p = z - lse, and
 scores built from them are bit-identical to the ones an embedded run computes.
@@ -10,51 +11,69 @@ scores built from them are bit-identical to the ones an embedded run computes.
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+import math
+from dataclasses import dataclass
 
 import numpy as np
 
 
-class NextToken(ABC):
+@dataclass(frozen=True)
+class NextToken:
+    """`ids is None`: `logits` covers the whole vocabulary in id order (complete).
+    Otherwise `logits[i]` is token `ids[i]`'s, likeliest first, and the rest is unknown."""
+
+    logits: np.ndarray
+    lse: float
     vocab_size: int
-    local: bool  # True when full() costs nothing
+    ids: np.ndarray | None = None
+    # The entries are exactly the len(ids) likeliest tokens. False when the sender
+    # dropped some (a server's token strings that map to no single id): then the
+    # smallest listed value bounds nothing and only the missing mass does.
+    exact_top: bool = True
+    # The sender can send more at this position (a larger k or the full vector).
+    can_widen: bool = False
+    # How far the listed probabilities may sum above the truth through rounding
+    # (float32 logits and a float64 lse: ~1e-12; a server's printed logprobs: more).
+    mass_slack: float = 1e-9
 
-    @abstractmethod
-    def top(self, k: int) -> tuple[np.ndarray, np.ndarray, float]:
-        """(ids, logits, lse) of the k likeliest tokens, likeliest first."""
-
-    @abstractmethod
-    def full(self) -> tuple[np.ndarray, float]:
-        """(logits of the whole vocabulary, lse)."""
-
-
-class LocalNextToken(NextToken):
-    local = True
-
-    def __init__(self, logits: np.ndarray) -> None:
-        self.logits = logits
-        self.vocab_size = int(logits.shape[-1])
-        self._lse: float | None = None
+    @classmethod
+    def local(cls, logits: np.ndarray) -> "NextToken":
+        return cls(logits, log_sum_exp(logits), int(logits.shape[-1]))
 
     @property
-    def lse(self) -> float:
-        if self._lse is None:
-            z = self.logits.astype(np.float64)
-            peak = float(z.max())
-            self._lse = peak + float(np.log(np.exp(z - peak).sum()))
-        return self._lse
+    def complete(self) -> bool:
+        return self.ids is None
 
-    def top(self, k: int) -> tuple[np.ndarray, np.ndarray, float]:
-        return (*top_k(self.logits, k), self.lse)
+    @property
+    def known(self) -> int:
+        """How many tokens' values are known."""
+        return self.vocab_size if self.ids is None else len(self.ids)
 
-    def full(self) -> tuple[np.ndarray, float]:
-        return self.logits, self.lse
+    def top(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, logits) of the k likeliest known tokens, likeliest first."""
+        if self.ids is None:
+            return top_k(self.logits, k)
+        return self.ids[:k], self.logits[:k]
+
+
+def log_sum_exp(values: np.ndarray) -> float:
+    z = np.asarray(values, dtype=np.float64)
+    peak = float(z.max())
+    if not math.isfinite(peak):
+        return peak
+    return peak + float(np.log(np.exp(z - peak).sum()))
 
 
 def top_k(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Ids and values of the k largest entries, largest first (ties: lower id first)."""
     k = max(1, min(int(k), values.shape[-1]))
-    ids = np.argpartition(-values, k - 1)[:k] if k < values.shape[-1] else np.arange(values.shape[-1])
+    if k < values.shape[-1]:
+        # argpartition picks arbitrarily among values tied with the k-th: take the lowest ids
+        threshold = values[np.argpartition(-values, k - 1)[k - 1]]
+        above = np.flatnonzero(values > threshold)
+        ids = np.concatenate([above, np.flatnonzero(values == threshold)[: k - len(above)]])
+    else:
+        ids = np.arange(values.shape[-1])
     order = np.lexsort((ids, -values[ids]))
     ids = ids[order]
     return ids, values[ids]

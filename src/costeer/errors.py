@@ -6,3 +6,7 @@ class UserError(Exception):
 
     Messages must never quote private context: they may end up in logs.
     """
+
+
+class PrivacyError(UserError):
+    """A request would send private text to the cloud. Refused before anything is sent."""

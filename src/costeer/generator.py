@@ -11,10 +11,11 @@ from .backends import LanguageModel, check_same_tokenizer, load_model
 from .backends.base import ChatMessage
 from .decoding import decode
 from .default_models import DEFAULT_LLM, DEFAULT_SLM, ChunkedModel, ensure_model
-from .errors import UserError
+from .cloud import RemoteCloud
+from .errors import PrivacyError, UserError
 from .fusion import SteeringParams
-from .methods import DEFAULT_TOP_K, Fusion, Policy, Role, make_policy
-from .prompts import PAPER_SYSTEM_PROMPT, PromptPair, build_prompts
+from .methods import DEFAULT_TOP_K, Fusion, Policy, Role, StreamSpec, make_policy
+from .prompts import PAPER_SYSTEM_PROMPT, PromptPair, build_prompts, declassify
 from .sampling import SamplingConfig, TokenPicker
 
 ModelSource = str | os.PathLike | LanguageModel | None
@@ -46,7 +47,7 @@ class Generation:
 class _ModelSlot:
     source: ModelSource
     default: ChunkedModel
-    model: LanguageModel | None = None
+    model: LanguageModel | RemoteCloud | None = None
 
 
 class CoSteer:
@@ -70,11 +71,14 @@ class CoSteer:
         cloud_top_k: int = DEFAULT_TOP_K,
         cloud_model: str | None = None,
         cloud_max_k: int | None = None,
+        send_private_context_to_cloud: bool = False,
     ):
         """`cloud`: where the cloud model runs instead of here: the URL of a `costeer serve`
         server, or `openai+URL` for any OpenAI-compatible completions server (then
         `cloud_model` names the model and `cloud_max_k` is the server's cap on logprobs).
-        The device model (slm) stays local and alone reads the private context."""
+        The device model (slm) stays local and alone reads the private context: methods
+        that would give it to a remote cloud (`llm-context`) are refused unless
+        `send_private_context_to_cloud` is True."""
         if cloud and llm is not None:
             raise UserError("give either a cloud URL or a local cloud model (--llm), not both")
         if cloud_top_k < 1:
@@ -84,14 +88,15 @@ class CoSteer:
         self.quiet = quiet
         self.cloud_top_k = cloud_top_k
         self._cloud = (cloud, api_key, wire_log, simulate_rtt_ms, cloud_model, cloud_max_k) if cloud else None
+        self.send_private_context_to_cloud = send_private_context_to_cloud
         self._tokenizers_checked = False
 
-    def model(self, role: Role) -> LanguageModel:
+    def model(self, role: Role) -> LanguageModel | RemoteCloud:
         slot = self._slots[role]
         if slot.model is None:
             source = slot.source
             if role == "llm" and self._cloud:
-                slot.model = _connect_cloud(*self._cloud, tokenizer=self.model("slm"), prefetch_k=self.cloud_top_k)
+                slot.model = _connect_cloud(*self._cloud, tokenizer=self.model("slm"))
             elif isinstance(source, LanguageModel):
                 slot.model = source
             else:
@@ -99,7 +104,26 @@ class CoSteer:
                 slot.model = load_model(path, self.backend)
         return slot.model
 
-    def _models_for(self, policy: Policy) -> dict[Role, LanguageModel]:
+    def _policy(self, method: str, params: SteeringParams | None, fusion: Fusion) -> Policy:
+        """The method's policy, refused before anything is sent if it would give the
+        private context to a remote cloud."""
+        policy = make_policy(method, params, fusion, self.cloud_top_k)
+        if self._cloud and policy.reads_private_context_in_cloud and not self.send_private_context_to_cloud:
+            raise PrivacyError(
+                f"method {policy.name!r} gives the cloud model the private context, and the cloud is remote "
+                f"({self._cloud[0]}); the privacy rule keeps private context on this device. Use a method that "
+                "steers from the device (such as costeer), or pass --send-private-context-to-cloud to send it anyway"
+            )
+        return policy
+
+    def _chat_for(self, spec: StreamSpec, pair: PromptPair) -> list:
+        if spec.prompt == "public":
+            return pair.public
+        if spec.role == "llm" and self._cloud:
+            return declassify(pair.private)  # allowed: _policy checked send_private_context_to_cloud
+        return pair.private
+
+    def _models_for(self, policy: Policy) -> dict[Role, LanguageModel | RemoteCloud]:
         models = {role: self.model(role) for role in policy.roles}
         if len(models) == 2 and not self._tokenizers_checked:
             check_same_tokenizer(models["llm"], models["slm"])
@@ -129,7 +153,7 @@ class CoSteer:
         A context that does not fit the device model's window (or `max_context_tokens`)
         is cut at its end, keeping its beginning, with a warning on stderr.
         """
-        policy = make_policy(method, params, fusion)
+        policy = self._policy(method, params, fusion)
         if max_context_tokens is not None and max_context_tokens < 0:
             raise UserError(f"max-context-tokens must be >= 0, got {max_context_tokens}")
         _check_max_new_tokens(max_new_tokens)
@@ -138,7 +162,9 @@ class CoSteer:
         truncated = False
         private_role = next((s.role for s in policy.streams if s.prompt == "private"), None)
         if private_role and context:
-            pair, truncated = _fit_context(models[private_role], prompt, context, system_prompt, max_new_tokens, max_context_tokens)
+            reader = models[private_role]
+            reader = reader.tokenizer if isinstance(reader, RemoteCloud) else reader
+            pair, truncated = _fit_context(reader, prompt, context, system_prompt, max_new_tokens, max_context_tokens)
         return self._run(policy, models, pair, max_new_tokens, SamplingConfig(temperature, top_p, top_k, seed), stop, on_text, truncated)
 
     def generate_from_messages(
@@ -155,18 +181,13 @@ class CoSteer:
         on_text: Callable[[str], None] | None = None,
     ) -> Generation:
         """Like `generate`, with both conversations given in full (datasets that ship them)."""
-        policy = make_policy(method, params, fusion)
+        policy = self._policy(method, params, fusion)
         _check_max_new_tokens(max_new_tokens)
         models = self._models_for(policy)
         return self._run(policy, models, PromptPair(public, private), max_new_tokens, sampling or SamplingConfig(), stop, on_text, False)
 
     def _run(self, policy, models, pair, max_new_tokens, sampling, stop, on_text, truncated) -> Generation:
-        if hasattr(policy, "first_k"):
-            policy.first_k = self.cloud_top_k
-        prompts = [
-            models[spec.role].encode_chat(pair.public if spec.prompt == "public" else pair.private)
-            for spec in policy.streams
-        ]
+        prompts = [models[spec.role].encode_chat(self._chat_for(spec, pair)) for spec in policy.streams]
         result = decode(policy, models, prompts, TokenPicker(sampling), max_new_tokens, stop, on_text)
         prompt_tokens = {f"{s.role}_{s.prompt}": n for s, n in zip(policy.streams, result.prompt_lengths)}
         n = len(result.token_ids)
@@ -183,7 +204,7 @@ class CoSteer:
             prompt_tokens=prompt_tokens,
             context_truncated=truncated,
             steering_coefficient=getattr(policy, "coefficient", None),
-            traffic=_traffic_report(policy, result.traffic),
+            traffic=result.traffic,
         )
 
     def close(self) -> None:
@@ -193,9 +214,9 @@ class CoSteer:
             slot.model = None
 
 
-def _connect_cloud(url, api_key, wire_log, simulate_rtt_ms, model_name, max_k, tokenizer: LanguageModel, prefetch_k: int) -> LanguageModel:
-    from .transport.client import RemoteCloudModel
-    from .transport.openai_client import DEFAULT_MAX_K, OpenAICloudModel
+def _connect_cloud(url, api_key, wire_log, simulate_rtt_ms, model_name, max_k, tokenizer: LanguageModel) -> RemoteCloud:
+    from .transport.client import ServedCloud
+    from .transport.openai_client import DEFAULT_MAX_K, OpenAICloud
     from .transport.wire import WireClient
 
     openai = url.startswith("openai+")
@@ -204,18 +225,8 @@ def _connect_cloud(url, api_key, wire_log, simulate_rtt_ms, model_name, max_k, t
         raise UserError(f"cloud URL must be http(s)://HOST:PORT or openai+http(s)://HOST:PORT/v1, got {url!r}")
     wire = WireClient(base, api_key, wire_log, simulate_rtt_ms)
     if openai:
-        return OpenAICloudModel(wire, tokenizer, model_name, max_k or DEFAULT_MAX_K)
-    return RemoteCloudModel(wire, tokenizer, prefetch_k)
-
-
-def _traffic_report(policy: Policy, counters: dict | None) -> dict | None:
-    if counters is None:
-        return None
-    report = dict(counters)
-    stats = getattr(policy, "traffic", None)
-    if stats is not None and stats.steps:
-        report.update(stats.as_dict())
-    return report
+        return OpenAICloud(wire, tokenizer, model_name, max_k or DEFAULT_MAX_K)
+    return ServedCloud(wire, tokenizer)
 
 
 def _check_max_new_tokens(n: int) -> None:

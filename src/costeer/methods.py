@@ -13,10 +13,11 @@ from typing import Callable, Literal
 
 import numpy as np
 
-from .errors import UserError
-from .certified import CertificationStats, fuse_with_partial_cloud
+from .certified import AskFor, Decision, Pick, certify
 from .distribution import NextToken
+from .errors import UserError
 from .fusion import FUSION_DTYPE, SteeringParams, fuse_ftrl_loop, local_delta, log_softmax
+from .sampling import SamplingConfig
 
 Role = Literal["llm", "slm"]  # cloud model, device model
 PromptKind = Literal["public", "private"]  # without / with the private context
@@ -44,10 +45,24 @@ class Policy(ABC):
         """Log-probabilities over the vocabulary, up to an additive constant (the
         picker normalizes), given each stream's logits in `streams` order."""
 
-    def scores(self, dists: list[NextToken], greedy: bool) -> np.ndarray:
-        """What the loop picks from. Policies that can decide from a remote cloud's
-        top-k override this; the default asks every stream for its full vector."""
-        return self.next_logprobs([d.full()[0] for d in dists])
+    def decide(self, dists: list[NextToken], sampling: SamplingConfig) -> Decision:
+        """What to pick from, given what is known of each stream's distribution; or,
+        when a remote cloud's top-k cannot settle the step, what to ask it for.
+        Policies that can decide from a top-k override this; the default needs
+        every stream's full vector."""
+        if not all(d.complete for d in dists):
+            return AskFor(None)
+        return Pick(self.next_logprobs([d.logits for d in dists]))
+
+    def first_cloud_k(self, sampling: SamplingConfig) -> int | None:
+        """The top-k a remote cloud is asked for with every step (None: the full vector)."""
+        return None
+
+    @property
+    def reads_private_context_in_cloud(self) -> bool:
+        """True when the cloud model would be given the private context: refused over a
+        network unless the user explicitly allows it (see generator.py)."""
+        return any(s.role == "llm" and s.prompt == "private" for s in self.streams)
 
     @property
     def roles(self) -> set[Role]:
@@ -64,14 +79,25 @@ class SingleModel(Policy):
     def next_logprobs(self, logits: list[np.ndarray]) -> np.ndarray:
         return np.asarray(logits[0], dtype=FUSION_DTYPE)
 
-    def scores(self, dists: list[NextToken], greedy: bool) -> np.ndarray:
+    def first_cloud_k(self, sampling: SamplingConfig) -> int | None:
+        return 1 if sampling.greedy else None  # greedy needs the argmax only
+
+    def decide(self, dists: list[NextToken], sampling: SamplingConfig) -> Decision:
         dist = dists[0]
-        if dist.local or not greedy:
-            return self.next_logprobs([dist.full()[0]])
-        ids, logits, _ = dist.top(1)  # greedy needs the argmax only
+        if dist.complete:
+            return Pick(self.next_logprobs([dist.logits]))
+        if not sampling.greedy or not dist.exact_top or dist.known == 0:
+            return AskFor(None) if dist.can_widen else Pick(_known_scores(dist), certified=False)
+        ids, logits = dist.top(1)
         scores = np.full(dist.vocab_size, -np.inf)
         scores[ids] = logits
-        return scores
+        return Pick(scores)
+
+
+def _known_scores(dist: NextToken) -> np.ndarray:
+    scores = np.full(dist.vocab_size, -np.inf)
+    scores[dist.ids] = dist.logits
+    return scores
 
 
 class CoSteerPolicy(Policy):
@@ -79,27 +105,31 @@ class CoSteerPolicy(Policy):
 
     streams = (StreamSpec("llm", "public"), StreamSpec("slm", "private"), StreamSpec("slm", "public"))
 
-    def __init__(self, name: str, params: SteeringParams, fusion: Fusion = "closed", first_k: int = DEFAULT_TOP_K) -> None:
+    def __init__(self, name: str, params: SteeringParams, fusion: Fusion = "closed", first_k: int = DEFAULT_TOP_K,
+                 coefficient: float | None = None) -> None:
         if fusion not in ("closed", "loop"):
             raise UserError(f"unknown fusion {fusion!r}: choose closed or loop")
+        if first_k < 1:
+            raise UserError(f"cloud top-k must be >= 1, got {first_k}")
         self.name = name
         self.params = params
         self.fusion = fusion
-        self.coefficient = params.coefficient
+        self.coefficient = params.coefficient if coefficient is None else coefficient
         self.first_k = first_k
-        self.traffic = CertificationStats()  # filled only when the cloud is remote
 
     def steering(self, with_ctx: np.ndarray, without_ctx: np.ndarray) -> np.ndarray:
         """c * (z_with - z_without): c * delta up to a constant. Every fusion path uses
         this one expression, so remote and embedded scores are bit-identical."""
         return self.coefficient * (np.asarray(with_ctx, dtype=FUSION_DTYPE) - np.asarray(without_ctx, dtype=FUSION_DTYPE))
 
-    def scores(self, dists: list[NextToken], greedy: bool) -> np.ndarray:
+    def first_cloud_k(self, sampling: SamplingConfig) -> int | None:
+        return None if self.fusion == "loop" else self.first_k
+
+    def decide(self, dists: list[NextToken], sampling: SamplingConfig) -> Decision:
         cloud, with_ctx, without_ctx = dists
-        if cloud.local or self.fusion == "loop":
-            return super().scores(dists, greedy)
-        steer = self.steering(with_ctx.full()[0], without_ctx.full()[0])
-        return fuse_with_partial_cloud(cloud, steer, self.first_k, greedy, self.traffic)
+        if cloud.complete or self.fusion == "loop":
+            return super().decide(dists, sampling)
+        return certify(cloud, self.steering(with_ctx.logits, without_ctx.logits), sampling)
 
     def next_logprobs(self, logits: list[np.ndarray]) -> np.ndarray:
         if self.fusion == "loop":
@@ -119,27 +149,31 @@ class PlausibleCoSteer(CoSteerPolicy):
     a verbatim copy of private text)."""
 
     def __init__(self, name: str, params: SteeringParams, k: int = PLAUSIBLE_K, tau: float = PLAUSIBLE_TAU) -> None:
-        super().__init__(name, params, "closed")
+        super().__init__(name, params, "closed", first_k=k)
         self.k, self.log_tau = k, float(np.log(tau))
 
-    def scores(self, dists: list[NextToken], greedy: bool) -> np.ndarray:
+    def decide(self, dists: list[NextToken], sampling: SamplingConfig) -> Decision:
         cloud, with_ctx, without_ctx = dists
-        ids, logits, _ = cloud.top(self.k)
+        if cloud.known < min(self.k, cloud.vocab_size) and cloud.can_widen:
+            return AskFor(self.k)
+        if cloud.known == 0:
+            return Pick(np.full(cloud.vocab_size, -np.inf), certified=False)
+        ids, logits = cloud.top(self.k)
         keep = logits >= logits[0] + self.log_tau  # p_i >= tau * p_max; logits[0] is the max
         ids, logits = ids[keep], logits[keep].astype(FUSION_DTYPE)
         scores = np.full(cloud.vocab_size, -np.inf)
-        scores[ids] = logits + self.steering(with_ctx.full()[0][ids], without_ctx.full()[0][ids])
-        return scores
+        scores[ids] = logits + self.steering(with_ctx.logits[ids], without_ctx.logits[ids])
+        return Pick(scores)
 
 
-def _costeer(params: SteeringParams, fusion: Fusion) -> Policy:
-    return CoSteerPolicy("costeer", params, fusion)
+def _costeer(params: SteeringParams, fusion: Fusion, first_k: int) -> Policy:
+    return CoSteerPolicy("costeer", params, fusion, first_k)
 
 
-def _light(params: SteeringParams, fusion: Fusion) -> Policy:
+def _light(params: SteeringParams, fusion: Fusion, first_k: int) -> Policy:
     # LightCoSteer: one FTRL iteration, the other hyperparameters unchanged
     one_step = SteeringParams(1, params.alpha, params.beta, params.lam, params.eta)
-    return CoSteerPolicy("light", one_step, fusion)
+    return CoSteerPolicy("light", one_step, fusion, first_k)
 
 
 # CoS with lambda = 1 doubles the context's influence; He et al. sweep lambda over
@@ -166,9 +200,9 @@ class FixedWeightMix(CoSteerPolicy):
     """Logit arithmetic log_softmax(B + w*delta) with w given directly. CoSteer is this
     with w = c(T, alpha, beta, lambda, eta); sweeping w shows where the paper's c sits."""
 
-    def __init__(self, weight: float) -> None:
-        super().__init__(f"mix:{weight:.12g}", SteeringParams())  # closed form: the params are unused
-        self.coefficient = weight
+    def __init__(self, weight: float, first_k: int = DEFAULT_TOP_K) -> None:
+        # closed form: the FTRL params are unused
+        super().__init__(f"mix:{weight:.12g}", SteeringParams(), first_k=first_k, coefficient=weight)
 
 
 def _parameter(method: str, text: str) -> float:
@@ -182,29 +216,31 @@ def _parameter(method: str, text: str) -> float:
 
 
 # Methods named `prefix:number`: the number is the policy's weight.
-PARAMETRIC_METHODS: dict[str, Callable[[float], Policy]] = {
+PARAMETRIC_METHODS: dict[str, Callable[[float, int], Policy]] = {
     "mix": FixedWeightMix,
-    "cos": ContextSteering,
+    "cos": lambda lam, first_k: ContextSteering(lam),
 }
 
 
-METHODS: dict[str, Callable[[SteeringParams, Fusion], Policy]] = {
+METHODS: dict[str, Callable[[SteeringParams, Fusion, int], Policy]] = {
     "costeer": _costeer,
     "light": _light,
-    "costeer-plausible": lambda p, f: PlausibleCoSteer("costeer-plausible", p),
-    "llm": lambda p, f: SingleModel("llm", "llm", "public"),
-    "llm-context": lambda p, f: SingleModel("llm-context", "llm", "private"),
-    "slm": lambda p, f: SingleModel("slm", "slm", "public"),
-    "slm-context": lambda p, f: SingleModel("slm-context", "slm", "private"),
-    "cos": lambda p, f: ContextSteering(DEFAULT_COS_LAMBDA, name="cos"),
+    "costeer-plausible": lambda p, f, k: PlausibleCoSteer("costeer-plausible", p),
+    "llm": lambda p, f, k: SingleModel("llm", "llm", "public"),
+    "llm-context": lambda p, f, k: SingleModel("llm-context", "llm", "private"),
+    "slm": lambda p, f, k: SingleModel("slm", "slm", "public"),
+    "slm-context": lambda p, f, k: SingleModel("slm-context", "slm", "private"),
+    "cos": lambda p, f, k: ContextSteering(DEFAULT_COS_LAMBDA, name="cos"),
 }
 
 
-def make_policy(method: str, params: SteeringParams | None = None, fusion: Fusion = "closed") -> Policy:
+def make_policy(method: str, params: SteeringParams | None = None, fusion: Fusion = "closed",
+                cloud_top_k: int = DEFAULT_TOP_K) -> Policy:
+    """`cloud_top_k`: the first k a remote cloud is asked for each step (certified methods)."""
     prefix, colon, value = method.partition(":")
     if colon and prefix in PARAMETRIC_METHODS:
-        return PARAMETRIC_METHODS[prefix](_parameter(method, value))
+        return PARAMETRIC_METHODS[prefix](_parameter(method, value), cloud_top_k)
     if method not in METHODS:
         choices = ", ".join([*METHODS, *(f"{p}:NUMBER" for p in PARAMETRIC_METHODS)])
         raise UserError(f"unknown method {method!r}: choose one of {choices}")
-    return METHODS[method](params or SteeringParams(), fusion)
+    return METHODS[method](params or SteeringParams(), fusion, cloud_top_k)

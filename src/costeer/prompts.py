@@ -29,12 +29,32 @@ PAPER_SYSTEM_PROMPT = "You are a helpful assistant."
 CONTEXT_INTRO = "For reference, here is some information about me:"
 
 
+class PublicChat(list):
+    """Messages the cloud may see: the system prompt and the user's request. A remote
+    cloud accepts nothing else (see `cloud.RemoteCloud.encode_chat`)."""
+
+
+class PrivateChat(list):
+    """Messages that hold the private context: for the device model only."""
+
+
+def declassify(chat: PrivateChat) -> PublicChat:
+    """Let private messages go to the cloud: only for an explicit user request
+    (`--send-private-context-to-cloud`), never by default."""
+    return PublicChat(chat)
+
+
 @dataclass(frozen=True)
 class PromptPair:
     """The two conversations one generation needs: what the cloud may see, what only the device sees."""
 
-    public: list[ChatMessage]
-    private: list[ChatMessage]
+    public: PublicChat
+    private: PrivateChat
+
+    def __post_init__(self) -> None:
+        # accept plain lists of messages, and give them their privacy type
+        object.__setattr__(self, "public", PublicChat(self.public))
+        object.__setattr__(self, "private", PrivateChat(self.private))
 
 
 def load_context(files: Sequence[str | Path] = (), text: str | None = None) -> str:
@@ -90,6 +110,6 @@ def build_prompts(prompt: str, context: str = "", system_prompt: str | None = PA
         raise UserError("the prompt is empty")
     system = [{"role": "system", "content": system_prompt}] if system_prompt else []
     return PromptPair(
-        public=system + [{"role": "user", "content": prompt}],
-        private=system + [{"role": "user", "content": with_context(prompt, context)}],
+        public=PublicChat(system + [{"role": "user", "content": prompt}]),
+        private=PrivateChat(system + [{"role": "user", "content": with_context(prompt, context)}]),
     )

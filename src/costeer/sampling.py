@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .distribution import top_k
 from .errors import UserError
 
 
@@ -51,10 +52,9 @@ class TokenPicker:
         cfg = self.config
         scaled = np.asarray(logprobs, dtype=np.float64) / cfg.temperature
         if cfg.top_k and cfg.top_k < scaled.size:
-            ids = np.argpartition(-scaled, cfg.top_k - 1)[: cfg.top_k]
+            ids, _ = top_k(scaled, cfg.top_k)  # ties: lower id first, whatever else is in the array
         else:
-            ids = np.arange(scaled.size)
-        ids = ids[np.argsort(-scaled[ids], kind="stable")]
+            ids = np.argsort(-scaled, kind="stable")
         probs = np.exp(scaled[ids] - scaled[ids[0]])
         probs /= probs.sum()
         if cfg.top_p < 1.0:

@@ -16,7 +16,8 @@ from typing import Sequence
 
 import numpy as np
 
-from ..distribution import LocalNextToken, NextToken
+from ..distribution import NextToken
+from ..errors import UserError
 
 ChatMessage = dict[str, str]  # {"role": "system"|"user"|"assistant", "content": "..."}
 
@@ -32,22 +33,18 @@ class StreamGroup(ABC):
     def advance(self, token_id: int) -> None:
         """Append one token to every stream, feeding only that token (KV cache)."""
 
-    # True when the streams run on another machine: the loop then overlaps their
-    # step with the local ones instead of running them one after another.
-    remote = False
-
     @property
     def prompt_lengths(self) -> list[int]:
         """Tokens in each stream's prompt."""
         return list(self._prompt_lengths)
 
     def traffic(self) -> dict | None:
-        """Network counters for remote streams (bytes each way, round trips)."""
+        """Network counters (none: local streams)."""
         return None
 
-    def next_tokens(self) -> list["NextToken"]:
-        """Each stream's next-token distribution."""
-        return [LocalNextToken(row) for row in self.logits()]
+    def next_tokens(self) -> list[NextToken]:
+        """Each stream's next-token distribution, complete."""
+        return [NextToken.local(row) for row in self.logits()]
 
     def close(self) -> None:
         """Free the caches; the group is unusable afterwards."""
@@ -57,6 +54,15 @@ class StreamGroup(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def check_window(model_name: str, window: int, prompt_tokens: int, max_new_tokens: int) -> None:
+    """The one check that a prompt and its new tokens fit a model's window."""
+    if prompt_tokens + max_new_tokens > window:
+        raise UserError(
+            f"prompt of {prompt_tokens} tokens plus {max_new_tokens} new tokens exceeds "
+            f"{model_name}'s window of {window} tokens"
+        )
 
 
 class LanguageModel(ABC):

@@ -11,7 +11,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import UserError
-from .base import ChatMessage, LanguageModel, StreamGroup
+from .base import check_window, ChatMessage, LanguageModel, StreamGroup
 
 
 def _import_hf():
@@ -97,11 +97,7 @@ class TransformersModel(LanguageModel):
 
     def open_streams(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> StreamGroup:
         for p in prompts:
-            if len(p) + max_new_tokens > self.context_window:
-                raise UserError(
-                    f"prompt of {len(p)} tokens plus {max_new_tokens} new tokens exceeds "
-                    f"{self.name}'s window of {self.context_window} tokens"
-                )
+            check_window(self.name, self.context_window, len(p), max_new_tokens)
         return _TransformersStreams(self, prompts)
 
 

@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import UserError
-from .base import ChatMessage, LanguageModel, StreamGroup
+from .base import check_window, ChatMessage, LanguageModel, StreamGroup
 from .chat_template import render_chat_template
 
 _PREFILL_CHUNK = 512
@@ -177,11 +177,7 @@ class _LlamaCppStreams(StreamGroup):
         for p in prompts:
             if not p:
                 raise ValueError("empty prompt")
-            if len(p) + max_new_tokens > model.context_window:
-                raise UserError(
-                    f"prompt of {len(p)} tokens plus {max_new_tokens} new tokens exceeds "
-                    f"{model.name}'s window of {model.context_window} tokens"
-                )
+            check_window(model.name, model.context_window, len(p), max_new_tokens)
         needed = sum(len(p) + max_new_tokens + 1 for p in prompts)
         cparams = lib.llama_context_default_params()
         cparams.n_ctx = (needed + 255) // 256 * 256

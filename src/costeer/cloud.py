@@ -1,0 +1,81 @@
+"""A cloud model served elsewhere, as the device sees it.
+
+Not a `LanguageModel`: the device cannot run it, render its template or read its
+logits at will. It opens a session on a public conversation, sends (part of) the
+next-token distribution, takes the chosen token, and, where it can, sends more
+at the same position when asked. The tokenizer is the device model's: CoSteer
+needs the two to share a vocabulary (checked where the API allows).
+
+The privacy rule lives in the types: `encode_chat` takes a `PublicChat` only, so a
+conversation holding the private context cannot reach a cloud by accident.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from .backends.base import LanguageModel
+from .distribution import NextToken
+from .errors import PrivacyError
+from .prompts import PublicChat
+
+
+class CloudSession(ABC):
+    """One public conversation on the cloud, positioned after its prompt and the
+    tokens appended so far."""
+
+    @property
+    def prompt_lengths(self) -> list[int]:
+        return [self.prompt_tokens]
+
+    prompt_tokens: int
+
+    @abstractmethod
+    def next_tokens(self) -> list[NextToken]:
+        """What is known of the next-token distribution (one stream)."""
+
+    @abstractmethod
+    def widen(self, k: int | None) -> None:
+        """Ask again at the same position for the top-k (None: the full vector)."""
+
+    @abstractmethod
+    def advance(self, token_id: int) -> None:
+        """Append the chosen token and receive the next distribution's top-k."""
+
+    def traffic(self) -> dict | None:
+        return None
+
+    def close(self) -> None:
+        """End the session on the server (best effort: servers expire idle ones)."""
+
+
+class RemoteCloud(ABC):
+    local = False
+    name: str
+    vocab_size: int
+    eos_token_ids: frozenset[int]
+    context_window: int
+
+    def __init__(self, tokenizer: LanguageModel) -> None:
+        self.tokenizer = tokenizer
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self.tokenizer.token_bytes(token_id)
+
+    def encode_chat(self, chat: PublicChat) -> PublicChat:
+        """The prompt `open_session` takes: the public chat itself, nothing else."""
+        if not isinstance(chat, PublicChat):
+            raise PrivacyError(f"refused to send a {type(chat).__name__} to the cloud at {self.name}: "
+                               "only the public conversation may leave the device")
+        return chat
+
+    @abstractmethod
+    def vocabulary_digest(self) -> str:
+        """SHA-256 of the cloud's token bytes, compared with the device model's."""
+
+    @abstractmethod
+    def open_session(self, chat: PublicChat, max_new_tokens: int, first_k: int | None) -> CloudSession:
+        """Send the public conversation; `first_k` values come back with every step."""
+
+    def close(self) -> None:
+        """Release the connection."""

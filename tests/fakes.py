@@ -1,0 +1,128 @@
+"""Deterministic model-free parts for fast tests of decoding, certification and transport.
+
+`NumpyModel` is a real `LanguageModel`: a byte-level tokenizer with ChatML special
+tokens and a small seeded recurrent network whose hidden state is its "KV cache":
+each stream advances by feeding only the new token, so a stream that was opened on
+a long prompt and one that re-read everything agree exactly (tested), the way a
+real cached model must. Two seeds give a cloud and a device model that share the
+tokenizer. A closed group refuses to run, so a use-after-free shows up as an error
+instead of silently stale logits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from typing import Sequence
+
+import numpy as np
+
+from costeer.backends.base import ChatMessage, LanguageModel, StreamGroup, check_window
+
+SPECIALS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
+IM_START, IM_END, END_OF_TEXT = 256, 257, 258
+# Extra ids: multi-byte tokens, so a text has two tokenizations (as with BPE) and
+# the vocabulary holds several ids that print alike (byte fragments do too).
+EXTRA = (b"the", b" the", b"ing", b" a", b"\xe2\x80", b"\xe2\x80\x99", b"ab", b"ab")
+VOCAB_SIZE = 256 + len(SPECIALS) + len(EXTRA)
+HIDDEN = 24
+
+
+class ClosedGroupError(RuntimeError):
+    """A stream group used after close(): in llama.cpp this would be freed memory."""
+
+
+class NumpyModel(LanguageModel):
+    def __init__(self, seed: int, name: str | None = None, context_window: int = 4096, sharpness: float = 6.0) -> None:
+        rng = np.random.default_rng(seed)
+        self.name = name or f"numpy-rnn-{seed}"
+        self.vocab_size = VOCAB_SIZE
+        self.context_window = context_window
+        self.eos_token_ids = frozenset({IM_END, END_OF_TEXT})
+        self._embed = rng.standard_normal((VOCAB_SIZE, HIDDEN)).astype(np.float32)
+        self._recur = (rng.standard_normal((HIDDEN, HIDDEN)) / np.sqrt(HIDDEN)).astype(np.float32)
+        self._out = (rng.standard_normal((HIDDEN, VOCAB_SIZE)) * sharpness / np.sqrt(HIDDEN)).astype(np.float32)
+        self._pieces = [bytes([i]) for i in range(256)] + [s.encode() for s in SPECIALS] + list(EXTRA)
+        self.forward_passes = 0  # counts advance() calls over every group, for tests of work done
+        self._lock = threading.Lock()
+
+    # --- tokenizer -------------------------------------------------------------------
+    def tokenize(self, text: str) -> list[int]:
+        ids: list[int] = []
+        rest = text
+        while rest:
+            cut = min(((rest.find(s), s) for s in SPECIALS if s in rest), default=None)
+            plain, special = (rest, None) if cut is None else (rest[: cut[0]], cut[1])
+            ids.extend(plain.encode("utf-8"))
+            if special is None:
+                break
+            ids.append(256 + SPECIALS.index(special))
+            rest = rest[cut[0] + len(special):]
+        return ids
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self._pieces[token_id]
+
+    def render_chat(self, messages: Sequence[ChatMessage]) -> str:
+        turns = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+        return turns + "<|im_start|>assistant\n"
+
+    # --- the network -----------------------------------------------------------------
+    def step_state(self, state: np.ndarray, token: int) -> np.ndarray:
+        return np.tanh(self._recur @ state + self._embed[token])
+
+    def state_logits(self, state: np.ndarray) -> np.ndarray:
+        return (state @ self._out).astype(np.float32)
+
+    def logits_after(self, tokens: Sequence[int]) -> np.ndarray:
+        """Logits after reading `tokens` from scratch (no cache): the reference."""
+        state = np.zeros(HIDDEN, dtype=np.float32)
+        for t in tokens:
+            state = self.step_state(state, t)
+        return self.state_logits(state)
+
+    def open_streams(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> StreamGroup:
+        return NumpyStreams(self, prompts, max_new_tokens)
+
+
+class NumpyStreams(StreamGroup):
+    def __init__(self, model: NumpyModel, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+        self._model = model
+        self._prompt_lengths = [len(p) for p in prompts]
+        for p in prompts:
+            if not p:
+                raise ValueError("empty prompt")
+            check_window(model.name, model.context_window, len(p), max_new_tokens)
+            if any(not 0 <= t < model.vocab_size for t in p):
+                raise ValueError("token id out of range")
+        self._states = []
+        for p in prompts:
+            state = np.zeros(HIDDEN, dtype=np.float32)
+            for t in p:
+                state = model.step_state(state, int(t))
+            self._states.append(state)
+        self._closed = False
+
+    def logits(self) -> np.ndarray:
+        if self._closed:
+            raise ClosedGroupError("stream group used after close")
+        return np.stack([self._model.state_logits(s) for s in self._states])
+
+    def advance(self, token_id: int) -> None:
+        if self._closed:
+            raise ClosedGroupError("stream group used after close")
+        self._states = [self._model.step_state(s, int(token_id)) for s in self._states]
+        with self._model._lock:
+            self._model.forward_passes += 1
+
+    def close(self) -> None:
+        self._closed = True
+        self._states = []
+
+
+def cloud_and_device(cloud_seed: int = 1, device_seed: int = 2) -> tuple[NumpyModel, NumpyModel]:
+    return NumpyModel(cloud_seed, "numpy-cloud"), NumpyModel(device_seed, "numpy-device")
+
+
+def digest(values: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(values).tobytes()).hexdigest()
