@@ -112,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--session-ttl", type=_positive_int, default=limits.session_ttl_s, help="seconds an idle session lives")
     srv.add_argument("--max-prompt-tokens", type=_positive_int, default=limits.max_prompt_tokens)
     srv.add_argument("--max-new-tokens", type=_positive_int, default=limits.max_new_tokens)
+    srv.add_argument("--max-kv-tokens", type=_positive_int, default=limits.max_kv_tokens,
+                     help="KV cache tokens all sessions may reserve together, prompt plus max_new_tokens each "
+                          "(the default model keeps 28 KiB a token)")
 
     models = sub.add_parser("models", help="assemble and verify the default models, print their paths")
     models.add_argument("--quiet", action="store_true")
@@ -176,7 +179,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .transport.server import serve
 
     model = load_model(args.llm or ensure_model(DEFAULT_LLM), args.backend)
-    limits = ServerLimits(args.max_sessions, args.session_ttl, args.max_prompt_tokens, args.max_new_tokens)
+    limits = ServerLimits(max_sessions=args.max_sessions, session_ttl_s=args.session_ttl, max_prompt_tokens=args.max_prompt_tokens,
+                          max_new_tokens=args.max_new_tokens, max_kv_tokens=args.max_kv_tokens)
     keys = args.api_key or [k for k in os.environ.get("COSTEER_API_KEY", "").split(",") if k]
     print(f"costeer: serving {model.name} on http://{args.host}:{args.port} "
           f"({'API key required' if keys else 'no API key'}); schema at /openapi.json", file=sys.stderr)

@@ -1,66 +1,111 @@
 """`costeer serve`: the cloud model behind an HTTP API (FastAPI + uvicorn).
 
 Each session holds one KV-cached stream of the cloud model on the public prompt.
-Idle sessions expire; the number of sessions, prompt size and tokens are capped;
-every refusal is a 4xx JSON body naming the problem.
+Idle sessions expire; the number of sessions, the KV cells they hold together,
+prompt size and tokens are capped; every refusal is a 4xx JSON body naming the
+problem, and an unexpected failure a 500 body that names nothing private.
+
+Lifecycle: an open reserves its slot and KV cells before the prefill; a session's
+streams are closed (by DELETE, expiry, a failed step or shutdown) only while
+holding its lock, and a step holding that lock answers 404 once it is closed, so
+no request ever runs on freed model state.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hmac
+import logging
+import math
 import secrets
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import AsyncIterator, Iterator, Sequence
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from ..backends.base import LanguageModel, StreamGroup
-from ..distribution import LocalNextToken
+from ..distribution import NextToken
 from ..errors import UserError
 from .limits import ServerLimits
 from .protocol import API_PREFIX, FLOATS, IDS, Distribution, ErrorBody, ModelInfo, OpenSession, SessionOpened, Step, encode_array
 
 
+log = logging.getLogger(__name__)
+
+
 class ApiError(Exception):
-    def __init__(self, status: int, kind: str, message: str) -> None:
+    def __init__(self, status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
-        self.status, self.kind, self.message = status, kind, message
+        self.status, self.kind, self.message, self.headers = status, kind, message, headers
+
+
+def _unknown_session() -> ApiError:
+    return ApiError(404, "unknown_session", "no such session (closed, expired, or never opened)")
 
 
 @dataclass
 class _Session:
+    id: str
     key: str | None
     group: StreamGroup
     prompt_tokens: int
     budget: int  # tokens the session may still append
     position: int
+    kv_tokens: int  # KV cells reserved for it: prompt plus max_new_tokens
     last_used: float = field(default_factory=time.monotonic)
+    active: int = 0  # requests using it now (guarded by sessions_lock): a session in use is not idle
+    closed: bool = False  # set, with the group closed, only while holding `lock`
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def _distribution(group: StreamGroup, position: int, top_k: int | None, vocab_size: int) -> Distribution:
-    view = LocalNextToken(group.logits()[0])
-    if top_k is None or top_k >= vocab_size:
-        logits, lse = view.full()
-        return Distribution(position=position, lse=lse, full_logits_b64=encode_array(logits, FLOATS))
-    ids, logits, lse = view.top(top_k)
-    return Distribution(position=position, lse=lse, top_ids_b64=encode_array(ids, IDS), top_logits_b64=encode_array(logits, FLOATS))
+@dataclass
+class _Usage:
+    """What open sessions and opens still prefilling hold (guarded by sessions_lock)."""
+
+    sessions: int = 0
+    kv_tokens: int = 0
+
+
+def distribution_reply(view: NextToken, position: int, top_k: int | None) -> Distribution:
+    """The protocol's encoding of a next-token distribution: its top-k, or all of it."""
+    if top_k is None or top_k >= view.vocab_size:
+        return Distribution(position=position, lse=view.lse, full_logits_b64=encode_array(view.logits, FLOATS))
+    ids, logits = view.top(top_k)
+    return Distribution(position=position, lse=view.lse, top_ids_b64=encode_array(ids, IDS),
+                        top_logits_b64=encode_array(logits, FLOATS))
+
+
+def _distribution(group: StreamGroup, position: int, top_k: int | None) -> Distribution:
+    return distribution_reply(NextToken.local(group.logits()[0]), position, top_k)
 
 
 def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: ServerLimits = ServerLimits()) -> FastAPI:
     """`api_keys` empty: open to anyone who can connect (bind to loopback then)."""
+    sessions: dict[str, _Session] = {}
+    usage = _Usage()
+    # Lock order: a session's lock, then compute_lock, then sessions_lock; never the reverse.
+    sessions_lock = threading.Lock()
+    compute_lock = threading.Lock()  # one forward pass at a time: they share the cores
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        # free every KV cache while the model is still loaded (not in arbitrary order at exit)
+        with sessions_lock:
+            remaining = list(sessions.values())
+        for session in remaining:
+            retire(session)
+
     app = FastAPI(
         title="costeer cloud",
         version="1",
         description="Hosts the cloud LLM for CoSteer. It sees the public prompt and the chosen tokens only.",
+        lifespan=lifespan,
     )
-    sessions: dict[str, _Session] = {}
-    sessions_lock = threading.Lock()
-    compute_lock = threading.Lock()  # one forward pass at a time: they share the cores
     info = ModelInfo(
         name=model.name,
         vocab_size=model.vocab_size,
@@ -72,7 +117,13 @@ def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: Serve
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(status_code=exc.status, content=ErrorBody(error=exc.kind, message=exc.message).model_dump())
+        return JSONResponse(status_code=exc.status, content=ErrorBody(error=exc.kind, message=exc.message).model_dump(),
+                            headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        # the details go to the server's log only: an exception's text may quote a prompt or a path
+        return JSONResponse(status_code=500, content=ErrorBody(error="internal_error", message="the server failed on this request").model_dump())
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -93,22 +144,79 @@ def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: Serve
             raise ApiError(401, "unauthorized", "a valid API key is required (Authorization: Bearer KEY)")
         return matches[0]
 
+    def close_locked(session: _Session) -> bool:
+        """Close the session's streams and free its reservation; the caller holds session.lock.
+        False when it was already closed."""
+        if session.closed:
+            return False
+        session.closed = True
+        try:
+            session.group.close()
+        finally:
+            with sessions_lock:
+                if sessions.get(session.id) is session:
+                    del sessions[session.id]
+                usage.sessions -= 1
+                usage.kv_tokens -= session.kv_tokens
+        return True
+
+    def retire(session: _Session) -> bool:
+        with session.lock:  # waits for a step that is computing on it
+            return close_locked(session)
+
     def expire_idle() -> None:
         now = time.monotonic()
         with sessions_lock:
-            stale = [sid for sid, s in sessions.items() if now - s.last_used > limits.session_ttl_s]
-            for sid in stale:
-                sessions.pop(sid).group.close()
+            expired = [s for s in sessions.values() if s.active == 0 and now - s.last_used > limits.session_ttl_s]
+            for s in expired:
+                del sessions[s.id]  # no request can find it from here on
+        for s in expired:
+            retire(s)
 
-    def session_for(session_id: str, key: str | None) -> _Session:
+    @contextlib.contextmanager
+    def using(session_id: str, key: str | None) -> Iterator[_Session]:
+        """The caller's session, marked in use (so it does not expire) for the request's duration."""
         expire_idle()
         with sessions_lock:
             session = sessions.get(session_id)
-        # another key's session is reported as unknown: its existence is not disclosed
-        if session is None or (session.key is not None and not hmac.compare_digest(session.key, key or "")):
-            raise ApiError(404, "unknown_session", "no such session (closed, expired, or never opened)")
-        session.last_used = time.monotonic()
-        return session
+            # another key's session is reported as unknown: its existence is not disclosed
+            if session is None or (session.key is not None and not hmac.compare_digest(session.key, key or "")):
+                raise _unknown_session()
+            session.active += 1
+        try:
+            yield session
+        finally:
+            with sessions_lock:
+                session.active -= 1
+                session.last_used = time.monotonic()
+
+    def retry_after_s(kv_needed: int) -> str:
+        """Seconds until enough idle sessions expire to admit an open of kv_needed cells (a hint)."""
+        now = time.monotonic()
+        free_slots = limits.max_sessions - usage.sessions
+        free_kv = limits.max_kv_tokens - usage.kv_tokens
+        for s in sorted((s for s in sessions.values() if s.active == 0), key=lambda s: s.last_used):
+            free_slots, free_kv = free_slots + 1, free_kv + s.kv_tokens
+            if free_slots >= 1 and free_kv >= kv_needed:
+                return str(max(1, math.ceil(s.last_used + limits.session_ttl_s - now)))
+        return str(max(1, limits.session_ttl_s))  # held by sessions in use or still opening
+
+    def reserve(kv_needed: int) -> None:
+        """Take a slot and kv_needed KV cells, or refuse with 429; atomic, so concurrent opens cannot overshoot."""
+        with sessions_lock:
+            if usage.sessions >= limits.max_sessions:
+                raise ApiError(429, "too_many_sessions", f"the server holds its maximum of {limits.max_sessions} sessions; close one or retry later",
+                               {"Retry-After": retry_after_s(kv_needed)})
+            if usage.kv_tokens + kv_needed > limits.max_kv_tokens:
+                raise ApiError(429, "server_memory_full", f"the server's sessions hold {usage.kv_tokens} of its {limits.max_kv_tokens} KV tokens; "
+                               f"this session needs {kv_needed}; close one or retry later", {"Retry-After": retry_after_s(kv_needed)})
+            usage.sessions += 1
+            usage.kv_tokens += kv_needed
+
+    def release(kv_needed: int) -> None:
+        with sessions_lock:
+            usage.sessions -= 1
+            usage.kv_tokens -= kv_needed
 
     @app.get(f"{API_PREFIX}/model", response_model=ModelInfo)
     def model_info(key: str | None = Depends(caller_key)) -> ModelInfo:
@@ -119,9 +227,6 @@ def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: Serve
         expire_idle()
         if body.max_new_tokens > limits.max_new_tokens:
             raise ApiError(422, "too_many_new_tokens", f"max_new_tokens {body.max_new_tokens} exceeds the server's limit of {limits.max_new_tokens}")
-        with sessions_lock:
-            if len(sessions) >= limits.max_sessions:
-                raise ApiError(429, "too_many_sessions", f"the server holds its maximum of {limits.max_sessions} sessions; close one or retry later")
         chars = sum(len(m.content) for m in body.messages)
         if chars > 16 * limits.max_prompt_tokens:  # refuse before spending time tokenizing
             raise ApiError(413, "prompt_too_large", f"prompt of {chars} characters exceeds the server's limit of {limits.max_prompt_tokens} tokens")
@@ -133,43 +238,64 @@ def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: Serve
             raise ApiError(413, "prompt_too_large", f"prompt of {len(ids)} tokens exceeds the server's limit of {limits.max_prompt_tokens}")
         if len(ids) + body.max_new_tokens > model.context_window:
             raise ApiError(413, "prompt_too_large", f"prompt of {len(ids)} tokens plus {body.max_new_tokens} new tokens exceeds the model's window of {model.context_window}")
-        with compute_lock:
-            group = model.open_streams([ids], body.max_new_tokens)
-            first = _distribution(group, len(ids), body.top_k, model.vocab_size)
-        session_id = secrets.token_urlsafe(16)
-        with sessions_lock:
-            sessions[session_id] = _Session(key, group, len(ids), body.max_new_tokens, len(ids))
-        return SessionOpened(session_id=session_id, prompt_tokens=len(ids), distribution=first)
+        kv_needed = len(ids) + body.max_new_tokens
+        if kv_needed > limits.max_kv_tokens:  # could never be admitted: not worth a retry
+            raise ApiError(413, "prompt_too_large", f"prompt of {len(ids)} tokens plus {body.max_new_tokens} new tokens exceeds the server's KV budget of {limits.max_kv_tokens}")
+        reserve(kv_needed)
+        session: _Session | None = None
+        try:
+            with compute_lock:
+                group = model.open_streams([ids], body.max_new_tokens)
+                try:
+                    first = _distribution(group, len(ids), body.top_k)
+                except BaseException:
+                    group.close()
+                    raise
+            session = _Session(secrets.token_urlsafe(16), key, group, len(ids), body.max_new_tokens, len(ids), kv_needed)
+            with sessions_lock:
+                sessions[session.id] = session
+        finally:
+            if session is None:  # the prefill failed: give the reservation back
+                release(kv_needed)
+        return SessionOpened(session_id=session.id, prompt_tokens=len(ids), distribution=first)
 
     @app.post(f"{API_PREFIX}/sessions/{{session_id}}/step", response_model=Distribution, responses={404: {"model": ErrorBody}, 422: {"model": ErrorBody}})
     def step(session_id: str, body: Step, key: str | None = Depends(caller_key)) -> Distribution:
-        session = session_for(session_id, key)
-        if len(body.tokens) > limits.max_tokens_per_step:
-            raise ApiError(422, "too_many_tokens", f"{len(body.tokens)} tokens in one step exceed the limit of {limits.max_tokens_per_step}")
-        bad = [t for t in body.tokens if not 0 <= t < model.vocab_size]
-        if bad:
-            raise ApiError(422, "token_out_of_range", f"token id {bad[0]} is outside the vocabulary [0, {model.vocab_size})")
-        with session.lock:
-            if len(body.tokens) > session.budget:
-                raise ApiError(422, "session_budget_exhausted", f"the session may append {session.budget} more tokens, not {len(body.tokens)}")
-            with compute_lock:
-                for token in body.tokens:
-                    session.group.advance(token)
-                    session.position += 1
-                    session.budget -= 1
-                return _distribution(session.group, session.position, body.top_k, model.vocab_size)
+        with using(session_id, key) as session:
+            if len(body.tokens) > limits.max_tokens_per_step:
+                raise ApiError(422, "too_many_tokens", f"{len(body.tokens)} tokens in one step exceed the limit of {limits.max_tokens_per_step}")
+            bad = [t for t in body.tokens if not 0 <= t < model.vocab_size]
+            if bad:
+                raise ApiError(422, "token_out_of_range", f"token id {bad[0]} is outside the vocabulary [0, {model.vocab_size})")
+            with session.lock:
+                if session.closed:  # deleted or expired while this request waited for the lock
+                    raise _unknown_session()
+                if len(body.tokens) > session.budget:
+                    raise ApiError(422, "session_budget_exhausted", f"the session may append {session.budget} more tokens, not {len(body.tokens)}")
+                try:
+                    with compute_lock:
+                        for token in body.tokens:
+                            session.group.advance(token)
+                            session.position += 1
+                            session.budget -= 1
+                        return _distribution(session.group, session.position, body.top_k)
+                except Exception:
+                    # some tokens may have been appended: a session in an unknown state is closed, not served
+                    log.exception("step failed; session closed")
+                    close_locked(session)
+                    raise ApiError(500, "internal_error", "the step failed on the server; the session is closed") from None
 
     @app.delete(f"{API_PREFIX}/sessions/{{session_id}}", status_code=204, responses={404: {"model": ErrorBody}})
     def close_session(session_id: str, key: str | None = Depends(caller_key)) -> None:
-        session = session_for(session_id, key)
-        with sessions_lock:
-            sessions.pop(session_id, None)
-        with session.lock:
-            session.group.close()
+        with using(session_id, key) as session:
+            if not retire(session):  # a concurrent DELETE (or a failed step) closed it first
+                raise _unknown_session()
 
     @app.get("/healthz")
     def health() -> dict[str, object]:
-        return {"ok": True, "sessions": len(sessions)}
+        with sessions_lock:
+            return {"ok": True, "sessions": len(sessions), "kv_tokens": usage.kv_tokens,
+                    "max_sessions": limits.max_sessions, "max_kv_tokens": limits.max_kv_tokens}
 
     return app
 
