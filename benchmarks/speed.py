@@ -20,13 +20,13 @@ Variants:
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
 
 from costeer import CoSteer, SteeringParams
 from costeer.decoding import decode
+from costeer.evaluation.datasets import load_cogenesis
 from costeer.methods import CoSteerPolicy, StreamSpec
 from costeer.prompts import build_prompts
 from costeer.sampling import SamplingConfig, TokenPicker
@@ -44,14 +44,7 @@ class PaperStylePolicy(CoSteerPolicy):
 def load_tasks(n: int) -> list[tuple[list, list]]:
     """(public messages, private messages) pairs."""
     if (DATA / "ctx_dev.json").is_file():
-        with_ctx = json.loads((DATA / "ctx_dev.json").read_text())
-        without = json.loads((DATA / "ctx_dev_wo.json").read_text())
-        system = {"role": "system", "content": "You are a helpful assistant."}
-        return [
-            ([system, {"role": "user", "content": wo["conversations"][0]["value"]}],
-             [system, {"role": "user", "content": w["conversations"][0]["value"]}])
-            for w, wo in list(zip(with_ctx, without))[:n]
-        ]
+        return [(e.public, e.private) for e in load_cogenesis(DATA).examples[:n]]
     pair = build_prompts("Write a two-sentence invitation to my birthday party.", EXAMPLE.read_text())
     return [(pair.public, pair.private)] * n
 

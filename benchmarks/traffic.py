@@ -18,61 +18,45 @@ loopback and prints the measured bytes next to the replayed ones.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from costeer import CoSteer
-from costeer.certified import CertificationStats, fuse_with_partial_cloud
-from costeer.distribution import LocalNextToken, NextToken
+from costeer import CoSteer, SteeringParams
+from costeer.certified import AskFor, CertificationStats, certify
+from costeer.distribution import NextToken
+from costeer.evaluation.datasets import load_cogenesis
 from costeer.methods import DEFAULT_TOP_K, PLAUSIBLE_K, CoSteerPolicy, PlausibleCoSteer
-from costeer.transport.protocol import FLOATS, IDS, Distribution, Step, encode_array
+from costeer.sampling import SamplingConfig
+from costeer.transport.protocol import Step
+from costeer.transport.server import distribution_reply
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cogenesis"
+GREEDY = SamplingConfig()
 
 
-def reply_bytes(logits: np.ndarray, k: int | None) -> int:
-    view = LocalNextToken(logits)
-    if k is None or k >= logits.shape[-1]:
-        full, lse = view.full()
-        body = Distribution(position=0, lse=lse, full_logits_b64=encode_array(full, FLOATS))
-    else:
-        ids, vals, lse = view.top(k)
-        body = Distribution(position=0, lse=lse, top_ids_b64=encode_array(ids, IDS), top_logits_b64=encode_array(vals, FLOATS))
-    return len(body.model_dump_json(exclude_none=False))
+def reply_bytes(view: NextToken, k: int | None) -> int:
+    return len(distribution_reply(view, 0, k).model_dump_json(exclude_none=False))
 
 
 def request_bytes(tokens: list[int], k: int | None) -> int:
-    return len(json.dumps(Step(tokens=tokens, top_k=k).model_dump()))
+    return len(Step(tokens=tokens, top_k=k).model_dump_json())
 
 
-class Replay(NextToken):
-    """A local distribution that records which k the certifier asks for."""
-
-    local = False
-    max_k = None
-
-    def __init__(self, logits: np.ndarray) -> None:
-        self._local = LocalNextToken(logits)
-        self.vocab_size = self._local.vocab_size
-        self.asked: list[int | None] = []
-
-    def top(self, k: int):
-        self.asked.append(k)
-        return self._local.top(k)
-
-    def full(self):
-        self.asked.append(None)
-        return self._local.full()
+def cloud_view(full: NextToken, k: int | None) -> NextToken:
+    """What `costeer serve` sends when asked for k values (None: all)."""
+    if k is None or k >= full.vocab_size:
+        return full
+    ids, logits = full.top(k)
+    return NextToken(logits, full.lse, full.vocab_size, ids=ids, can_widen=True)
 
 
 class MeasuringCoSteer(CoSteerPolicy):
-    def __init__(self, ks: list[int]) -> None:
-        from costeer import SteeringParams
+    """Exact CoSteer that, at every step, replays the certified protocol for each first k."""
 
+    def __init__(self, ks: list[int]) -> None:
         super().__init__("costeer", SteeringParams())
         self.ks = ks
         self.stats = {k: CertificationStats() for k in ks}
@@ -82,35 +66,32 @@ class MeasuringCoSteer(CoSteerPolicy):
         self.plausible_bytes: list[int] = []
         self._last_token = 0
 
-    def scores(self, dists, greedy):
+    def decide(self, dists, sampling):
         cloud, with_ctx, without_ctx = dists
-        exact = super().scores(dists, greedy)  # local cloud: the full-vocabulary closed form
-        choice = int(np.argmax(exact))
-        logits = cloud.logits
+        exact = super().decide(dists, sampling)  # local cloud: the full-vocabulary closed form
+        choice = int(np.argmax(exact.scores))
         steer = self.steering(with_ctx.logits, without_ctx.logits)
         for k in self.ks:
-            replay = Replay(logits)
-            scores = fuse_with_partial_cloud(replay, steer, k, True, self.stats[k])
-            assert int(np.argmax(scores)) == choice, "certified top-k must equal full-vocabulary CoSteer"
-            total = request_bytes([self._last_token], k) + reply_bytes(logits, k)
-            for asked in replay.asked[1:]:  # escalations: same position, more tokens
-                total += request_bytes([], asked if asked and asked < len(logits) else None)
-                total += reply_bytes(logits, asked)
+            asked: list[int | None] = []
+            total = request_bytes([self._last_token], k) + reply_bytes(cloud, k)
+            decision = certify(cloud_view(cloud, k), steer, GREEDY)
+            while isinstance(decision, AskFor):  # escalations: same position, more values
+                asked.append(decision.k)
+                total += request_bytes([], decision.k) + reply_bytes(cloud, decision.k)
+                decision = certify(cloud_view(cloud, decision.k), steer, GREEDY)
+            if int(np.argmax(decision.scores)) != choice:
+                raise SystemExit(f"certified top-k (first k {k}) chose differently from full-vocabulary CoSteer")
+            self.stats[k].record(decision, asked)
             self.step_bytes[k].append(total)
-        plausible_choice = int(np.argmax(self.plausible.scores(dists, greedy)))
-        self.plausible_agree.append(plausible_choice == choice)
-        self.plausible_bytes.append(request_bytes([self._last_token], PLAUSIBLE_K) + reply_bytes(logits, PLAUSIBLE_K))
+        plausible = self.plausible.decide([cloud_view(cloud, PLAUSIBLE_K), with_ctx, without_ctx], sampling)
+        self.plausible_agree.append(int(np.argmax(plausible.scores)) == choice)
+        self.plausible_bytes.append(request_bytes([self._last_token], PLAUSIBLE_K) + reply_bytes(cloud, PLAUSIBLE_K))
         self._last_token = choice
         return exact
 
 
-def load_pairs(n: int):
-    with_ctx = json.loads((DATA / "ctx_dev.json").read_text())
-    without = json.loads((DATA / "ctx_dev_wo.json").read_text())
-    system = {"role": "system", "content": "You are a helpful assistant."}
-    return [([system, {"role": "user", "content": wo["conversations"][0]["value"]}],
-             [system, {"role": "user", "content": w["conversations"][0]["value"]}])
-            for w, wo in list(zip(with_ctx, without))[:n]]
+def load_pairs(n: int) -> list[tuple[list, list]]:
+    return [(e.public, e.private) for e in load_cogenesis(DATA).examples[:n]]
 
 
 def main() -> int:
@@ -143,7 +124,7 @@ def main() -> int:
         esc = ", ".join(f"{size}: {n}" for size, n in s.as_dict()["escalations"].items()) or "none"
         print(f"| {k} | {s.certified_first / s.steps:.1%} | {statistics.median(policy.step_bytes[k]):,.0f} | "
               f"{statistics.mean(policy.step_bytes[k]):,.0f} | {esc} |")
-    full = reply_bytes(np.zeros(llm.vocab_size, dtype=np.float32), None) + request_bytes([0], None)
+    full = reply_bytes(NextToken.local(np.zeros(llm.vocab_size, dtype=np.float32)), None) + request_bytes([0], None)
     print(f"| full vector every step | 100% | {full:,} | {full:,} | - |")
     agree = np.mean(policy.plausible_agree)
     pb = statistics.mean(policy.plausible_bytes)

@@ -30,6 +30,17 @@ def device(cloud_url, tmp_path_factory):
     cs.close()
 
 
+@pytest.fixture(scope="module")
+def fake_cloud_url():
+    """The same server app on the seeded NumPy model: protocol tests need no real model."""
+    from costeer.transport.server import create_app
+    from fakes import NumpyModel
+    from servers import app_in_thread
+
+    with app_in_thread(create_app(NumpyModel(1), api_keys=[KEY, OTHER_KEY])) as url:
+        yield url
+
+
 def wire_records(path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
@@ -88,9 +99,11 @@ def test_simulated_rtt_delays_every_round_trip_and_changes_nothing_else(cloud_ur
     slow.close()
 
 
-def test_server_refuses_bad_input_with_json_and_keeps_serving(cloud_url):
+def test_server_refuses_bad_input_with_json_and_keeps_serving(fake_cloud_url):
+    from fakes import VOCAB_SIZE
+
     auth = {"Authorization": f"Bearer {KEY}"}
-    with httpx.Client(base_url=cloud_url, timeout=120) as http:
+    with httpx.Client(base_url=fake_cloud_url, timeout=120) as http:
         def check(response, status, kind):
             assert response.status_code == status, response.text
             assert response.json()["error"] == kind and response.json()["message"]
@@ -113,20 +126,20 @@ def test_server_refuses_bad_input_with_json_and_keeps_serving(cloud_url):
         assert opened.status_code == 200, opened.text
         sid = opened.json()["session_id"]
         step = f"/v1/sessions/{sid}/step"
-        check(http.post(step, json={"tokens": [151_936]}, headers=auth), 422, "token_out_of_range")
+        check(http.post(step, json={"tokens": [VOCAB_SIZE]}, headers=auth), 422, "token_out_of_range")
         check(http.post(step, json={"tokens": [-1]}, headers=auth), 422, "token_out_of_range")
         # a session is bound to the key that opened it: another valid key cannot see it
-        check(http.post(step, json={"tokens": [9707]}, headers={"Authorization": f"Bearer {OTHER_KEY}"}), 404, "unknown_session")
-        check(http.post(step, json={"tokens": [9707, 11, 12]}, headers=auth), 422, "session_budget_exhausted")
-        ok = http.post(step, json={"tokens": [9707], "top_k": 3}, headers=auth)
+        check(http.post(step, json={"tokens": [104]}, headers={"Authorization": f"Bearer {OTHER_KEY}"}), 404, "unknown_session")
+        check(http.post(step, json={"tokens": [104, 11, 12]}, headers=auth), 422, "session_budget_exhausted")
+        ok = http.post(step, json={"tokens": [104], "top_k": 3}, headers=auth)
         assert ok.status_code == 200 and ok.json()["position"] == opened.json()["prompt_tokens"] + 1
         assert http.delete(f"/v1/sessions/{sid}", headers=auth).status_code == 204
         check(http.post(step, json={"tokens": []}, headers=auth), 404, "unknown_session")
-        assert http.get("/v1/model", headers=auth).json()["vocab_size"] == 151_936  # still serving
+        assert http.get("/v1/model", headers=auth).json()["vocab_size"] == VOCAB_SIZE  # still serving
 
 
-def test_openapi_schema_is_published(cloud_url):
-    schema = httpx.get(cloud_url + "/openapi.json", timeout=30).json()
+def test_openapi_schema_is_published(fake_cloud_url):
+    schema = httpx.get(fake_cloud_url + "/openapi.json", timeout=30).json()
     assert {"/v1/model", "/v1/sessions", "/v1/sessions/{session_id}/step", "/v1/sessions/{session_id}"} <= set(schema["paths"])
 
 

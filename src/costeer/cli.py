@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     cloud.add_argument("--api-key", default=None, help="the server's key (default: $COSTEER_API_KEY)")
     cloud.add_argument("--wire-log", metavar="FILE", help="append every message to and from the cloud as JSON lines")
     cloud.add_argument("--simulate-rtt", metavar="MS", type=_finite_float, default=0.0, help="add this network round-trip time")
+    cloud.add_argument("--send-private-context-to-cloud", action="store_true",
+                       help="let methods that give the cloud model the private context (llm-context) send it to a "
+                            "remote cloud; refused without this flag")
     cloud.add_argument("--cloud-top-k", type=_positive_int, default=DEFAULT_TOP_K,
                        help=f"first k asked of the cloud each step (default {DEFAULT_TOP_K}); escalates when not certified")
     _add_model_args(gen)
@@ -145,7 +148,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     cs = CoSteer(args.llm, args.slm, backend=args.backend, cloud=args.cloud,
                  api_key=args.api_key or os.environ.get("COSTEER_API_KEY"), wire_log=args.wire_log,
                  simulate_rtt_ms=args.simulate_rtt, cloud_top_k=args.cloud_top_k,
-                 cloud_model=args.cloud_model, cloud_max_k=args.cloud_max_k)
+                 cloud_model=args.cloud_model, cloud_max_k=args.cloud_max_k,
+                 send_private_context_to_cloud=args.send_private_context_to_cloud)
     stream = None if args.json else (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
     g = cs.generate(
         args.prompt,
