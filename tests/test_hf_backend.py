@@ -32,18 +32,6 @@ def test_backend_loads_a_folder_and_reports_its_vocabulary(tiny_pair):
     assert model.eos_token_ids == {model.tokenize("<|im_end|>")[0]}
 
 
-def test_kv_cache_steps_equal_a_full_forward(tiny_pair):
-    model = load_model(tiny_pair[1])
-    prompt = model.tokenize("I live in Tromsø")
-    more = model.tokenize(" and I love ice sculpting")
-    with model.open_streams([prompt], 16) as stepped:
-        for t in more:
-            stepped.advance(t)
-        stepped_logits = stepped.logits()[0].copy()
-    with model.open_streams([prompt + more], 16) as full:
-        np.testing.assert_allclose(stepped_logits, full.logits()[0], atol=1e-4)
-
-
 def test_costeer_on_hf_models_and_loop_equals_closed_form(tiny_pair):
     cs = CoSteer(*tiny_pair, quiet=True)
     closed = cs.generate("Write a note.", "I live in Tromsø.", max_new_tokens=12, fusion="closed")
