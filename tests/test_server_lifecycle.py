@@ -159,30 +159,21 @@ def run_race(url: str, model: HookedModel, n: int, admitted: int, body: dict) ->
         return [f.result() for f in futures]
 
 
-def test_concurrent_opens_cannot_pass_the_session_cap(model: HookedModel):
-    cap = 3
-    with app_in_thread(create_app(model, limits=ServerLimits(max_sessions=cap))) as url:
-        responses = run_race(url, model, 3 * cap, cap, open_body())
-        statuses = Counter(r.status_code for r in responses)
-        assert statuses == {200: cap, 429: 2 * cap}, statuses
-        for r in responses:
-            if r.status_code == 429:
-                assert_error(r, 429, "too_many_sessions")
-                assert_retry_after(r)
-        assert health(url)["sessions"] == cap
-
-
-def test_concurrent_opens_cannot_pass_the_kv_budget(model: HookedModel):
+@pytest.mark.parametrize("kind", ["too_many_sessions", "server_memory_full"])
+def test_concurrent_opens_cannot_pass_a_cap(model: HookedModel, kind: str):
+    """Opens racing a slow prefill: exactly as many as fit the session cap (or the KV
+    budget) are admitted, the rest refused with 429 and Retry-After."""
     need = prompt_tokens(model) + 8
-    fit = 2
-    limits = ServerLimits(max_sessions=100, max_kv_tokens=fit * need + need - 1)
+    fit = 3 if kind == "too_many_sessions" else 2
+    limits = (ServerLimits(max_sessions=fit) if kind == "too_many_sessions"
+              else ServerLimits(max_sessions=100, max_kv_tokens=fit * need + need - 1))
     with app_in_thread(create_app(model, limits=limits)) as url:
         responses = run_race(url, model, 3 * fit, fit, open_body(8))
         statuses = Counter(r.status_code for r in responses)
         assert statuses == {200: fit, 429: 2 * fit}, statuses
         for r in responses:
             if r.status_code == 429:
-                assert_error(r, 429, "server_memory_full")
+                assert_error(r, 429, kind)
                 assert_retry_after(r)
         h = health(url)
         assert h["sessions"] == fit and h["kv_tokens"] == fit * need
