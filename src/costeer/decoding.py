@@ -11,11 +11,11 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .backends.base import LanguageModel, StreamGroup
-from .certified import AskFor, CertificationStats, Pick
+from .certified import CertificationStats, Pick
 from .cloud import CloudSession, RemoteCloud
 from .errors import UserError
 from .methods import Policy, Role
-from .sampling import TokenPicker
+from .sampling import SamplingConfig, TokenPicker
 
 # A step asks a remote cloud again at most this often: the ladder (k x16, then the
 # full vector) ends within 4 requests for any vocabulary below 2**20 tokens.
@@ -110,6 +110,36 @@ def _open(model: LanguageModel | RemoteCloud, prompts: list, max_new_tokens: int
     return model.open_streams(prompts, max_new_tokens)
 
 
+def _decide_step(
+    policy: Policy,
+    by_role: dict[Role, list[int]],
+    groups: dict[Role, StreamGroup | CloudSession],
+    sampling: SamplingConfig,
+    cloud: CloudSession | None,
+    certification: CertificationStats,
+) -> Pick:
+    """The policy's pick for this step, asking the cloud again at the same position
+    for as long as the policy says it must (a bounded number of times)."""
+    asked: list[int | None] = []
+    while True:
+        dists = [None] * len(policy.streams)
+        for role, indices in by_role.items():
+            for i, dist in zip(indices, groups[role].next_tokens()):
+                dists[i] = dist
+        decision = policy.decide(dists, sampling)
+        if isinstance(decision, Pick):
+            break
+        if cloud is None or len(asked) >= MAX_REQUESTS_PER_STEP:
+            raise RuntimeError(f"{policy.name} asked for more than the cloud can send ({asked})")
+        asked.append(decision.k)
+        cloud.widen(decision.k)
+    if cloud is not None and (asked or decision.certified is not None):
+        certification.record(decision, asked)
+    if not np.isfinite(decision.scores).any():
+        raise UserError(f"{policy.name}: the cloud sent nothing this method can choose from")
+    return decision
+
+
 def decode(
     policy: Policy,
     models: dict[Role, LanguageModel | RemoteCloud],
@@ -151,30 +181,9 @@ def decode(
         tokens: list[int] = []
         first_token_s = 0.0
         finish = "length"
-        remote = [g for g in groups.values() if isinstance(g, CloudSession)]
-
-        def decide() -> Pick:
-            asked: list[int | None] = []
-            while True:
-                dists = [None] * len(policy.streams)
-                for role, indices in by_role.items():
-                    for i, dist in zip(indices, groups[role].next_tokens()):
-                        dists[i] = dist
-                decision = policy.decide(dists, sampling)
-                if isinstance(decision, Pick):
-                    break
-                if not remote or len(asked) >= MAX_REQUESTS_PER_STEP:
-                    raise RuntimeError(f"{policy.name} asked for more than the cloud can send ({asked})")
-                asked.append(decision.k)
-                remote[0].widen(decision.k)
-            if remote and (asked or decision.certified is not None):
-                certification.record(decision, asked)
-            if not np.isfinite(decision.scores).any():
-                raise UserError(f"{policy.name}: the cloud sent nothing this method can choose from")
-            return decision
-
+        cloud = next((g for g in groups.values() if isinstance(g, CloudSession)), None)
         while len(tokens) < max_new_tokens:
-            token = picker.pick(decide().scores)
+            token = picker.pick(_decide_step(policy, by_role, groups, sampling, cloud, certification).scores)
             if not tokens:
                 first_token_s = time.perf_counter() - start
             if token in eos:
