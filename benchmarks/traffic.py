@@ -18,6 +18,7 @@ loopback and prints the measured bytes next to the replayed ones.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 from pathlib import Path
@@ -42,7 +43,7 @@ def reply_bytes(view: NextToken, k: int | None) -> int:
 
 
 def request_bytes(tokens: list[int], k: int | None) -> int:
-    return len(Step(tokens=tokens, top_k=k).model_dump_json())
+    return len(json.dumps(Step(tokens=tokens, top_k=k).model_dump()))  # as the device's WireClient encodes it
 
 
 def cloud_view(full: NextToken, k: int | None) -> NextToken:
