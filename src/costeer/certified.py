@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .distribution import NextToken, log_sum_exp
+from .distribution import NextToken, log_sum_exp, sparse_scores
 from .sampling import SamplingConfig
 
 # A certificate must hold by more than this many nats, so float rounding in the
@@ -145,8 +145,7 @@ def certify(
         return Pick(view.logits.astype(np.float64) + steer)
     ids = view.ids
     logits = view.logits.astype(np.float64)
-    scores = np.full(view.vocab_size, -np.inf)
-    scores[ids] = logits + steer[ids]  # same arithmetic as the embedded closed form
+    scores = sparse_scores(view.vocab_size, ids, logits + steer[ids])  # same arithmetic as the embedded closed form
     if len(ids) == 0:
         return AskFor(next_request(0, view.vocab_size)) if view.can_widen else Pick(scores, certified=False)
     outside = outside_bound(view, logits - view.lse)

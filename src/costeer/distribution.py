@@ -56,6 +56,13 @@ class NextToken:
         return self.ids[:k], self.logits[:k]
 
 
+def sparse_scores(vocab_size: int, ids: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Scores over the vocabulary: `values` at `ids`, -inf (never picked) elsewhere."""
+    scores = np.full(vocab_size, -np.inf)
+    scores[ids] = values
+    return scores
+
+
 def log_sum_exp(values: np.ndarray) -> float:
     z = np.asarray(values, dtype=np.float64)
     peak = float(z.max())

@@ -14,7 +14,7 @@ from typing import Callable, Literal
 import numpy as np
 
 from .certified import AskFor, Decision, Pick, certify
-from .distribution import NextToken
+from .distribution import NextToken, sparse_scores
 from .errors import UserError
 from .fusion import FUSION_DTYPE, SteeringParams, fuse_ftrl_loop, local_delta, log_softmax
 from .sampling import SamplingConfig
@@ -87,17 +87,8 @@ class SingleModel(Policy):
         if dist.complete:
             return Pick(self.next_logprobs([dist.logits]))
         if not sampling.greedy or not dist.exact_top or dist.known == 0:
-            return AskFor(None) if dist.can_widen else Pick(_known_scores(dist), certified=False)
-        ids, logits = dist.top(1)
-        scores = np.full(dist.vocab_size, -np.inf)
-        scores[ids] = logits
-        return Pick(scores)
-
-
-def _known_scores(dist: NextToken) -> np.ndarray:
-    scores = np.full(dist.vocab_size, -np.inf)
-    scores[dist.ids] = dist.logits
-    return scores
+            return AskFor(None) if dist.can_widen else Pick(sparse_scores(dist.vocab_size, dist.ids, dist.logits), certified=False)
+        return Pick(sparse_scores(dist.vocab_size, *dist.top(1)))
 
 
 class CoSteerPolicy(Policy):
@@ -157,13 +148,11 @@ class PlausibleCoSteer(CoSteerPolicy):
         if cloud.known < min(self.k, cloud.vocab_size) and cloud.can_widen:
             return AskFor(self.k)
         if cloud.known == 0:
-            return Pick(np.full(cloud.vocab_size, -np.inf), certified=False)
+            return Pick(sparse_scores(cloud.vocab_size, cloud.ids, cloud.logits), certified=False)
         ids, logits = cloud.top(self.k)
         keep = logits >= logits[0] + self.log_tau  # p_i >= tau * p_max; logits[0] is the max
         ids, logits = ids[keep], logits[keep].astype(FUSION_DTYPE)
-        scores = np.full(cloud.vocab_size, -np.inf)
-        scores[ids] = logits + self.steering(with_ctx.logits[ids], without_ctx.logits[ids])
-        return Pick(scores)
+        return Pick(sparse_scores(cloud.vocab_size, ids, logits + self.steering(with_ctx.logits[ids], without_ctx.logits[ids])))
 
 
 def _costeer(params: SteeringParams, fusion: Fusion, first_k: int) -> Policy:

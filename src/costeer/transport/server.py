@@ -27,7 +27,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from ..backends.base import LanguageModel, StreamGroup
+from ..backends.base import LanguageModel, StreamGroup, check_window
 from ..distribution import NextToken
 from ..errors import UserError
 from .limits import ServerLimits
@@ -156,8 +156,7 @@ def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: Serve
             with sessions_lock:
                 if sessions.get(session.id) is session:
                     del sessions[session.id]
-                usage.sessions -= 1
-                usage.kv_tokens -= session.kv_tokens
+            release(session.kv_tokens)
         return True
 
     def retire(session: _Session) -> bool:
@@ -236,8 +235,10 @@ def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: Serve
             raise ApiError(422, "invalid_messages", str(exc)) from None
         if len(ids) > limits.max_prompt_tokens:
             raise ApiError(413, "prompt_too_large", f"prompt of {len(ids)} tokens exceeds the server's limit of {limits.max_prompt_tokens}")
-        if len(ids) + body.max_new_tokens > model.context_window:
-            raise ApiError(413, "prompt_too_large", f"prompt of {len(ids)} tokens plus {body.max_new_tokens} new tokens exceeds the model's window of {model.context_window}")
+        try:
+            check_window(model.name, model.context_window, len(ids), body.max_new_tokens)
+        except UserError as exc:
+            raise ApiError(413, "prompt_too_large", str(exc)) from None
         kv_needed = len(ids) + body.max_new_tokens
         if kv_needed > limits.max_kv_tokens:  # could never be admitted: not worth a retry
             raise ApiError(413, "prompt_too_large", f"prompt of {len(ids)} tokens plus {body.max_new_tokens} new tokens exceeds the server's KV budget of {limits.max_kv_tokens}")
