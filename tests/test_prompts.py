@@ -3,7 +3,7 @@ import json
 import pytest
 
 from costeer import UserError, load_context
-from costeer.prompts import CONTEXT_INTRO, PAPER_SYSTEM_PROMPT, build_prompts
+from costeer.prompts import CONTEXT_INTRO, PAPER_SYSTEM_PROMPT, REQUEST_INTRO, build_prompts
 
 
 def test_public_prompt_holds_the_request_only_and_private_adds_the_context():
@@ -13,7 +13,7 @@ def test_public_prompt_holds_the_request_only_and_private_adds_the_context():
         {"role": "user", "content": "Plan my weekend."},
     ]
     assert pair.private[0] == pair.public[0]
-    assert pair.private[1]["content"] == f"Plan my weekend.\n\n{CONTEXT_INTRO}\n\nI live in Tromsø."
+    assert pair.private[1]["content"] == f"{CONTEXT_INTRO}\n\nI live in Tromsø.\n\n{REQUEST_INTRO}\nPlan my weekend."
     assert "Tromsø" not in json.dumps(pair.public, ensure_ascii=False)
 
 

@@ -1,18 +1,20 @@
 """Building the public (cloud) and private (device) chat prompts.
 
 The cloud sees only the public messages: the system prompt and the user's request.
-The device's "with context" stream sees the same request followed by the private
-context, inside the same user turn:
+The device's "with context" stream sees the private context first, then the same
+request, inside the same user turn:
 
     system: <system prompt>
-    user:   <the user's request>
-
-            For reference, here is some information about me:
+    user:   For reference, here is some information about me:
 
             <context: each file, then --context-text, separated by blank lines>
 
-Putting the request first and the context after it measured better on the example
-profile than a context-first layout, which made the device model copy the context.
+            My request:
+            <the user's request>
+
+Context first gives every request with the same context the same token prefix, so
+the device can reuse that prefix's prefill (`context_cache.py`); CoGenesis, the
+evaluation data, is laid out the same way (profile and history, then the task).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from .errors import UserError
 
 PAPER_SYSTEM_PROMPT = "You are a helpful assistant."
 CONTEXT_INTRO = "For reference, here is some information about me:"
+REQUEST_INTRO = "My request:"
 
 
 class PublicChat(list):
@@ -102,7 +105,7 @@ def json_to_text(value: object, indent: int = 0) -> str:
 def with_context(prompt: str, context: str) -> str:
     if not context:
         return prompt
-    return f"{prompt}\n\n{CONTEXT_INTRO}\n\n{context}"
+    return f"{CONTEXT_INTRO}\n\n{context}\n\n{REQUEST_INTRO}\n{prompt}"
 
 
 def build_prompts(prompt: str, context: str = "", system_prompt: str | None = PAPER_SYSTEM_PROMPT) -> PromptPair:
