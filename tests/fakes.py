@@ -18,6 +18,7 @@ from typing import Sequence
 import numpy as np
 
 from costeer.backends.base import ChatMessage, LanguageModel, StreamGroup, check_window
+from costeer.distribution import top_k
 
 SPECIALS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
 IM_START, IM_END, END_OF_TEXT = 256, 257, 258
@@ -33,6 +34,8 @@ class ClosedGroupError(RuntimeError):
 
 
 class NumpyModel(LanguageModel):
+    supports_lookahead = True
+
     def __init__(self, seed: int, name: str | None = None, context_window: int = 4096, sharpness: float = 6.0) -> None:
         rng = np.random.default_rng(seed)
         self.name = name or f"numpy-rnn-{seed}"
@@ -81,8 +84,12 @@ class NumpyModel(LanguageModel):
             state = self.step_state(state, t)
         return self.state_logits(state)
 
-    def open_streams(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> StreamGroup:
+    def open_streams(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, lookahead_nodes: int = 0) -> StreamGroup:
         return NumpyStreams(self, prompts, max_new_tokens)
+
+    def count_pass(self) -> None:
+        with self._lock:
+            self.forward_passes += 1
 
 
 class NumpyStreams(StreamGroup):
@@ -102,6 +109,8 @@ class NumpyStreams(StreamGroup):
                 state = model.step_state(state, int(t))
             self._states.append(state)
         self._closed = False
+        self._tree: dict[tuple[int, ...], np.ndarray] = {}  # path -> state, from the latest lookahead
+        self._walked: tuple[int, ...] = ()  # tokens advanced along the tree since
 
     def logits(self) -> np.ndarray:
         if self._closed:
@@ -111,9 +120,33 @@ class NumpyStreams(StreamGroup):
     def advance(self, token_id: int) -> None:
         if self._closed:
             raise ClosedGroupError("stream group used after close")
+        path = self._walked + (int(token_id),)
+        if path in self._tree:  # computed by the lookahead: no pass
+            self._states, self._walked = [self._tree[path]], path
+            return
+        self._tree, self._walked = {}, ()
         self._states = [self._model.step_state(s, int(token_id)) for s in self._states]
-        with self._model._lock:
-            self._model.forward_passes += 1
+        self._model.count_pass()
+
+    def lookahead(self, width: int, depth: int) -> list[tuple[tuple[int, ...], np.ndarray]]:
+        if self._closed:
+            raise ClosedGroupError("stream group used after close")
+        if len(self._states) != 1:
+            raise ValueError("lookahead needs a group of one stream")
+        self._tree, self._walked = {(): self._states[0]}, ()
+        nodes, frontier = [], [()]
+        for _ in range(depth):
+            self._model.count_pass()  # one batched pass per level
+            children = []
+            for path in frontier:
+                state = self._tree[path]
+                for token in top_k(self._model.state_logits(state), width)[0]:
+                    child = path + (int(token),)
+                    self._tree[child] = self._model.step_state(state, int(token))
+                    nodes.append((child, self._model.state_logits(self._tree[child])))
+                    children.append(child)
+            frontier = children
+        return nodes
 
     def close(self) -> None:
         self._closed = True

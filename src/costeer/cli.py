@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from .transport.protocol import MAX_LOOKAHEAD_NODES
 from .errors import UserError
 from .fusion import SteeringParams
 from .methods import DEFAULT_TOP_K, METHODS
@@ -27,6 +28,21 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
+
+
+def _lookahead(text: str) -> tuple[int, int]:
+    """D,M: a tree of depth D and width M."""
+    parts = text.split(",")
+    try:
+        depth, width = (int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected DEPTH,WIDTH such as 2,4, got {text!r}") from None
+    if not (1 <= depth <= 4 and 1 <= width <= 8):
+        raise argparse.ArgumentTypeError(f"depth must be 1..4 and width 1..8, got {text!r}")
+    if sum(width**d for d in range(1, depth + 1)) > MAX_LOOKAHEAD_NODES:
+        raise argparse.ArgumentTypeError(f"a tree of depth {depth} and width {width} has more than "
+                                         f"{MAX_LOOKAHEAD_NODES} nodes (the server's limit)")
+    return depth, width
 
 
 def _finite_float(text: str) -> float:
@@ -94,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "remote cloud; refused without this flag")
     cloud.add_argument("--cloud-top-k", type=_positive_int, default=DEFAULT_TOP_K,
                        help=f"first k asked of the cloud each step (default {DEFAULT_TOP_K}); escalates when not certified")
+    cloud.add_argument("--lookahead", metavar="D,M", type=_lookahead, default=None,
+                       help="with each step the cloud also sends its distributions after its own M likeliest "
+                            "tokens, D levels deep; the device walks them and sends several tokens per round "
+                            "trip (same output, fewer round trips; costeer serve only)")
     _add_model_args(gen)
     _add_decoding_args(gen)
 
@@ -148,7 +168,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     cs = CoSteer(args.llm, args.slm, backend=args.backend, cloud=args.cloud,
                  api_key=args.api_key or os.environ.get("COSTEER_API_KEY"), wire_log=args.wire_log,
                  simulate_rtt_ms=args.simulate_rtt, cloud_top_k=args.cloud_top_k,
-                 cloud_model=args.cloud_model, cloud_max_k=args.cloud_max_k,
+                 cloud_model=args.cloud_model, cloud_max_k=args.cloud_max_k, lookahead=args.lookahead,
                  send_private_context_to_cloud=args.send_private_context_to_cloud)
     stream = None if args.json else (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
     g = cs.generate(

@@ -72,13 +72,16 @@ class CoSteer:
         cloud_model: str | None = None,
         cloud_max_k: int | None = None,
         send_private_context_to_cloud: bool = False,
+        lookahead: tuple[int, int] | None = None,
     ):
         """`cloud`: where the cloud model runs instead of here: the URL of a `costeer serve`
         server, or `openai+URL` for any OpenAI-compatible completions server (then
         `cloud_model` names the model and `cloud_max_k` is the server's cap on logprobs).
         The device model (slm) stays local and alone reads the private context: methods
         that would give it to a remote cloud (`llm-context`) are refused unless
-        `send_private_context_to_cloud` is True."""
+        `send_private_context_to_cloud` is True. `lookahead=(D, M)` asks a `costeer serve`
+        cloud for a tree of its M likeliest continuations, D deep, with every step, so the
+        device sends several tokens per round trip with the same output."""
         if cloud and llm is not None:
             raise UserError("give either a cloud URL or a local cloud model (--llm), not both")
         if cloud_top_k < 1:
@@ -87,7 +90,9 @@ class CoSteer:
         self.backend = backend
         self.quiet = quiet
         self.cloud_top_k = cloud_top_k
-        self._cloud = (cloud, api_key, wire_log, simulate_rtt_ms, cloud_model, cloud_max_k) if cloud else None
+        if lookahead is not None and not cloud:
+            raise UserError("lookahead applies to a remote cloud (--cloud URL) only")
+        self._cloud = (cloud, api_key, wire_log, simulate_rtt_ms, cloud_model, cloud_max_k, lookahead) if cloud else None
         self.send_private_context_to_cloud = send_private_context_to_cloud
         self._tokenizers_checked = False
 
@@ -214,19 +219,23 @@ class CoSteer:
             slot.model = None
 
 
-def _connect_cloud(url, api_key, wire_log, simulate_rtt_ms, model_name, max_k, tokenizer: LanguageModel) -> RemoteCloud:
+def _connect_cloud(url, api_key, wire_log, simulate_rtt_ms, model_name, max_k, lookahead, tokenizer: LanguageModel) -> RemoteCloud:
     from .transport.client import ServedCloud
     from .transport.openai_client import DEFAULT_MAX_K, OpenAICloud
+    from .transport.protocol import Lookahead
     from .transport.wire import WireClient
 
     openai = url.startswith("openai+")
     base = url[len("openai+"):] if openai else url
     if not base.startswith(("http://", "https://")):
         raise UserError(f"cloud URL must be http(s)://HOST:PORT or openai+http(s)://HOST:PORT/v1, got {url!r}")
+    if openai and lookahead:
+        raise UserError("lookahead needs a costeer serve cloud; an OpenAI-compatible server cannot send trees")
     wire = WireClient(base, api_key, wire_log, simulate_rtt_ms)
     if openai:
         return OpenAICloud(wire, tokenizer, model_name, max_k or DEFAULT_MAX_K)
-    return ServedCloud(wire, tokenizer)
+    tree = Lookahead(depth=lookahead[0], width=lookahead[1]) if lookahead else None
+    return ServedCloud(wire, tokenizer, tree)
 
 
 def _check_max_new_tokens(n: int) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
@@ -46,6 +46,14 @@ class StreamGroup(ABC):
         """Each stream's next-token distribution, complete."""
         return [NextToken.local(row) for row in self.logits()]
 
+    def lookahead(self, width: int, depth: int) -> list[tuple[tuple[int, ...], np.ndarray]]:
+        """The tree of stream 0's `width` likeliest next tokens, `depth` levels deep:
+        (path, logits after the path) for every node, breadth first, children in the
+        order of their logits. Leaves the group where it is; an `advance` along a path
+        of the latest tree may reuse its work instead of computing again. Only where
+        the model's `supports_lookahead` is true (the group opened with `lookahead_nodes`)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot compute lookahead trees")
+
     def close(self) -> None:
         """Free the caches; the group is unusable afterwards."""
 
@@ -65,12 +73,32 @@ def check_window(model_name: str, window: int, prompt_tokens: int, max_new_token
         )
 
 
+class PrefixRestore(NamedTuple):
+    """A saved state to start a stream from (see `LanguageModel.supports_prefix_state`)."""
+
+    state: bytes  # from a group's `snapshots`
+    n_tokens: int  # tokens the state holds
+    keep: int  # its first tokens that equal the prompt's: the stream prefills from there
+
+
+class PrefixStateError(RuntimeError):
+    """The backend refused a saved state (nothing was opened)."""
+
+
 class LanguageModel(ABC):
     local = True  # False for a model served elsewhere (transport/client.py)
+    # True where open_streams(prompts, n, restore={i: PrefixRestore}, snapshot={i: m})
+    # starts stream i from a saved state and puts stream i's state at m prompt tokens
+    # in the group's `snapshots[i]` (bytes); then `path` is the model file and
+    # `state_version` names all else the state depends on (context_cache.py)
+    supports_prefix_state = False
     name: str
     vocab_size: int  # width of the logits
     eos_token_ids: frozenset[int]
     context_window: int  # most tokens one stream may hold
+    # True where open_streams(..., lookahead_nodes=N) gives a group whose `lookahead`
+    # works for trees of up to N nodes (the cloud server's lookahead)
+    supports_lookahead = False
 
     @abstractmethod
     def tokenize(self, text: str) -> list[int]:

@@ -7,15 +7,21 @@ import numpy as np
 from ..backends.base import LanguageModel
 from ..cloud import CloudSession, RemoteCloud
 from ..distribution import NextToken
+from ..errors import UserError
 from ..prompts import PublicChat
-from .protocol import API_PREFIX, FLOATS, IDS, decode_array
+from .protocol import API_PREFIX, FLOATS, IDS, Lookahead, decode_array
 from .wire import WireClient
 
 
 class ServedCloud(RemoteCloud):
-    """`costeer serve`: sends any k up to the full vector, so every step can be certified."""
+    """`costeer serve`: sends any k up to the full vector, so every step can be certified.
 
-    def __init__(self, wire: WireClient, tokenizer: LanguageModel) -> None:
+    With `lookahead`, each reply also carries the distributions after the cloud's own
+    likeliest continuations (a tree computed from the public prefix alone); the
+    session then walks that tree and sends the tokens it chose in one request when
+    the choice leaves it. The output is the same token for token."""
+
+    def __init__(self, wire: WireClient, tokenizer: LanguageModel, lookahead: Lookahead | None = None) -> None:
         super().__init__(tokenizer)
         self._wire = wire
         info = wire.request("GET", f"{API_PREFIX}/model")
@@ -24,57 +30,89 @@ class ServedCloud(RemoteCloud):
         self.context_window = int(info["context_window"])
         self.eos_token_ids = frozenset(info["eos_token_ids"])
         self._digest = info["vocabulary_sha256"]
+        if lookahead is not None and "lookahead" not in info.get("features", []):
+            raise UserError(f"the cloud at {wire.base_url} does not offer lookahead (an older costeer serve, or a "
+                            "backend that cannot fork sequences); run without --lookahead")
+        self.lookahead = lookahead
 
     def vocabulary_digest(self) -> str:
         return self._digest
 
     def open_session(self, chat: PublicChat, max_new_tokens: int, first_k: int | None) -> CloudSession:
-        return ServedSession(self._wire, self.encode_chat(chat), max_new_tokens, first_k, self.vocab_size)
+        # a tree node holds a top-k: methods that need the full vector every step go without
+        lookahead = self.lookahead.model_copy(update={"top_k": min(first_k, 1024)}) if self.lookahead and first_k else None
+        return ServedSession(self._wire, self.encode_chat(chat), max_new_tokens, first_k, self.vocab_size, lookahead)
 
     def close(self) -> None:
         self._wire.close()
 
 
 class ServedSession(CloudSession):
-    def __init__(self, wire: WireClient, chat: PublicChat, max_new_tokens: int, first_k: int | None, vocab_size: int) -> None:
+    def __init__(self, wire: WireClient, chat: PublicChat, max_new_tokens: int, first_k: int | None, vocab_size: int,
+                 lookahead: Lookahead | None = None) -> None:
         self._wire = wire
         self._first_k = first_k if first_k is not None and first_k < vocab_size else None
         self.vocab_size = vocab_size
         self._capped = False  # the server sent fewer values than asked: it has a cap of its own
         self._start = wire.counters.copy()
-        opened = wire.request("POST", f"{API_PREFIX}/sessions",
-                              {"messages": list(chat), "max_new_tokens": max_new_tokens, "top_k": self._first_k})
+        self._tree: dict[tuple[int, ...], NextToken] = {}  # path after the server's position -> distribution
+        self._walked: list[int] = []  # tokens chosen along the tree, not yet sent
+        self._tree_tokens = 0  # tokens whose distribution came from a tree, not a request
+        self._tree_k = lookahead.top_k if lookahead is not None else None
+        request = {"messages": list(chat), "max_new_tokens": max_new_tokens, "top_k": self._first_k}
+        if lookahead is not None:
+            request["lookahead"] = lookahead.model_dump()
+        opened = wire.request("POST", f"{API_PREFIX}/sessions", request)
         self._session = opened["session_id"]
         self.prompt_tokens = int(opened["prompt_tokens"])
         self._store(opened["distribution"], self._first_k)
 
-    def _store(self, dist: dict, asked: int | None) -> None:
+    def _top(self, dist: dict, asked: int | None) -> NextToken:
         lse = float(dist["lse"])
         if dist.get("full_logits_b64"):
-            logits = decode_array(dist["full_logits_b64"], FLOATS).astype(np.float32)
-            self._view = NextToken(logits, lse, self.vocab_size)
-            return
+            return NextToken(decode_array(dist["full_logits_b64"], FLOATS).astype(np.float32), lse, self.vocab_size)
         ids = decode_array(dist["top_ids_b64"], IDS).astype(np.int64)
         logits = decode_array(dist["top_logits_b64"], FLOATS).astype(np.float32)
         if asked is None or len(ids) < asked:
             self._capped = True  # never ask this server for more than it sends
-        self._view = NextToken(logits, lse, self.vocab_size, ids=ids, can_widen=not self._capped)
+        return NextToken(logits, lse, self.vocab_size, ids=ids, can_widen=not self._capped)
 
-    def _step(self, tokens: list[int], k: int | None) -> None:
-        reply = self._wire.request("POST", f"{API_PREFIX}/sessions/{self._session}/step", {"tokens": tokens, "top_k": k})
+    def _store(self, dist: dict, asked: int | None) -> None:
+        self._view = self._top(dist, asked)
+        if dist.get("tree") is not None:
+            self._tree = {tuple(node["path"]): self._top(node, self._tree_k) for node in dist["tree"]}
+
+    def _step(self, tokens: list[int], k: int | None, lookahead: bool = True) -> None:
+        reply = self._wire.request("POST", f"{API_PREFIX}/sessions/{self._session}/step",
+                                   {"tokens": tokens, "top_k": k, "lookahead": lookahead})
+        if tokens:  # the server moved: the old tree and walk no longer apply
+            self._tree, self._walked = {}, []
         self._store(reply, k)
 
     def next_tokens(self) -> list[NextToken]:
         return [self._view]
 
     def widen(self, k: int | None) -> None:
-        self._step([], k if k is not None and k < self.vocab_size else None)
+        k = k if k is not None and k < self.vocab_size else None
+        if self._walked:  # the tree's node is not on the server yet: send the walk, ask there
+            self._step(self._walked, k)
+        else:  # same position as the last reply: its tree still holds
+            self._step([], k, lookahead=False)
 
     def advance(self, token_id: int) -> None:
-        self._step([int(token_id)], self._first_k)
+        path = (*self._walked, int(token_id))
+        node = self._tree.get(path)
+        if node is not None:  # the cloud computed this position already: no request
+            self._walked.append(int(token_id))
+            self._view = node
+            self._tree_tokens += 1
+            return
+        self._step([*self._walked, int(token_id)], self._first_k)
 
     def traffic(self) -> dict:
-        return self._wire.counters.since(self._start)
+        counters = self._wire.counters.since(self._start)
+        counters["lookahead_tokens"] = self._tree_tokens
+        return counters
 
     def close(self) -> None:
         if self._session:

@@ -22,15 +22,33 @@ class Message(BaseModel):
     content: str
 
 
+MAX_LOOKAHEAD_NODES = 64  # a tree's nodes, each one extra KV sequence on the server
+
+
+class Lookahead(BaseModel):
+    """With each distribution, also send the distributions after the cloud's own `width`
+    likeliest next tokens, recursively to `depth` levels: a tree computed from the
+    public prefix alone, which lets the device choose up to depth+1 tokens per round trip."""
+
+    depth: int = Field(ge=1, le=4, description="levels of the tree")
+    width: int = Field(ge=1, le=8, description="children of each node: the cloud's likeliest tokens there")
+    top_k: int = Field(default=64, ge=1, le=1024, description="k of each node's distribution")
+
+    def nodes(self) -> int:
+        return sum(self.width**d for d in range(1, self.depth + 1))
+
+
 class OpenSession(BaseModel):
     messages: list[Message] = Field(min_length=1, description="the public conversation: no private context")
     max_new_tokens: int = Field(ge=1, description="tokens this session may generate")
     top_k: int | None = Field(default=64, ge=1, description="k of the first distribution; null for the full vector")
+    lookahead: Lookahead | None = Field(default=None, description="send a lookahead tree with every step (see /v1/model features)")
 
 
 class Step(BaseModel):
     tokens: list[int] = Field(default_factory=list, description="chosen token ids to append (may be empty)")
     top_k: int | None = Field(default=64, ge=1, description="k largest logits to return; null for the full vector")
+    lookahead: bool = Field(default=True, description="with a session opened with lookahead: send a new tree")
 
 
 class Distribution(BaseModel):
@@ -41,6 +59,19 @@ class Distribution(BaseModel):
     top_ids_b64: str | None = Field(default=None, description="top-k token ids, likeliest first: int32 little-endian, base64")
     top_logits_b64: str | None = Field(default=None, description="their raw logits: float32 little-endian, base64")
     full_logits_b64: str | None = Field(default=None, description="all logits in id order: float32 little-endian, base64")
+    tree: list["TreeNode"] | None = Field(default=None, description="the lookahead tree, when asked for")
+
+
+class TreeNode(BaseModel):
+    """The distribution after appending `path` to the session's tokens (top-k only)."""
+
+    path: list[int] = Field(description="token ids after the session's current position")
+    lse: float
+    top_ids_b64: str
+    top_logits_b64: str
+
+
+Distribution.model_rebuild()
 
 
 class SessionOpened(BaseModel):
@@ -56,6 +87,7 @@ class ModelInfo(BaseModel):
     eos_token_ids: list[int]
     vocabulary_sha256: str = Field(description="digest of every token's bytes, to check a shared tokenizer")
     limits: dict[str, int]
+    features: list[str] = Field(default_factory=list, description="optional protocol parts this server has, e.g. lookahead")
 
 
 class ErrorBody(BaseModel):

@@ -31,7 +31,8 @@ from ..backends.base import LanguageModel, StreamGroup, check_window
 from ..distribution import NextToken
 from ..errors import UserError
 from .limits import ServerLimits
-from .protocol import API_PREFIX, FLOATS, IDS, Distribution, ErrorBody, ModelInfo, OpenSession, SessionOpened, Step, encode_array
+from .protocol import (API_PREFIX, FLOATS, IDS, MAX_LOOKAHEAD_NODES, Distribution, ErrorBody, Lookahead, ModelInfo,
+                       OpenSession, SessionOpened, Step, TreeNode, encode_array)
 
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,8 @@ class _Session:
     prompt_tokens: int
     budget: int  # tokens the session may still append
     position: int
-    kv_tokens: int  # KV cells reserved for it: prompt plus max_new_tokens
+    kv_tokens: int  # KV cells reserved for it: prompt, max_new_tokens and its lookahead tree
+    lookahead: Lookahead | None = None
     last_used: float = field(default_factory=time.monotonic)
     active: int = 0  # requests using it now (guarded by sessions_lock): a session in use is not idle
     closed: bool = False  # set, with the group closed, only while holding `lock`
@@ -79,8 +81,17 @@ def distribution_reply(view: NextToken, position: int, top_k: int | None) -> Dis
                         top_logits_b64=encode_array(logits, FLOATS))
 
 
-def _distribution(group: StreamGroup, position: int, top_k: int | None) -> Distribution:
-    return distribution_reply(NextToken.local(group.logits()[0]), position, top_k)
+def _distribution(group: StreamGroup, position: int, top_k: int | None, lookahead: Lookahead | None) -> Distribution:
+    """The next-token distribution, and the lookahead tree after it when asked for."""
+    reply = distribution_reply(NextToken.local(group.logits()[0]), position, top_k)
+    if lookahead is not None:
+        reply.tree = []
+        for path, logits in group.lookahead(lookahead.width, lookahead.depth):
+            view = NextToken.local(logits)
+            ids, top = view.top(lookahead.top_k)
+            reply.tree.append(TreeNode(path=list(path), lse=view.lse, top_ids_b64=encode_array(ids, IDS),
+                                       top_logits_b64=encode_array(top, FLOATS)))
+    return reply
 
 
 def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: ServerLimits = ServerLimits()) -> FastAPI:
@@ -113,6 +124,7 @@ def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: Serve
         eos_token_ids=sorted(model.eos_token_ids),
         vocabulary_sha256=model.vocabulary_digest(),
         limits=limits.as_dict(),
+        features=["lookahead"] if model.supports_lookahead else [],
     )
 
     @app.exception_handler(ApiError)
@@ -239,20 +251,30 @@ def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: Serve
             check_window(model.name, model.context_window, len(ids), body.max_new_tokens)
         except UserError as exc:
             raise ApiError(413, "prompt_too_large", str(exc)) from None
-        kv_needed = len(ids) + body.max_new_tokens
+        tree_nodes = 0
+        if body.lookahead is not None:
+            if not model.supports_lookahead:
+                raise ApiError(422, "lookahead_unsupported", f"this server's backend cannot compute lookahead trees for {model.name}")
+            tree_nodes = body.lookahead.nodes()
+            if tree_nodes > MAX_LOOKAHEAD_NODES:
+                raise ApiError(422, "lookahead_too_large", f"a lookahead tree of depth {body.lookahead.depth} and width "
+                               f"{body.lookahead.width} has {tree_nodes} nodes; the limit is {MAX_LOOKAHEAD_NODES}")
+        kv_needed = len(ids) + body.max_new_tokens + tree_nodes
         if kv_needed > limits.max_kv_tokens:  # could never be admitted: not worth a retry
             raise ApiError(413, "prompt_too_large", f"prompt of {len(ids)} tokens plus {body.max_new_tokens} new tokens exceeds the server's KV budget of {limits.max_kv_tokens}")
         reserve(kv_needed)
         session: _Session | None = None
         try:
             with compute_lock:
-                group = model.open_streams([ids], body.max_new_tokens)
+                group = model.open_streams([ids], body.max_new_tokens, lookahead_nodes=tree_nodes) if tree_nodes \
+                    else model.open_streams([ids], body.max_new_tokens)
                 try:
-                    first = _distribution(group, len(ids), body.top_k)
+                    first = _distribution(group, len(ids), body.top_k, body.lookahead)
                 except BaseException:
                     group.close()
                     raise
-            session = _Session(secrets.token_urlsafe(16), key, group, len(ids), body.max_new_tokens, len(ids), kv_needed)
+            session = _Session(secrets.token_urlsafe(16), key, group, len(ids), body.max_new_tokens, len(ids), kv_needed,
+                               lookahead=body.lookahead)
             with sessions_lock:
                 sessions[session.id] = session
         finally:
@@ -279,7 +301,8 @@ def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: Serve
                             session.group.advance(token)
                             session.position += 1
                             session.budget -= 1
-                        return _distribution(session.group, session.position, body.top_k)
+                        return _distribution(session.group, session.position, body.top_k,
+                                             session.lookahead if body.lookahead else None)
                 except Exception:
                     # some tokens may have been appended: a session in an unknown state is closed, not served
                     log.exception("step failed; session closed")
