@@ -84,7 +84,7 @@ class NumpyModel(LanguageModel):
             state = self.step_state(state, t)
         return self.state_logits(state)
 
-    def open_streams(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, lookahead_nodes: int = 0) -> StreamGroup:
+    def open_streams(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, lookahead_depth: int = 0) -> StreamGroup:
         return NumpyStreams(self, prompts, max_new_tokens)
 
     def count_pass(self) -> None:

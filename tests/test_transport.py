@@ -57,6 +57,26 @@ def test_remote_greedy_equals_embedded_token_for_token(default_costeer, device, 
 
 
 @pytest.mark.models
+def test_lookahead_gives_the_per_token_text_with_fewer_round_trips(cloud_url, device, profile_text):
+    per_token, _ = device
+    trees = {tree: CoSteer(cloud=cloud_url, api_key=KEY, lookahead=tree, quiet=True) for tree in ((2, 2), (3, 1))}
+    for cs in trees.values():
+        cs._slots["slm"].model = per_token.model("slm")  # one device model in memory
+    try:
+        for prompt in (BIRTHDAY_PROMPT, "Write a short note to my neighbour about the noise."):
+            steps = per_token.generate(prompt, profile_text, max_new_tokens=24)
+            for tree, cs in trees.items():
+                walked = cs.generate(prompt, profile_text, max_new_tokens=24)
+                assert walked.text == steps.text and walked.token_ids == steps.token_ids, tree
+                t = walked.traffic
+                assert t["lookahead_tokens"] > 0 and t["uncertified_steps"] == 0
+                assert t["round_trips"] < steps.traffic["round_trips"]
+    finally:
+        for cs in trees.values():
+            cs._slots["slm"].model = None
+
+
+@pytest.mark.models
 def test_certified_traffic_is_reported_and_much_smaller_than_full_vectors(device, profile_text):
     cs, _ = device
     g = cs.generate(BIRTHDAY_PROMPT, profile_text, max_new_tokens=24)

@@ -51,7 +51,7 @@ class StreamGroup(ABC):
         (path, logits after the path) for every node, breadth first, children in the
         order of their logits. Leaves the group where it is; an `advance` along a path
         of the latest tree may reuse its work instead of computing again. Only where
-        the model's `supports_lookahead` is true (the group opened with `lookahead_nodes`)."""
+        the model's `supports_lookahead` is true (the group opened with `lookahead_depth`)."""
         raise NotImplementedError(f"{type(self).__name__} cannot compute lookahead trees")
 
     def close(self) -> None:
@@ -90,14 +90,16 @@ class LanguageModel(ABC):
     # True where open_streams(prompts, n, restore={i: PrefixRestore}, snapshot={i: m})
     # starts stream i from a saved state and puts stream i's state at m prompt tokens
     # in the group's `snapshots[i]` (bytes); then `path` is the model file and
-    # `state_version` names all else the state depends on (context_cache.py)
+    # `state_version` names all else the state depends on (context_cache.py); a kept
+    # prefix is a multiple of `prefix_state_block` tokens
     supports_prefix_state = False
+    prefix_state_block = 1
     name: str
     vocab_size: int  # width of the logits
     eos_token_ids: frozenset[int]
     context_window: int  # most tokens one stream may hold
-    # True where open_streams(..., lookahead_nodes=N) gives a group whose `lookahead`
-    # works for trees of up to N nodes (the cloud server's lookahead)
+    # True where open_streams([prompt], n, lookahead_depth=D) gives a group whose
+    # `lookahead` works for trees up to D deep (the cloud server's lookahead)
     supports_lookahead = False
 
     @abstractmethod

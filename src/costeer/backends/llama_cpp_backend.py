@@ -16,10 +16,16 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import UserError
-from .base import check_window, ChatMessage, LanguageModel, StreamGroup
+from .base import check_window, ChatMessage, LanguageModel, PrefixRestore, PrefixStateError, StreamGroup
 from .chat_template import render_chat_template
 
 _PREFILL_CHUNK = 512
+# Prompts are prefilled in batches of this many tokens from position 0, and a saved
+# state is restored only up to a multiple of it: a restored prefix is followed by
+# the very batches a cold prefill computes, so the numbers are the same bit for bit
+# (ggml's kernels round differently for differently shaped batches). 64 measured
+# within noise of 512-token batches on the CPU.
+PREFIX_BLOCK = 64
 
 
 def _llama():
@@ -96,13 +102,17 @@ def default_threads() -> int:
 
 
 class LlamaCppModel(LanguageModel):
+    supports_prefix_state = True
+    prefix_state_block = PREFIX_BLOCK
+    supports_lookahead = True  # llama_cpp_tree.py
+
     def __init__(self, path: str | os.PathLike, n_threads: int | None = None) -> None:
         self._lib = lib = _llama()
         self.path = Path(path)
         self.name = self.path.name
         self.n_threads = n_threads or default_threads()
         params = lib.llama_model_default_params()
-        params.n_gpu_layers = int(os.environ.get("COSTEER_GPU_LAYERS", "0"))
+        params.n_gpu_layers = self._gpu_layers = int(os.environ.get("COSTEER_GPU_LAYERS", "0"))
         # -1 auto, 0 off, 1 on; off by default on the CPU (see _LlamaCppStreams)
         default_fa = "0" if params.n_gpu_layers == 0 else "-1"
         self.flash_attention = int(os.environ.get("COSTEER_FLASH_ATTN", default_fa))
@@ -153,8 +163,28 @@ class LlamaCppModel(LanguageModel):
             raise UserError(f"{self.name} has no chat template in its GGUF metadata")
         return render_chat_template(self._chat_template, messages, self._bos, self._eos)
 
-    def open_streams(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> StreamGroup:
-        return _LlamaCppStreams(self, prompts, max_new_tokens)
+    def open_streams(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        restore: dict[int, PrefixRestore] | None = None,
+        snapshot: dict[int, int] | None = None,
+        lookahead_depth: int = 0,
+    ) -> StreamGroup:
+        if lookahead_depth:
+            from .llama_cpp_tree import LlamaCppTreeStreams
+
+            if len(prompts) != 1 or restore or snapshot:
+                raise ValueError("a lookahead group holds one stream opened cold")
+            return LlamaCppTreeStreams(self, prompts[0], max_new_tokens, lookahead_depth)
+        return _LlamaCppStreams(self, prompts, max_new_tokens, restore or {}, snapshot or {})
+
+    @property
+    def state_version(self) -> str:
+        """Everything besides the model file that a saved sequence state (and the
+        numbers computed from it) depends on."""
+        return (f"llama-cpp-python {self._lib.__version__}, gpu layers {self._gpu_layers}, "
+                f"flash attention {self.flash_attention}, amx {os.environ.get('COSTEER_ALLOW_AMX') == '1'}")
 
     def close(self) -> None:
         if self._model:
@@ -169,18 +199,31 @@ class LlamaCppModel(LanguageModel):
 
 
 class _LlamaCppStreams(StreamGroup):
-    def __init__(self, model: LlamaCppModel, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+    """`restore[s]` starts stream s from a saved state, kept up to its `keep` tokens
+    (which must be the prompt's first tokens); `snapshot[s] = m` captures stream s's
+    state when it holds its prompt's first m tokens, into `snapshots[s]`."""
+
+    spare_cells = 0  # cells beyond the prompts and new tokens (LlamaCppTreeStreams)
+
+    def __init__(self, model: LlamaCppModel, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                 restore: dict[int, PrefixRestore], snapshot: dict[int, int]) -> None:
         lib = self._lib = model._lib
         self._model = model
         self._positions = [len(p) for p in prompts]
         self._prompt_lengths = list(self._positions)
+        self.snapshots: dict[int, bytes] = {}
         for p in prompts:
             if not p:
                 raise ValueError("empty prompt")
             check_window(model.name, model.context_window, len(p), max_new_tokens)
-        needed = sum(len(p) + max_new_tokens + 1 for p in prompts)
+        for s, saved in restore.items():
+            if not 0 < saved.keep < len(prompts[s]) or saved.keep > saved.n_tokens or saved.keep % PREFIX_BLOCK:
+                raise ValueError(f"stream {s}: cannot keep {saved.keep} of a saved state's {saved.n_tokens} tokens")
+        needed = sum(len(p) + max_new_tokens + 1 for p in prompts) + self.spare_cells
+        # a saved state loads whole before it is cut: room for it beside the streams before it
+        loading = max((sum(len(p) for p in prompts[:s]) + r.n_tokens for s, r in restore.items()), default=0)
         cparams = lib.llama_context_default_params()
-        cparams.n_ctx = (needed + 255) // 256 * 256
+        cparams.n_ctx = (max(needed, loading) + 255) // 256 * 256
         cparams.n_batch = _PREFILL_CHUNK
         cparams.n_ubatch = _PREFILL_CHUNK
         cparams.n_seq_max = len(prompts)
@@ -196,14 +239,53 @@ class _LlamaCppStreams(StreamGroup):
             raise RuntimeError(f"llama.cpp could not create a context of {cparams.n_ctx} tokens")
         self._batch = lib.llama_batch_init(max(_PREFILL_CHUNK, len(prompts)), 0, 1)
         self._logits = np.empty((len(prompts), model.vocab_size), dtype=np.float32)
-        for seq, prompt in enumerate(prompts):
-            for start in range(0, len(prompt), _PREFILL_CHUNK):
-                chunk = prompt[start : start + _PREFILL_CHUNK]
-                last = start + len(chunk) == len(prompt)
-                self._fill([(tok, start + i, seq, last and i == len(chunk) - 1) for i, tok in enumerate(chunk)])
-                self._decode()
-                if last:
-                    self._copy_logits(len(chunk) - 1, seq)
+        try:
+            # streams in order, each whole before the next: the cells (and so the
+            # arithmetic) are laid out the same with or without a restored prefix
+            for seq, prompt in enumerate(prompts):
+                done = self._restore(seq, restore[seq]) if seq in restore else 0
+                mark = snapshot.get(seq)
+                if mark is not None:
+                    if not done <= mark <= len(prompt) or (mark % PREFIX_BLOCK and mark != len(prompt)):
+                        raise ValueError(f"stream {seq}: no snapshot at {mark} tokens")
+                    done = self._prefill(seq, prompt, done, mark)
+                    self.snapshots[seq] = self._state(seq)
+                self._prefill(seq, prompt, done, len(prompt))
+        except BaseException:
+            self.close()
+            raise
+
+    def _prefill(self, seq: int, prompt: Sequence[int], begin: int, end: int) -> int:
+        """Feed prompt[begin:end] at its positions, in batches that start at multiples
+        of PREFIX_BLOCK; the last prompt token's logits are kept."""
+        for start in range(begin, end, PREFIX_BLOCK):
+            chunk = prompt[start : min(start + PREFIX_BLOCK, end)]
+            last = start + len(chunk) == len(prompt)
+            self._fill([(tok, start + i, seq, last and i == len(chunk) - 1) for i, tok in enumerate(chunk)])
+            self._decode()
+            if last:
+                self._copy_logits(len(chunk) - 1, seq)
+        return end
+
+    def _state(self, seq: int) -> bytes:
+        size = self._lib.llama_state_seq_get_size(self._ctx, seq)
+        buf = (ctypes.c_uint8 * size)()
+        written = self._lib.llama_state_seq_get_data(self._ctx, buf, size, seq)
+        if written == 0:
+            raise RuntimeError("llama.cpp could not copy a sequence state")
+        return bytes(memoryview(buf)[:written])
+
+    def _restore(self, seq: int, saved: PrefixRestore) -> int:
+        """Load a saved state into `seq` and cut it to `saved.keep` tokens."""
+        lib = self._lib
+        memory = lib.llama_get_memory(self._ctx)
+        buf = (ctypes.c_uint8 * len(saved.state)).from_buffer_copy(saved.state)
+        loaded = lib.llama_state_seq_set_data(self._ctx, buf, len(saved.state), seq) != 0
+        if (not loaded or lib.llama_memory_seq_pos_min(memory, seq) != 0
+                or lib.llama_memory_seq_pos_max(memory, seq) != saved.n_tokens - 1
+                or not lib.llama_memory_seq_rm(memory, seq, saved.keep, -1)):
+            raise PrefixStateError(f"llama.cpp refused a saved state of {saved.n_tokens} tokens")
+        return saved.keep
 
     def _fill(self, entries: list[tuple[int, int, int, bool]]) -> None:
         b = self._batch

@@ -259,14 +259,14 @@ def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: Serve
             if tree_nodes > MAX_LOOKAHEAD_NODES:
                 raise ApiError(422, "lookahead_too_large", f"a lookahead tree of depth {body.lookahead.depth} and width "
                                f"{body.lookahead.width} has {tree_nodes} nodes; the limit is {MAX_LOOKAHEAD_NODES}")
-        kv_needed = len(ids) + body.max_new_tokens + tree_nodes
+        kv_needed = len(ids) + body.max_new_tokens + (body.lookahead.depth + 1 if body.lookahead else 0)
         if kv_needed > limits.max_kv_tokens:  # could never be admitted: not worth a retry
             raise ApiError(413, "prompt_too_large", f"prompt of {len(ids)} tokens plus {body.max_new_tokens} new tokens exceeds the server's KV budget of {limits.max_kv_tokens}")
         reserve(kv_needed)
         session: _Session | None = None
         try:
             with compute_lock:
-                group = model.open_streams([ids], body.max_new_tokens, lookahead_nodes=tree_nodes) if tree_nodes \
+                group = model.open_streams([ids], body.max_new_tokens, lookahead_depth=body.lookahead.depth) if body.lookahead \
                     else model.open_streams([ids], body.max_new_tokens)
                 try:
                     first = _distribution(group, len(ids), body.top_k, body.lookahead)

@@ -1,0 +1,82 @@
+"""Lookahead trees on llama.cpp, for the cloud server (`costeer serve`).
+
+Exactness rules the layout. llama.cpp's CPU kernels give other logits (up to 0.5
+apart on the default cloud model, measured) for a token decoded in a batch of
+several than alone, and also when the KV cache holds any other cell, even one
+masked out for its sequence (the attention's reductions run over all used cells).
+A node must hold exactly what a per-token step would compute, so every node is
+decoded alone, with the cache holding exactly the prompt, the tokens so far and
+the node's path, in that order: the tree is walked depth first in one sequence,
+and a subtree's cells are removed once it is done.
+
+The likeliest child's chain is visited last and kept: when the device's tokens
+follow it (as they mostly do), `advance` takes its cells and logits with no
+forward pass, so a fully accepted chain costs the server nothing extra. Any other
+token drops the rest of the chain and decodes as usual.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from ..distribution import top_k
+from .llama_cpp_backend import LlamaCppModel, _LlamaCppStreams
+
+
+class LlamaCppTreeStreams(_LlamaCppStreams):
+    """One stream with room for a kept chain of up to `depth` lookahead tokens."""
+
+    def __init__(self, model: LlamaCppModel, prompt: Sequence[int], max_new_tokens: int, depth: int) -> None:
+        self.spare_cells = depth + 1  # read by _LlamaCppStreams when it sizes the context
+        super().__init__(model, [prompt], max_new_tokens, {}, {})
+        self._memory = self._lib.llama_get_memory(self._ctx)
+        self._chain: list[tuple[int, np.ndarray]] = []  # kept cells after the position: (token, logits after it)
+
+    def lookahead(self, width: int, depth: int) -> list[tuple[tuple[int, ...], np.ndarray]]:
+        if depth + 1 > self.spare_cells:
+            raise ValueError(f"a tree of depth {depth} does not fit this group (opened for {self.spare_cells - 1})")
+        self._drop_chain()
+        start = self._positions[0]
+        nodes: list[tuple[tuple[int, ...], np.ndarray]] = []
+
+        def visit(path: tuple[int, ...], logits: np.ndarray) -> None:
+            if len(path) == depth:
+                return
+            position = start + len(path)
+            children = [int(t) for t in top_k(logits, width)[0]]
+            for rank in reversed(range(len(children))):  # the likeliest last: its chain stays
+                token = children[rank]
+                self._fill([(token, position, 0, True)])
+                self._decode()
+                after = np.ctypeslib.as_array(self._lib.llama_get_logits_ith(self._ctx, 0),
+                                              shape=(self._model.vocab_size,)).copy()
+                nodes.append(((*path, token), after))
+                visit((*path, token), after)
+                if rank:
+                    self._lib.llama_memory_seq_rm(self._memory, 0, position, -1)
+
+        visit((), self._logits[0].copy())
+        # the cells left are the likeliest child's, its likeliest child's, ...: the chain
+        after = dict(nodes)
+        logits, path = self._logits[0], ()
+        for _ in range(depth):
+            path = (*path, int(top_k(logits, 1)[0][0]))
+            logits = after[path]
+            self._chain.append((path[-1], logits))
+        return nodes
+
+    def advance(self, token_id: int) -> None:
+        if self._chain and self._chain[0][0] == token_id:  # computed by the lookahead: no pass
+            _, logits = self._chain.pop(0)
+            self._logits[0] = logits
+            self._positions[0] += 1
+            return
+        self._drop_chain()
+        super().advance(token_id)
+
+    def _drop_chain(self) -> None:
+        if self._chain:
+            self._lib.llama_memory_seq_rm(self._memory, 0, self._positions[0], -1)
+            self._chain = []
