@@ -13,6 +13,7 @@ import numpy as np
 from .backends.base import LanguageModel, StreamGroup
 from .certified import CertificationStats, Pick
 from .cloud import CloudSession, RemoteCloud
+from .context_cache import ContextCache
 from .errors import UserError
 from .methods import Policy, Role
 from .sampling import SamplingConfig, TokenPicker
@@ -32,6 +33,7 @@ class DecodeResult:
     time_to_first_token_s: float
     elapsed_s: float
     traffic: dict | None = None  # remote groups' network counters, and certification
+    context_cache_tokens: int = 0  # private prompt tokens restored from the context cache, not prefilled
 
 
 class TextAssembler:
@@ -148,6 +150,7 @@ def decode(
     max_new_tokens: int,
     stop: Sequence[str] = (),
     on_text: Callable[[str], None] | None = None,
+    context_cache: ContextCache | None = None,
 ) -> DecodeResult:
     """Generate with `policy`. `prompts[i]` is the prompt of `policy.streams[i]`, as
     its model's `encode_chat` made it (token ids; a public chat for a remote cloud).
@@ -155,7 +158,8 @@ def decode(
     Streams of the same model form one group that advances in lockstep (and is
     batched by the backend); every group is fed each chosen token. Where the policy
     cannot settle a step from a remote cloud's top-k, the loop asks the cloud again
-    at the same position, as the policy says, until it can.
+    at the same position, as the policy says, until it can. With a `context_cache`,
+    local streams of private prompts start from the longest saved prefix (exactly).
     """
     start = time.perf_counter()
     by_role: dict[Role, list[int]] = {}
@@ -165,8 +169,15 @@ def decode(
     advance_all = None
     sampling = picker.config
     certification = CertificationStats()
+    reused = 0
     try:
         for role, indices in by_role.items():
+            private = [policy.streams[i].prompt == "private" for i in indices]
+            if context_cache is not None and any(private) and not isinstance(models[role], RemoteCloud):
+                groups[role], n = context_cache.open_streams(models[role], [prompts[i] for i in indices],
+                                                             max_new_tokens, private)
+                reused += n
+                continue
             groups[role] = _open(models[role], [prompts[i] for i in indices], max_new_tokens,
                                  policy.first_cloud_k(sampling))
         prefill_s = time.perf_counter() - start
@@ -218,4 +229,5 @@ def decode(
         prefill_s=prefill_s,
         time_to_first_token_s=first_token_s,
         elapsed_s=time.perf_counter() - start,
+        context_cache_tokens=reused,
     )
