@@ -13,11 +13,21 @@ BIRTHDAY_PROMPT = "Write a two-sentence invitation to my birthday party."
 PROFILE_FACTS = ("Thaddeus", "Tromsø", "Polaria", "ice sculpt", "reindeer", "Ingrid", "Pølse", "frosty")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_context_cache(tmp_path_factory):
+    """Every test, and every `costeer` it starts, keeps its context cache in a temporary
+    folder: the user's own cache is never read or written."""
+    folder = tmp_path_factory.mktemp("context-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("COSTEER_CONTEXT_CACHE_DIR", str(folder))
+        yield folder
+
+
 @pytest.fixture(scope="session")
 def default_costeer():
     from costeer import CoSteer
 
-    cs = CoSteer(quiet=True)
+    cs = CoSteer(quiet=True, context_cache=False)  # every prefill cold: tests compare against it
     cs.model("llm"), cs.model("slm")
     yield cs
     cs.close()

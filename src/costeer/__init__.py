@@ -4,6 +4,7 @@ A cloud model writes; a small device model that alone reads the user's private
 context steers it token by token through its local delta.
 """
 
+from .context_cache import ContextCache
 from .errors import UserError
 from .fusion import SteeringParams, fuse_closed_form, fuse_ftrl_loop, local_delta, steering_coefficient
 from .generator import CoSteer, Generation
@@ -14,6 +15,7 @@ from .sampling import SamplingConfig
 __version__ = "0.1.0"
 __all__ = [
     "CoSteer",
+    "ContextCache",
     "Generation",
     "METHODS",
     "PAPER_SYSTEM_PROMPT",

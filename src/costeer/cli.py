@@ -64,6 +64,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--llm", help="cloud model: a GGUF file or a Hugging Face folder (default: Qwen2.5-Coder-1.5B)")
     p.add_argument("--slm", help="device model: a GGUF file or a Hugging Face folder (default: Qwen2.5-Coder-0.5B)")
     p.add_argument("--backend", default="auto", choices=["auto", "llama.cpp", "transformers"])
+    p.add_argument("--no-context-cache", action="store_true",
+                   help="prefill the private context from scratch and save nothing (default: reuse the device's saved "
+                        "prefill of the same context, same output; see `costeer cache`)")
 
 
 def _add_decoding_args(p: argparse.ArgumentParser, prompt_args: bool = True) -> None:
@@ -142,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="assemble and verify the default models, print their paths")
     models.add_argument("--quiet", action="store_true")
 
+    cache = sub.add_parser("cache", help="the device's private-context cache: where it is and how big, or delete it")
+    cache.add_argument("action", choices=["info", "clear"], help="info: folder, entries, bytes; clear: delete every entry")
+
     ev = sub.add_parser("eval", help="run methods over a dataset, score the answers, write results and a report")
     ev.add_argument("--dataset", required=True, metavar="PATH",
                     help="a CoGenesis folder or ctx_X.json (with ctx_X_wo.json beside it), or preference:KIND "
@@ -169,7 +175,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                  api_key=args.api_key or os.environ.get("COSTEER_API_KEY"), wire_log=args.wire_log,
                  simulate_rtt_ms=args.simulate_rtt, cloud_top_k=args.cloud_top_k,
                  cloud_model=args.cloud_model, cloud_max_k=args.cloud_max_k, lookahead=args.lookahead,
-                 send_private_context_to_cloud=args.send_private_context_to_cloud)
+                 send_private_context_to_cloud=args.send_private_context_to_cloud,
+                 context_cache=not args.no_context_cache)
     stream = None if args.json else (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
     g = cs.generate(
         args.prompt,
@@ -220,7 +227,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     context = load_context(files)
     print(f"Request (public, sent to the cloud): {args.prompt}")
     print(f"Private context (stays on the device): {', '.join(str(Path(f).name) for f in files)}\n")
-    cs = CoSteer(args.llm, args.slm, backend=args.backend)
+    cs = CoSteer(args.llm, args.slm, backend=args.backend, context_cache=not args.no_context_cache)
     for method, title in (("llm", "Cloud model alone"), ("costeer", "CoSteer (cloud model steered by the device)")):
         print(f"=== {title} [--method {method}]")
         g = cs.generate(args.prompt, context, method=method, max_new_tokens=args.max_new_tokens,
@@ -237,6 +244,24 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    from .context_cache import ContextCache
+
+    cache = ContextCache()
+    if args.action == "clear":
+        freed = cache.clear()
+        print(f"deleted {freed.entries} entries, {_mib(freed.bytes)}, from {freed.folder} (the models are kept)")
+    else:
+        info = cache.info()
+        print(f"folder\t{info.folder}\nentries\t{info.entries}\nbytes\t{info.bytes} ({_mib(info.bytes)}, "
+              f"limit {_mib(cache.max_bytes)})")
+    return 0
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluation.runner import EvalSettings, run_eval
 
@@ -244,7 +269,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         dataset=args.dataset, out=Path(args.out), methods=[m.strip() for m in args.methods.split(",") if m.strip()],
         limit=args.limit, max_new_tokens=args.max_new_tokens, seed=args.seed, temperature=args.temperature,
         top_p=args.top_p, top_k=args.top_k, params=_steering(args), fusion=args.fusion, stop=args.stop,
-        llm=args.llm, slm=args.slm, backend=args.backend,
+        llm=args.llm, slm=args.slm, backend=args.backend, context_cache=not args.no_context_cache,
     )
     print(f"report: {run_eval(settings)}")
     return 0
@@ -253,7 +278,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        return {"generate": cmd_generate, "demo": cmd_demo, "models": cmd_models, "serve": cmd_serve,
+        return {"generate": cmd_generate, "demo": cmd_demo, "models": cmd_models, "cache": cmd_cache, "serve": cmd_serve,
                 "eval": cmd_eval}[args.command](args)
     except UserError as exc:
         print(f"costeer: error: {exc}", file=sys.stderr)

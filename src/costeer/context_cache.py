@@ -112,7 +112,14 @@ class _Plan:
 
 
 def _plan(entries: list[_Entry], prompt: np.ndarray, block: int) -> _Plan:
-    """The entry sharing the longest prefix with `prompt`, and what to save after."""
+    """The entry sharing the longest prefix with `prompt`, and what to save after.
+
+    Entries converge to what requests share: when most of the prompt is reused, the
+    rest is a request, and an entry that goes on differently is cut back to the shared
+    part (an entry that is the prompt's start, or holds all of it, is left alone).
+    When most of the prompt is new (another context after a shared system prompt),
+    the prompt is saved whole beside the entry, which other requests may still need.
+    """
     n = len(prompt)
     best, shared = None, 0
     for entry in entries:  # ties: the shorter entry (a prefix of the prompt needs no rewrite)
@@ -122,11 +129,14 @@ def _plan(entries: list[_Entry], prompt: np.ndarray, block: int) -> _Plan:
     # at least one prompt token is computed (its logits start the answer), and whole
     # blocks only (so what follows is computed in the batches a cold start uses)
     keep = min(shared, n - 1) // block * block
-    if best is None or keep < MIN_SHARED_TOKENS:  # a miss: save the whole prompt, if it could serve
-        return _Plan(None, 0, n if n > MIN_SHARED_TOKENS else None, None)
+    whole = n if n > MIN_SHARED_TOKENS else None  # a shorter prompt could not serve another
+    if best is None or keep < MIN_SHARED_TOKENS:
+        return _Plan(None, 0, whole, None)  # a miss
+    if 2 * keep < n:
+        return _Plan(best, keep, whole, None)
     if shared < len(best.tokens) and shared < n:
-        return _Plan(best, keep, keep, best)  # they part ways: keep what they share
-    return _Plan(best, keep, None, None)  # the entry is the prompt's start, or the prompt is the entry's
+        return _Plan(best, keep, keep, best)
+    return _Plan(best, keep, None, None)
 
 
 def _snapshots(plans: dict[int, _Plan]) -> dict[int, int]:

@@ -12,6 +12,7 @@ from .backends.base import ChatMessage
 from .decoding import decode
 from .default_models import DEFAULT_LLM, DEFAULT_SLM, ChunkedModel, ensure_model
 from .cloud import RemoteCloud
+from .context_cache import ContextCache
 from .errors import PrivacyError, UserError
 from .fusion import SteeringParams
 from .methods import DEFAULT_TOP_K, Fusion, Policy, Role, StreamSpec, make_policy
@@ -38,6 +39,7 @@ class Generation:
     context_truncated: bool = False
     steering_coefficient: float | None = None
     traffic: dict | None = None  # with a remote cloud: bytes, round trips, certification
+    context_cache_tokens: int = 0  # private prompt tokens reused from the context cache (0: prefilled)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -73,6 +75,7 @@ class CoSteer:
         cloud_max_k: int | None = None,
         send_private_context_to_cloud: bool = False,
         lookahead: tuple[int, int] | None = None,
+        context_cache: bool | ContextCache = True,
     ):
         """`cloud`: where the cloud model runs instead of here: the URL of a `costeer serve`
         server, or `openai+URL` for any OpenAI-compatible completions server (then
@@ -81,7 +84,10 @@ class CoSteer:
         that would give it to a remote cloud (`llm-context`) are refused unless
         `send_private_context_to_cloud` is True. `lookahead=(D, M)` asks a `costeer serve`
         cloud for a tree of its M likeliest continuations, D deep, with every step, so the
-        device sends several tokens per round trip with the same output."""
+        device sends several tokens per round trip with the same output. `context_cache`
+        keeps the device model's prefill of private prompts on disk and starts the next
+        prompt with the same context from it, with the same output (True: the default
+        folder; a `ContextCache`: that one; False: off)."""
         if cloud and llm is not None:
             raise UserError("give either a cloud URL or a local cloud model (--llm), not both")
         if cloud_top_k < 1:
@@ -95,6 +101,8 @@ class CoSteer:
         self._cloud = (cloud, api_key, wire_log, simulate_rtt_ms, cloud_model, cloud_max_k, lookahead) if cloud else None
         self.send_private_context_to_cloud = send_private_context_to_cloud
         self._tokenizers_checked = False
+        # the device model's saved prefill of private prompts (exact; see context_cache.py)
+        self.context_cache = ContextCache() if context_cache is True else context_cache or None
 
     def model(self, role: Role) -> LanguageModel | RemoteCloud:
         slot = self._slots[role]
@@ -193,7 +201,7 @@ class CoSteer:
 
     def _run(self, policy, models, pair, max_new_tokens, sampling, stop, on_text, truncated) -> Generation:
         prompts = [models[spec.role].encode_chat(self._chat_for(spec, pair)) for spec in policy.streams]
-        result = decode(policy, models, prompts, TokenPicker(sampling), max_new_tokens, stop, on_text)
+        result = decode(policy, models, prompts, TokenPicker(sampling), max_new_tokens, stop, on_text, self.context_cache)
         prompt_tokens = {f"{s.role}_{s.prompt}": n for s, n in zip(policy.streams, result.prompt_lengths)}
         n = len(result.token_ids)
         return Generation(
@@ -210,6 +218,7 @@ class CoSteer:
             context_truncated=truncated,
             steering_coefficient=getattr(policy, "coefficient", None),
             traffic=result.traffic,
+            context_cache_tokens=result.context_cache_tokens,
         )
 
     def close(self) -> None:

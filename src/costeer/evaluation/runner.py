@@ -40,7 +40,7 @@ REQUIRED = {
     "matplotlib": "matplotlib",
 }
 GENERATION_FIELDS = ("new_tokens", "elapsed_s", "tokens_per_second", "time_to_first_token_s", "prefill_s",
-                     "finish_reason", "prompt_tokens", "steering_coefficient")
+                     "finish_reason", "prompt_tokens", "steering_coefficient", "context_cache_tokens")
 
 
 @dataclass
@@ -60,6 +60,7 @@ class EvalSettings:
     llm: str | None = None
     slm: str | None = None
     backend: str = "auto"
+    context_cache: bool = True  # exact, so not part of the fingerprint
 
     def fingerprint(self) -> dict:
         """What every row of one folder must share."""
@@ -94,7 +95,8 @@ class EvalSettings:
             args += ["--stop", stop]
         for flag, value in (("--llm", self.llm), ("--slm", self.slm)):
             args += [flag, value] if value else []
-        return shlex.join(["costeer", "eval", *args, "--backend", self.backend])
+        args += ["--backend", self.backend] + ([] if self.context_cache else ["--no-context-cache"])
+        return shlex.join(["costeer", "eval", *args])
 
 
 def check_eval_extra() -> None:
@@ -161,7 +163,8 @@ def _generate(settings: EvalSettings, todo: list[tuple[int, Example, str]], tota
     if costeer is None:
         from ..generator import CoSteer
 
-        costeer = owned = CoSteer(settings.llm, settings.slm, backend=settings.backend)
+        costeer = owned = CoSteer(settings.llm, settings.slm, backend=settings.backend,
+                                  context_cache=settings.context_cache)
     scorer = Scorer()
     try:
         with tqdm(total=total, initial=total - len(todo), desc="costeer eval", unit="answer", file=sys.stderr,

@@ -1,0 +1,241 @@
+"""The device's private-context cache (context_cache.py), on a NumPy model that can
+save and restore its state: reuse, exactness, integrity, privacy, eviction, CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from costeer import CoSteer, ContextCache
+from costeer.backends.base import PrefixStateError
+from costeer.cli import main
+from costeer.context_cache import DIGESTS_FILE, MAGIC, SUFFIX
+from fakes import HIDDEN, NumpyModel, NumpyStreams
+
+CONTEXT = "I am Ada. I live in Lisbon and keep bees. " * 4  # about 170 byte tokens
+REQUEST_A, REQUEST_B = "Plan my weekend.", "Write me a short poem."
+
+
+class PrefixModel(NumpyModel):
+    """A NumpyModel whose saved state is its hidden state after every prompt token."""
+
+    supports_prefix_state = True
+    prefix_state_block = 4
+    state_version = "numpy-prefix 1"
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(2, "numpy-device")
+        self.path = path
+        self.prefilled: list[int] = []  # prompt tokens computed by each open
+
+    def open_streams(self, prompts, max_new_tokens, restore=None, snapshot=None, **kw):
+        group = NumpyStreams(self, prompts, max_new_tokens)
+        group.snapshots = {}
+        computed = 0
+        for i, prompt in enumerate(prompts):
+            states = []
+            saved = (restore or {}).get(i)
+            if saved is not None:
+                assert saved.keep % self.prefix_state_block == 0 and saved.keep < len(prompt)
+                held = np.frombuffer(saved.state, dtype=np.float32)
+                if held.size != saved.n_tokens * HIDDEN:
+                    raise PrefixStateError("refused")
+                states = list(held.reshape(-1, HIDDEN)[: saved.keep])
+            state = states[-1] if states else np.zeros(HIDDEN, dtype=np.float32)
+            for token in prompt[len(states):]:
+                state = self.step_state(state, int(token))
+                states.append(state)
+                computed += 1
+            if snapshot and i in snapshot:
+                group.snapshots[i] = np.stack(states[: snapshot[i]]).tobytes()
+            group._states[i] = state
+        self.prefilled.append(computed)
+        return group
+
+
+@pytest.fixture
+def device(tmp_path):
+    weights = tmp_path / "device.bin"
+    weights.write_bytes(b"pretend weights")
+    return PrefixModel(weights)
+
+
+def pair(device, cache) -> CoSteer:
+    return CoSteer(llm=NumpyModel(1, "numpy-cloud"), slm=device, context_cache=cache)
+
+
+def entries(folder: Path) -> list[Path]:
+    return sorted(folder.glob(f"*/*{SUFFIX}"))
+
+
+def generate(cs: CoSteer, request: str, context: str = CONTEXT, method: str = "costeer"):
+    return cs.generate(request, context, method=method, max_new_tokens=12)
+
+
+def test_requests_with_one_context_reuse_its_prefill_and_give_the_cold_tokens(tmp_path, device):
+    cold = pair(device, False)
+    cold_a, cold_b = generate(cold, REQUEST_A), generate(cold, REQUEST_B)
+    assert cold_a.context_cache_tokens == 0 and not (tmp_path / "cache").exists()
+    warm = pair(device, ContextCache(tmp_path / "cache"))
+
+    first = generate(warm, REQUEST_A)  # a miss: the whole private prompt is saved
+    n_a = first.prompt_tokens["slm_private"]
+    assert first.context_cache_tokens == 0 and device.prefilled[-1] == n_a + first.prompt_tokens["slm_public"]
+    assert len(entries(tmp_path / "cache")) == 1
+
+    again = generate(warm, REQUEST_A)  # the same request: all but the last block is reused
+    assert again.context_cache_tokens == (n_a - 1) // 4 * 4
+    other = generate(warm, REQUEST_B)  # the same context: its shared part is reused
+    assert 150 < other.context_cache_tokens < n_a
+    assert [g.token_ids for g in (first, again, other)] == [cold_a.token_ids, cold_a.token_ids, cold_b.token_ids]
+
+    # the entry now holds what the two prompts share, and serves both without a rewrite
+    (entry,) = entries(tmp_path / "cache")
+    written = entry.stat().st_mtime_ns
+    third = generate(warm, REQUEST_A)
+    assert third.context_cache_tokens == other.context_cache_tokens and third.token_ids == cold_a.token_ids
+    assert entries(tmp_path / "cache") == [entry]
+    assert _split(entry)[0]["n_tokens"] == other.context_cache_tokens
+
+
+def test_only_private_prompts_are_cached_and_methods_share_them(tmp_path, device):
+    warm = pair(device, ContextCache(tmp_path / "cache"))
+    assert generate(warm, REQUEST_A, method="slm").context_cache_tokens == 0  # public prompt only
+    assert not entries(tmp_path / "cache")
+    generate(warm, REQUEST_A, method="slm-context")
+    assert generate(warm, REQUEST_A, method="light").context_cache_tokens > 0
+
+
+def test_the_cache_folder_and_files_are_private(tmp_path, device):
+    folder = tmp_path / "cache"
+    folder.mkdir(mode=0o755)
+    os.chmod(folder, 0o755)
+    generate(pair(device, ContextCache(folder)), REQUEST_A)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700  # tightened
+    (entry,) = entries(folder)
+    assert stat.S_IMODE(entry.parent.stat().st_mode) == 0o700
+    for path in (entry, folder / DIGESTS_FILE):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert CONTEXT.encode() not in entry.read_bytes()  # token ids and state, not text
+
+
+def _split(path: Path) -> tuple[dict, bytes]:
+    """An entry's JSON header, and the token ids and state after it."""
+    data = path.read_bytes()
+    start = len(MAGIC) + 4
+    end = start + int.from_bytes(data[len(MAGIC):start], "little")
+    return json.loads(data[start:end]), data[end:]
+
+
+def _write(path: Path, header: dict, rest: bytes) -> None:
+    raw = json.dumps(header).encode()
+    path.write_bytes(MAGIC + len(raw).to_bytes(4, "little") + raw + rest)
+
+
+def _flip_state(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def _foreign(path: Path) -> None:
+    header, rest = _split(path)
+    _write(path, {**header, "model": "f" * 64}, rest)
+
+
+def _garbage(path: Path) -> None:
+    path.write_bytes(b"not an entry at all")
+
+
+def _refused(path: Path) -> None:
+    """A well-formed entry with a matching digest whose state the backend refuses."""
+    header, rest = _split(path)
+    tokens, state = rest[: 4 * header["n_tokens"]], b"\0" * 8
+    _write(path, {**header, "state_bytes": len(state), "sha256": hashlib.sha256(tokens + state).hexdigest()},
+           tokens + state)
+
+
+@pytest.mark.parametrize("damage", [_flip_state, _truncate, _foreign, _garbage, _refused])
+def test_a_damaged_entry_is_dropped_and_rebuilt_with_the_same_tokens(tmp_path, device, damage):
+    expected = generate(pair(device, False), REQUEST_A).token_ids
+    warm = pair(device, ContextCache(tmp_path / "cache"))
+    generate(warm, REQUEST_A)
+    (entry,) = entries(tmp_path / "cache")
+    damage(entry)
+    rebuilt = generate(warm, REQUEST_A)
+    assert rebuilt.context_cache_tokens == 0 and rebuilt.token_ids == expected
+    assert len(entries(tmp_path / "cache")) == 1  # a fresh entry, which serves the next request
+    assert generate(warm, REQUEST_A).context_cache_tokens > 0
+
+
+def test_least_recently_used_entries_go_first_beyond_the_byte_bound(tmp_path, device):
+    folder = tmp_path / "cache"
+    contexts = [f"Profile {i}: " + CONTEXT for i in range(3)]
+    saved = []
+    for i, bound in ((0, None), (1, 2.5), (0, 2.5), (2, 2.5)):
+        before = set(entries(folder))
+        cache = ContextCache(folder, max_bytes=None if bound is None else int(bound * entries(folder)[0].stat().st_size))
+        g = generate(pair(device, cache), REQUEST_A, contexts[i])
+        saved.append((g.context_cache_tokens, set(entries(folder)) - before))
+    # 0 and 1 are saved; 0 is used again (now the newest); 2 pushes out the least recently used, 1
+    (entry_0,), (entry_1,), (entry_2,) = saved[0][1], saved[1][1], saved[3][1]
+    assert saved[2][0] > 200 and set(entries(folder)) == {entry_0, entry_2}
+
+
+def test_no_cache_and_unsupported_backends_write_nothing(tmp_path, device):
+    generate(pair(device, False), REQUEST_A)
+    generate(CoSteer(llm=NumpyModel(1), slm=NumpyModel(2), context_cache=ContextCache(tmp_path / "c2")), REQUEST_A)
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "c2").exists()
+
+
+def test_the_model_digest_is_hashed_once_per_file_version(tmp_path, device):
+    folder = tmp_path / "cache"
+    generate(pair(device, ContextCache(folder)), REQUEST_A)
+    memo_path = folder / DIGESTS_FILE
+    memo = json.loads(memo_path.read_text())
+    (key,) = memo
+    memo[key]["sha256"] = "0" * 64  # a warm start trusts the memo while size, mtime and inode agree
+    memo_path.write_text(json.dumps(memo))
+    generate(pair(device, ContextCache(folder)), REQUEST_A)
+    assert any(p.name.startswith("0" * 64) for p in folder.iterdir())
+    os.utime(device.path, ns=(1, 1))  # the file changed: hashed again
+    generate(pair(device, ContextCache(folder)), REQUEST_A)
+    assert json.loads(memo_path.read_text())[key]["sha256"] != "0" * 64
+
+
+def test_an_unusable_cache_folder_warns_once_without_private_text(tmp_path, device, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    warm = pair(device, ContextCache(blocker / "cache"))
+    expected = generate(pair(device, False), REQUEST_A).token_ids
+    assert generate(warm, REQUEST_A).token_ids == expected
+    generate(warm, REQUEST_B)
+    err = capsys.readouterr().err
+    assert err.count("context cache") == 1 and "Lisbon" not in err
+
+
+def test_cache_info_and_clear_commands(tmp_path, device, monkeypatch, capsys):
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("COSTEER_CONTEXT_CACHE_DIR", str(folder))
+    generate(pair(device, ContextCache()), REQUEST_A)
+    generate(pair(device, ContextCache()), REQUEST_A, "Another profile. " + CONTEXT)
+    (folder / "notes.txt").write_text("not the cache's")
+    size = sum(p.stat().st_size for p in entries(folder))
+    assert main(["cache", "info"]) == 0
+    out = capsys.readouterr().out
+    assert f"{folder}" in out and "entries\t2" in out and f"bytes\t{size}" in out
+    assert main(["cache", "clear"]) == 0
+    out = capsys.readouterr().out
+    assert "deleted 2 entries" in out and "models are kept" in out
+    assert not entries(folder) and [p.name for p in folder.iterdir()] == ["notes.txt"]
+    assert main(["cache", "info"]) == 0 and "entries\t0" in capsys.readouterr().out
