@@ -239,3 +239,92 @@ def test_cache_info_and_clear_commands(tmp_path, device, monkeypatch, capsys):
     assert "deleted 2 entries" in out and "models are kept" in out
     assert not entries(folder) and [p.name for p in folder.iterdir()] == ["notes.txt"]
     assert main(["cache", "info"]) == 0 and "entries\t0" in capsys.readouterr().out
+
+
+# --- the default models ------------------------------------------------------------
+
+OTHER_PROMPT = "Suggest three gifts I would like."
+
+
+@pytest.fixture
+def warm_costeer(default_costeer, tmp_path):
+    """The session's models (cold: no cache), with a cache in a fresh folder."""
+    return CoSteer(llm=default_costeer.model("llm"), slm=default_costeer.model("slm"),
+                   context_cache=ContextCache(tmp_path / "cache"))
+
+
+@pytest.mark.models
+def test_default_models_warm_cache_gives_the_cold_tokens(default_costeer, warm_costeer, profile_text):
+    from conftest import BIRTHDAY_PROMPT
+
+    kwargs = dict(max_new_tokens=24)
+    cold = [default_costeer.generate(p, profile_text, **kwargs) for p in (BIRTHDAY_PROMPT, OTHER_PROMPT)]
+    miss, repeated, other = (warm_costeer.generate(p, profile_text, **kwargs)
+                             for p in (BIRTHDAY_PROMPT, BIRTHDAY_PROMPT, OTHER_PROMPT))
+    assert miss.context_cache_tokens == 0 and cold[0].context_cache_tokens == 0
+    assert repeated.context_cache_tokens >= 128 and other.context_cache_tokens >= 128
+    assert [miss.token_ids, repeated.token_ids, other.token_ids] == [cold[0].token_ids, cold[0].token_ids, cold[1].token_ids]
+
+
+@pytest.mark.models
+def test_default_models_restored_prefix_gives_bitwise_cold_logits(default_costeer, profile_text):
+    """The backend's guarantee under the cache: a restored prefix, cut to whole blocks,
+    then the rest prefilled, gives the cold logits bit for bit (also from a longer entry)."""
+    from costeer.backends.base import PrefixRestore
+    from costeer.prompts import build_prompts
+
+    slm = default_costeer.model("slm")
+    block = slm.prefix_state_block
+    long_request = "Summarize: " + " ".join(f"item{i}" for i in range(200))
+    prompts = [[slm.encode_chat(getattr(build_prompts(r, profile_text), kind)) for kind in ("private", "public")]
+               for r in ("Hi", OTHER_PROMPT, long_request)]
+
+    def run(streams, **kw):
+        with slm.open_streams(streams, 4, **kw) as group:
+            first = group.logits().copy()
+            group.advance(int(np.argmax(first[0])))
+            return [first, group.logits().copy()], getattr(group, "snapshots", {})
+
+    for target in prompts[:2]:
+        cold, _ = run(target)
+        for source in prompts:
+            _, snaps = run(source, snapshot={0: len(source[0])})
+            shared = next(i for i, (a, b) in enumerate(zip(target[0] + [-1], source[0] + [-2])) if a != b)
+            keep = min(shared, len(target[0]) - 1) // block * block
+            warm, _ = run(target, restore={0: PrefixRestore(snaps[0], len(source[0]), keep)})
+            assert keep >= 64 and all(np.array_equal(c, w) for c, w in zip(cold, warm)), (len(source[0]), keep)
+
+
+@pytest.mark.models
+@pytest.mark.parametrize("damage", [_flip_state, _truncate, _foreign])
+def test_default_models_rebuild_a_damaged_entry_with_the_same_tokens(default_costeer, warm_costeer, profile_text,
+                                                                    tmp_path, damage):
+    kwargs = dict(method="slm-context", max_new_tokens=8)
+    expected = default_costeer.generate(OTHER_PROMPT, profile_text, **kwargs).token_ids
+    warm_costeer.generate(OTHER_PROMPT, profile_text, **kwargs)
+    (entry,) = entries(tmp_path / "cache")
+    damage(entry)
+    rebuilt = warm_costeer.generate(OTHER_PROMPT, profile_text, **kwargs)
+    assert rebuilt.context_cache_tokens == 0 and rebuilt.token_ids == expected
+    again = warm_costeer.generate(OTHER_PROMPT, profile_text, **kwargs)
+    assert again.context_cache_tokens > 0 and again.token_ids == expected
+
+
+@pytest.mark.models
+def test_cli_no_context_cache_writes_nothing_and_cache_clear_empties_it(tmp_path, monkeypatch):
+    from conftest import EXAMPLE_PROFILE
+    from test_cli import costeer
+
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("COSTEER_CONTEXT_CACHE_DIR", str(folder))
+    args = ("generate", "--prompt", OTHER_PROMPT, "--context", str(EXAMPLE_PROFILE), "--method", "slm-context",
+            "--max-new-tokens", "2", "--json")
+    cold = costeer(*args, "--no-context-cache")
+    assert cold.returncode == 0, cold.stderr
+    assert not folder.exists()
+    first, second = costeer(*args), costeer(*args)
+    assert [json.loads(r.stdout)["context_cache_tokens"] > 0 for r in (cold, first, second)] == [False, False, True]
+    assert len({json.dumps(json.loads(r.stdout)["token_ids"]) for r in (cold, first, second)}) == 1
+    assert "entries\t1" in costeer("cache", "info").stdout
+    cleared = costeer("cache", "clear")
+    assert cleared.returncode == 0 and "deleted 1 entries" in cleared.stdout and not entries(folder)
