@@ -71,7 +71,7 @@ def main() -> int:
     ap.add_argument("--variants", default="llm,costeer,costeer-loop,paper-style,light")
     args = ap.parse_args()
     variants = args.variants.split(",")
-    cs = CoSteer()
+    cs = CoSteer(context_cache=False)  # every prefill cold: the prefill column compares variants
     cs.model("llm"), cs.model("slm")
     tasks = load_tasks(args.prompts)
     per_token: dict[str, list[float]] = {v: [] for v in variants}

@@ -42,7 +42,7 @@ def main() -> int:
     results: dict[str, list[float]] = {}
     with running(server, "/healthz", port, env={"COSTEER_THREADS": "1"}) as url:
         for rtt in [float(x) for x in args.rtt_ms.split(",")]:
-            cs = CoSteer(cloud=url, simulate_rtt_ms=rtt, quiet=True)
+            cs = CoSteer(cloud=url, simulate_rtt_ms=rtt, quiet=True, context_cache=False)  # cold prefills
             variants = {
                 f"llm alone, rtt {rtt:g} ms": ("llm", True),
                 f"costeer overlapped, rtt {rtt:g} ms": ("costeer", True),
