@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -128,13 +128,13 @@ class NumpyStreams(StreamGroup):
         self._states = [self._model.step_state(s, int(token_id)) for s in self._states]
         self._model.count_pass()
 
-    def lookahead(self, width: int, depth: int) -> list[tuple[tuple[int, ...], np.ndarray]]:
+    def lookahead(self, width: int, depth: int) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
         if self._closed:
             raise ClosedGroupError("stream group used after close")
         if len(self._states) != 1:
             raise ValueError("lookahead needs a group of one stream")
         self._tree, self._walked = {(): self._states[0]}, ()
-        nodes, frontier = [], [()]
+        frontier = [()]
         for _ in range(depth):
             self._model.count_pass()  # one batched pass per level
             children = []
@@ -143,10 +143,9 @@ class NumpyStreams(StreamGroup):
                 for token in top_k(self._model.state_logits(state), width)[0]:
                     child = path + (int(token),)
                     self._tree[child] = self._model.step_state(state, int(token))
-                    nodes.append((child, self._model.state_logits(self._tree[child])))
+                    yield child, self._model.state_logits(self._tree[child])
                     children.append(child)
             frontier = children
-        return nodes
 
     def close(self) -> None:
         self._closed = True

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
-from typing import NamedTuple, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -46,12 +46,13 @@ class StreamGroup(ABC):
         """Each stream's next-token distribution, complete."""
         return [NextToken.local(row) for row in self.logits()]
 
-    def lookahead(self, width: int, depth: int) -> list[tuple[tuple[int, ...], np.ndarray]]:
+    def lookahead(self, width: int, depth: int) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
         """The tree of stream 0's `width` likeliest next tokens, `depth` levels deep:
-        (path, logits after the path) for every node, breadth first, children in the
-        order of their logits. Leaves the group where it is; an `advance` along a path
-        of the latest tree may reuse its work instead of computing again. Only where
-        the model's `supports_lookahead` is true (the group opened with `lookahead_depth`)."""
+        (path, logits after the path) for every node, computed lazily as the iteration
+        reaches it (it may stop early), children of a node in any order. Leaves the
+        group where it is; an `advance` along a path of the latest tree may reuse its
+        work. Only where the model's `supports_lookahead` is true (the group opened
+        with `lookahead_depth`)."""
         raise NotImplementedError(f"{type(self).__name__} cannot compute lookahead trees")
 
     def close(self) -> None:

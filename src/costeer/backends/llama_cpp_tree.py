@@ -9,7 +9,9 @@ decoded alone, with the cache holding exactly the prompt, the tokens so far and
 the node's path, in that order: the tree is walked depth first in one sequence,
 and a subtree's cells are removed once it is done.
 
-The likeliest child's chain is visited last and kept: when the device's tokens
+`lookahead` is lazy: each node is computed when the iteration reaches it, so the
+server can send it at once (a chain, width 1, is streamed that way). The likeliest
+child's chain is visited last and kept: when the device's tokens
 follow it (as they mostly do), `advance` takes its cells and logits with no
 forward pass, so a fully accepted chain costs the server nothing extra. Any other
 token drops the rest of the chain and decodes as usual.
@@ -17,7 +19,7 @@ token drops the rest of the chain and decodes as usual.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -34,38 +36,55 @@ class LlamaCppTreeStreams(_LlamaCppStreams):
         self._memory = self._lib.llama_get_memory(self._ctx)
         self._chain: list[tuple[int, np.ndarray]] = []  # kept cells after the position: (token, logits after it)
 
-    def lookahead(self, width: int, depth: int) -> list[tuple[tuple[int, ...], np.ndarray]]:
+    def lookahead(self, width: int, depth: int) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
         if depth + 1 > self.spare_cells:
             raise ValueError(f"a tree of depth {depth} does not fit this group (opened for {self.spare_cells - 1})")
         self._drop_chain()
-        start = self._positions[0]
-        nodes: list[tuple[tuple[int, ...], np.ndarray]] = []
+        if width == 1:  # a chain: every node is kept as soon as it is computed
+            logits = self._logits[0]
+            for _ in range(depth):
+                token = int(top_k(logits, 1)[0][0])
+                logits = self._decode_alone(token, self._positions[0] + len(self._chain))
+                self._chain.append((token, logits))
+                yield tuple(t for t, _ in self._chain), logits
+            return
+        yield from self._tree(width, depth)
 
-        def visit(path: tuple[int, ...], logits: np.ndarray) -> None:
+    def _tree(self, width: int, depth: int) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
+        start = self._positions[0]
+        after: dict[tuple[int, ...], np.ndarray] = {}
+
+        def visit(path: tuple[int, ...], logits: np.ndarray) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
             if len(path) == depth:
                 return
             position = start + len(path)
             children = [int(t) for t in top_k(logits, width)[0]]
             for rank in reversed(range(len(children))):  # the likeliest last: its chain stays
-                token = children[rank]
-                self._fill([(token, position, 0, True)])
-                self._decode()
-                after = np.ctypeslib.as_array(self._lib.llama_get_logits_ith(self._ctx, 0),
-                                              shape=(self._model.vocab_size,)).copy()
-                nodes.append(((*path, token), after))
-                visit((*path, token), after)
+                child = (*path, children[rank])
+                after[child] = self._decode_alone(children[rank], position)
+                yield child, after[child]
+                yield from visit(child, after[child])
                 if rank:
                     self._lib.llama_memory_seq_rm(self._memory, 0, position, -1)
 
-        visit((), self._logits[0].copy())
+        complete = False
+        try:
+            yield from visit((), self._logits[0].copy())
+            complete = True
+        finally:
+            if not complete:  # stopped early: whatever the cache holds past the position goes
+                self._lib.llama_memory_seq_rm(self._memory, 0, start, -1)
         # the cells left are the likeliest child's, its likeliest child's, ...: the chain
-        after = dict(nodes)
         logits, path = self._logits[0], ()
         for _ in range(depth):
             path = (*path, int(top_k(logits, 1)[0][0]))
             logits = after[path]
             self._chain.append((path[-1], logits))
-        return nodes
+
+    def _decode_alone(self, token: int, position: int) -> np.ndarray:
+        self._fill([(token, position, 0, True)])
+        self._decode()
+        return np.ctypeslib.as_array(self._lib.llama_get_logits_ith(self._ctx, 0), shape=(self._model.vocab_size,)).copy()
 
     def advance(self, token_id: int) -> None:
         if self._chain and self._chain[0][0] == token_id:  # computed by the lookahead: no pass

@@ -59,6 +59,10 @@ class ServedSession(CloudSession):
         self._walked: list[int] = []  # tokens chosen along the tree, not yet sent
         self._tree_tokens = 0  # tokens whose distribution came from a tree, not a request
         self._tree_k = lookahead.top_k if lookahead is not None else None
+        # a chain (width 1) is streamed: each node reaches the device the moment the
+        # cloud has computed it, so the device works on node 1 while the cloud computes node 2
+        self._streams = lookahead is not None and lookahead.width == 1
+        self._stream = None
         request = {"messages": list(chat), "max_new_tokens": max_new_tokens, "top_k": self._first_k}
         if lookahead is not None:
             request["lookahead"] = lookahead.model_dump()
@@ -83,11 +87,39 @@ class ServedSession(CloudSession):
             self._tree = {tuple(node["path"]): self._top(node, self._tree_k) for node in dist["tree"]}
 
     def _step(self, tokens: list[int], k: int | None, lookahead: bool = True) -> None:
-        reply = self._wire.request("POST", f"{API_PREFIX}/sessions/{self._session}/step",
-                                   {"tokens": tokens, "top_k": k, "lookahead": lookahead})
-        if tokens:  # the server moved: the old tree and walk no longer apply
+        path = f"{API_PREFIX}/sessions/{self._session}/step"
+        request = {"tokens": tokens, "top_k": k, "lookahead": lookahead}
+        if tokens or lookahead:  # the server moves, or starts a new tree: the old walk and tree are done
+            self._end_stream()
             self._tree, self._walked = {}, []
-        self._store(reply, k)
+        if self._streams and lookahead:
+            self._stream = self._wire.stream("POST", path, {**request, "stream": True})
+            first = self._stream.next()
+            if first is None:
+                raise UserError(f"the cloud at {self._wire.base_url} answered a step with nothing")
+            self._store(first, k)
+        else:  # a widen at the tree's root leaves the tree (and its stream) as they are
+            self._store(self._wire.request("POST", path, request), k)
+
+    def _node(self, path: tuple[int, ...]) -> NextToken | None:
+        """The tree's node for `path`: received already, or read from the stream as the
+        cloud computes it. A chain's nodes come in order, so a node as deep as `path` on
+        another branch means `path` will not come."""
+        while path not in self._tree and self._stream is not None:
+            line = self._stream.next()
+            if line is None:
+                self._end_stream()
+                break
+            got = tuple(line["path"])
+            self._tree[got] = self._top(line, self._tree_k)
+            if len(got) >= len(path) and got != path:
+                break
+        return self._tree.get(path)
+
+    def _end_stream(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
 
     def next_tokens(self) -> list[NextToken]:
         return [self._view]
@@ -101,7 +133,7 @@ class ServedSession(CloudSession):
 
     def advance(self, token_id: int) -> None:
         path = (*self._walked, int(token_id))
-        node = self._tree.get(path)
+        node = self._node(path)
         if node is not None:  # the cloud computed this position already: no request
             self._walked.append(int(token_id))
             self._view = node
@@ -115,6 +147,7 @@ class ServedSession(CloudSession):
         return counters
 
     def close(self) -> None:
+        self._end_stream()
         if self._session:
             session, self._session = self._session, None
             try:

@@ -49,6 +49,8 @@ class Step(BaseModel):
     tokens: list[int] = Field(default_factory=list, description="chosen token ids to append (may be empty)")
     top_k: int | None = Field(default=64, ge=1, description="k largest logits to return; null for the full vector")
     lookahead: bool = Field(default=True, description="with a session opened with lookahead: send a new tree")
+    stream: bool = Field(default=False, description="with lookahead: answer in JSON lines, the distribution (without "
+                         "its tree) first, then each tree node the moment it is computed")
 
 
 class Distribution(BaseModel):

@@ -25,7 +25,7 @@ from typing import AsyncIterator, Iterator, Sequence
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..backends.base import LanguageModel, StreamGroup, check_window
 from ..distribution import NextToken
@@ -61,6 +61,8 @@ class _Session:
     last_used: float = field(default_factory=time.monotonic)
     active: int = 0  # requests using it now (guarded by sessions_lock): a session in use is not idle
     closed: bool = False  # set, with the group closed, only while holding `lock`
+    steps: int = 0  # requests that moved or widened it: a streaming tree stops once a newer one came
+    tree: Iterator | None = None  # a lookahead still being computed (by a stream), only under `lock`
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -87,11 +89,14 @@ def _distribution(group: StreamGroup, position: int, top_k: int | None, lookahea
     if lookahead is not None:
         reply.tree = []
         for path, logits in group.lookahead(lookahead.width, lookahead.depth):
-            view = NextToken.local(logits)
-            ids, top = view.top(lookahead.top_k)
-            reply.tree.append(TreeNode(path=list(path), lse=view.lse, top_ids_b64=encode_array(ids, IDS),
-                                       top_logits_b64=encode_array(top, FLOATS)))
+            reply.tree.append(tree_node(path, logits, lookahead.top_k))
     return reply
+
+
+def tree_node(path: tuple[int, ...], logits, top_k: int) -> TreeNode:
+    view = NextToken.local(logits)
+    ids, top = view.top(top_k)
+    return TreeNode(path=list(path), lse=view.lse, top_ids_b64=encode_array(ids, IDS), top_logits_b64=encode_array(top, FLOATS))
 
 
 def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: ServerLimits = ServerLimits()) -> FastAPI:
@@ -163,6 +168,7 @@ def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: Serve
             return False
         session.closed = True
         try:
+            stop_tree(session)
             session.group.close()
         finally:
             with sessions_lock:
@@ -295,19 +301,59 @@ def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: Serve
                     raise _unknown_session()
                 if len(body.tokens) > session.budget:
                     raise ApiError(422, "session_budget_exhausted", f"the session may append {session.budget} more tokens, not {len(body.tokens)}")
-                try:
+                session.steps += 1
+                tree = session.lookahead if body.lookahead else None
+                with failing_closes(session):
+                    stop_tree(session)
                     with compute_lock:
                         for token in body.tokens:
                             session.group.advance(token)
                             session.position += 1
                             session.budget -= 1
-                        return _distribution(session.group, session.position, body.top_k,
-                                             session.lookahead if body.lookahead else None)
+                        reply = _distribution(session.group, session.position, body.top_k, None if body.stream else tree)
+                if not (body.stream and tree):
+                    return reply
+                session.tree = session.group.lookahead(tree.width, tree.depth)  # computed as the stream goes
+                return StreamingResponse(stream_tree(session, reply, tree.top_k, session.steps), media_type="application/x-ndjson")
+
+    def stop_tree(session: _Session) -> None:
+        """End a lookahead still being computed, so the group drops its partial work; under session.lock."""
+        if session.tree is not None:
+            tree, session.tree = session.tree, None
+            with compute_lock:
+                tree.close()
+
+    @contextlib.contextmanager
+    def failing_closes(session: _Session) -> Iterator[None]:
+        """A failure while computing leaves the session in an unknown state: it is closed, not served."""
+        try:
+            yield
+        except Exception:
+            log.exception("step failed; session closed")
+            close_locked(session)
+            raise ApiError(500, "internal_error", "the step failed on the server; the session is closed") from None
+
+    def stream_tree(session: _Session, reply: Distribution, top_k: int, step: int) -> Iterator[str]:
+        """The distribution, then each tree node as it is computed. The session's lock is
+        held while a node is computed, never across a yield (a client that goes away
+        leaves the stream suspended), and a newer request on the session stops it."""
+        yield reply.model_dump_json(exclude_none=True) + "\n"
+        while True:
+            with session.lock:
+                if session.closed or session.steps != step or session.tree is None:
+                    return
+                try:
+                    with compute_lock:
+                        path, logits = next(session.tree)
+                except StopIteration:
+                    session.tree = None
+                    return
                 except Exception:
-                    # some tokens may have been appended: a session in an unknown state is closed, not served
-                    log.exception("step failed; session closed")
+                    log.exception("lookahead failed; session closed")
+                    session.tree = None
                     close_locked(session)
-                    raise ApiError(500, "internal_error", "the step failed on the server; the session is closed") from None
+                    return
+            yield tree_node(path, logits, top_k).model_dump_json() + "\n"
 
     @app.delete(f"{API_PREFIX}/sessions/{{session_id}}", status_code=204, responses={404: {"model": ErrorBody}})
     def close_session(session_id: str, key: str | None = Depends(caller_key)) -> None:

@@ -4,6 +4,7 @@ JSON-lines log of every message both ways, and optional simulated latency."""
 from __future__ import annotations
 
 import json
+import queue
 import threading
 import time
 from dataclasses import dataclass
@@ -69,6 +70,7 @@ class WireClient:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.base_url = base_url.rstrip("/")
         self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout_s)
+        self.timeout_s = timeout_s
         self._log = WireLog(wire_log) if wire_log else None
         self._half_rtt_s = max(0.0, simulate_rtt_ms) / 2000.0
         self.counters = WireCounters()
@@ -106,10 +108,97 @@ class WireClient:
             raise CloudRefused(f"the cloud refused {method} {path} ({response.status_code}): {message}", response.status_code)
         return data
 
+    def stream(self, method: str, path: str, payload: dict) -> "LineStream":
+        """A request whose answer comes as JSON lines, each read as soon as it arrives
+        (and, with a simulated RTT, delivered half of it after it arrived)."""
+        body = json.dumps(payload).encode()
+        if self._log:
+            self._log.write({"ts": time.time(), "direction": "device->cloud", "method": method, "path": path,
+                             "bytes": len(body), "body": payload})
+        if self._half_rtt_s:
+            time.sleep(self._half_rtt_s)
+        try:
+            request = self._http.build_request(method, path, content=body, headers={"Content-Type": "application/json"})
+            response = self._http.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            raise UserError(f"cannot reach the cloud at {self.base_url}: {exc.__class__.__name__}: {exc}") from None
+        with self._lock:
+            self.counters.bytes_to_cloud += len(body)
+            self.counters.round_trips += 1
+        if response.status_code >= 400:
+            response.read()
+            response.close()
+            with self._lock:
+                self.counters.bytes_from_cloud += len(response.content)
+            try:
+                data = response.json()
+            except ValueError:
+                data = None
+            if response.status_code == 401:
+                raise CloudRefused(f"the cloud at {self.base_url} needs a valid API key (--api-key or COSTEER_API_KEY)", 401)
+            message = _error_message(data) or response.text[:200]
+            raise CloudRefused(f"the cloud refused {method} {path} ({response.status_code}): {message}", response.status_code)
+        return LineStream(self, response, path)
+
+    def _received(self, path: str, line: bytes, record: object) -> None:
+        with self._lock:
+            self.counters.bytes_from_cloud += len(line) + 1
+        if self._log:
+            self._log.write({"ts": time.time(), "direction": "cloud->device", "path": path, "status": 200,
+                             "bytes": len(line) + 1, "body": record})
+
     def close(self) -> None:
         self._http.close()
         if self._log:
             self._log.close()
+
+
+class LineStream:
+    """The JSON lines of one streamed answer. A thread reads them off the socket as
+    they come, so a line's arrival time is known even if the device asks for it later."""
+
+    def __init__(self, wire: WireClient, response: httpx.Response, path: str) -> None:
+        self._wire, self._response, self._path = wire, response, path
+        self._lines: queue.Queue = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        try:
+            for line in self._response.iter_lines():
+                if line:
+                    self._lines.put((time.monotonic(), line))
+        except Exception as exc:  # the answer broke off, or close() ended it
+            self._lines.put((time.monotonic(), exc))
+        finally:
+            self._lines.put(None)
+
+    def next(self) -> dict | None:
+        """The next line, or None when the answer is complete."""
+        try:
+            item = self._lines.get(timeout=self._wire.timeout_s)
+        except queue.Empty:
+            raise UserError(f"the cloud at {self._wire.base_url} sent nothing for {self._wire.timeout_s:.0f} s "
+                            f"on {self._path}") from None
+        if item is None:
+            self._lines.put(None)  # stays complete for later calls
+            return None
+        arrived, line = item
+        if isinstance(line, Exception):
+            raise UserError(f"the cloud's answer on {self._path} broke off: {line.__class__.__name__}")
+        wait = arrived + self._wire._half_rtt_s - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+        try:
+            record = json.loads(line)
+        except ValueError:
+            raise UserError(f"the cloud at {self._wire.base_url} sent a line that is not JSON on {self._path}") from None
+        self._wire._received(self._path, line.encode() if isinstance(line, str) else line, record)
+        return record
+
+    def close(self) -> None:
+        self._response.close()
+        self._reader.join(timeout=5)
 
 
 def _error_message(data: object) -> str | None:
