@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/speed.py [--rounds 3] [--max-new-tokens 48] [--prompts 3]
 
-Every round runs each variant once on each prompt (CoGenesis dev tasks, or the
+Beside `costeer bench` (the headline figures, one command), this compares the
+paper's structure variant by variant. Every round runs each variant once on each prompt (CoGenesis dev tasks, or the
 example profile when the data folder is absent), in an order that rotates per
 round, so drift and noise on this shared machine hit all variants alike. It prints
 median milliseconds per generated token (decode only, after the first token), the
@@ -22,31 +23,18 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-from pathlib import Path
 
 from costeer import CoSteer, SteeringParams
+from costeer.bench import BenchConfig, decode_ms, load_tasks, rotating
 from costeer.decoding import decode
-from costeer.evaluation.datasets import load_cogenesis
 from costeer.methods import CoSteerPolicy, StreamSpec
-from costeer.prompts import build_prompts
 from costeer.sampling import SamplingConfig, TokenPicker
-
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cogenesis"
-EXAMPLE = Path(__file__).resolve().parents[1] / "src" / "costeer" / "examples" / "profile.md"
 
 
 class PaperStylePolicy(CoSteerPolicy):
     """CoSteer with each device stream in its own group: one forward pass per stream."""
 
     streams = (StreamSpec("llm", "public"), StreamSpec("slm", "private"), StreamSpec("slm_again", "public"))  # type: ignore[arg-type]
-
-
-def load_tasks(n: int) -> list[tuple[list, list]]:
-    """(public messages, private messages) pairs."""
-    if (DATA / "ctx_dev.json").is_file():
-        return [(e.public, e.private) for e in load_cogenesis(DATA).examples[:n]]
-    pair = build_prompts("Write a two-sentence invitation to my birthday party.", EXAMPLE.read_text())
-    return [(pair.public, pair.private)] * n
 
 
 def run_variant(cs: CoSteer, variant: str, public, private, max_new_tokens: int):
@@ -56,11 +44,9 @@ def run_variant(cs: CoSteer, variant: str, public, private, max_new_tokens: int)
         models = {"llm": llm, "slm": slm, "slm_again": slm}
         prompts = [llm.tokenize(llm.render_chat(public)), slm.tokenize(slm.render_chat(private)),
                    slm.tokenize(slm.render_chat(public))]
-        r = decode(policy, models, prompts, TokenPicker(SamplingConfig()), max_new_tokens)  # type: ignore[arg-type]
-        return len(r.token_ids), r.elapsed_s, r.time_to_first_token_s, r.prefill_s
+        return decode(policy, models, prompts, TokenPicker(SamplingConfig()), max_new_tokens)  # type: ignore[arg-type]
     method, fusion = {"costeer-loop": ("costeer", "loop")}.get(variant, (variant, "closed"))
-    g = cs.generate_from_messages(public, private, method=method, fusion=fusion, max_new_tokens=max_new_tokens)
-    return g.new_tokens, g.elapsed_s, g.time_to_first_token_s, g.prefill_s
+    return cs.generate_from_messages(public, private, method=method, fusion=fusion, max_new_tokens=max_new_tokens)
 
 
 def main() -> int:
@@ -73,17 +59,16 @@ def main() -> int:
     variants = args.variants.split(",")
     cs = CoSteer(context_cache=False)  # every prefill cold: the prefill column compares variants
     cs.model("llm"), cs.model("slm")
-    tasks = load_tasks(args.prompts)
+    tasks = load_tasks(BenchConfig())[: args.prompts]
     per_token: dict[str, list[float]] = {v: [] for v in variants}
     prefill: dict[str, list[float]] = {v: [] for v in variants}
-    for rnd in range(args.rounds):
-        order = variants[rnd % len(variants):] + variants[: rnd % len(variants)]
+    for rnd, order in rotating(variants, args.rounds):
         for public, private in tasks:
             for v in order:
-                n, elapsed, ttft, pre = run_variant(cs, v, public, private, args.max_new_tokens)
-                if n > 1:
-                    per_token[v].append((elapsed - ttft) / (n - 1) * 1000)
-                prefill[v].append(pre)
+                result = run_variant(cs, v, public, private, args.max_new_tokens)
+                if (ms := decode_ms(result)) is not None:
+                    per_token[v].append(ms)
+                prefill[v].append(result.prefill_s)
         print(f"round {rnd + 1}/{args.rounds} done", file=sys.stderr)
     base = statistics.median(per_token["llm"]) if per_token.get("llm") else None
     print(f"{'variant':<14}{'ms/token':>10}{'tok/s':>8}{'vs llm':>8}{'prefill s':>11}   (medians of {len(per_token[variants[0]])} runs)")

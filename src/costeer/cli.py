@@ -158,6 +158,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=_positive_int, default=None, help="only the first N examples")
     _add_model_args(ev)
     _add_decoding_args(ev, prompt_args=False)
+
+    bench = sub.add_parser("bench", help="every speed figure side by side in one run (device on CPU 0, cloud on CPU 1)")
+    bench.add_argument("--rounds", type=_positive_int, default=2, help="repeats of every variant, in rotating order")
+    bench.add_argument("--prompts", type=_positive_int, default=2, help="CoGenesis dev tasks per round")
+    bench.add_argument("--max-new-tokens", type=_positive_int, default=32)
+    bench.add_argument("--rtt-ms", default="0,20,100", help="simulated round-trip times, comma-separated")
+    bench.add_argument("--lookahead", metavar="D,M", type=_lookahead, default=(3, 1),
+                       help="the lookahead tree measured beside per-token steps (default 3,1)")
+    bench.add_argument("--data", metavar="DIR", default=None, help="a CoGenesis folder (default ../shared/data/cogenesis)")
+    bench.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
 
@@ -275,11 +285,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import BenchConfig, format_table, run_bench
+
+    try:
+        rtts = tuple(float(x) for x in args.rtt_ms.split(",") if x.strip())
+    except ValueError:
+        raise UserError(f"--rtt-ms takes milliseconds separated by commas, got {args.rtt_ms!r}") from None
+    if not rtts or any(not math.isfinite(r) or r < 0 for r in rtts):
+        raise UserError(f"--rtt-ms takes finite milliseconds >= 0, got {args.rtt_ms!r}")
+    config = BenchConfig(rounds=args.rounds, prompts=args.prompts, max_new_tokens=max(2, args.max_new_tokens),
+                         rtts_ms=rtts, lookahead=args.lookahead)
+    if args.data:
+        config.data = Path(args.data)
+    result = run_bench(config)
+    print(json.dumps(result) if args.json else format_table(result))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         return {"generate": cmd_generate, "demo": cmd_demo, "models": cmd_models, "cache": cmd_cache, "serve": cmd_serve,
-                "eval": cmd_eval}[args.command](args)
+                "eval": cmd_eval, "bench": cmd_bench}[args.command](args)
     except UserError as exc:
         print(f"costeer: error: {exc}", file=sys.stderr)
         return 2

@@ -39,15 +39,21 @@ class LlamaCppTreeStreams(_LlamaCppStreams):
     def lookahead(self, width: int, depth: int) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
         if depth + 1 > self.spare_cells:
             raise ValueError(f"a tree of depth {depth} does not fit this group (opened for {self.spare_cells - 1})")
-        self._drop_chain()
         if width == 1:  # a chain: every node is kept as soon as it is computed
-            logits = self._logits[0]
-            for _ in range(depth):
+            # what is left of the last chain is this one's beginning: sent again, not computed
+            if len(self._chain) > depth:
+                self._lib.llama_memory_seq_rm(self._memory, 0, self._positions[0] + depth, -1)
+                del self._chain[depth:]
+            for i in range(len(self._chain)):
+                yield tuple(t for t, _ in self._chain[: i + 1]), self._chain[i][1]
+            logits = self._chain[-1][1] if self._chain else self._logits[0]
+            while len(self._chain) < depth:
                 token = int(top_k(logits, 1)[0][0])
                 logits = self._decode_alone(token, self._positions[0] + len(self._chain))
                 self._chain.append((token, logits))
                 yield tuple(t for t, _ in self._chain), logits
             return
+        self._drop_chain()
         yield from self._tree(width, depth)
 
     def _tree(self, width: int, depth: int) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:

@@ -86,19 +86,19 @@ class ServedSession(CloudSession):
         if dist.get("tree") is not None:
             self._tree = {tuple(node["path"]): self._top(node, self._tree_k) for node in dist["tree"]}
 
-    def _step(self, tokens: list[int], k: int | None, lookahead: bool = True) -> None:
+    def _step(self, tokens: list[int], k: int | None) -> None:
+        """Append tokens; the reply is the distribution there (and a new tree, if any)."""
         path = f"{API_PREFIX}/sessions/{self._session}/step"
-        request = {"tokens": tokens, "top_k": k, "lookahead": lookahead}
-        if tokens or lookahead:  # the server moves, or starts a new tree: the old walk and tree are done
-            self._end_stream()
-            self._tree, self._walked = {}, []
-        if self._streams and lookahead:
+        request = {"tokens": tokens, "top_k": k, "lookahead": True}
+        self._end_stream()  # the server moves: the old walk and tree are done
+        self._tree, self._walked = {}, []
+        if self._streams:
             self._stream = self._wire.stream("POST", path, {**request, "stream": True})
             first = self._stream.next()
             if first is None:
                 raise UserError(f"the cloud at {self._wire.base_url} answered a step with nothing")
             self._store(first, k)
-        else:  # a widen at the tree's root leaves the tree (and its stream) as they are
+        else:
             self._store(self._wire.request("POST", path, request), k)
 
     def _node(self, path: tuple[int, ...]) -> NextToken | None:
@@ -125,11 +125,12 @@ class ServedSession(CloudSession):
         return [self._view]
 
     def widen(self, k: int | None) -> None:
+        """A look: more of the distribution at the current tree node (or position),
+        without moving the session or disturbing a tree the cloud is still sending."""
         k = k if k is not None and k < self.vocab_size else None
-        if self._walked:  # the tree's node is not on the server yet: send the walk, ask there
-            self._step(self._walked, k)
-        else:  # same position as the last reply: its tree still holds
-            self._step([], k, lookahead=False)
+        reply = self._wire.request("POST", f"{API_PREFIX}/sessions/{self._session}/step",
+                                   {"tokens": [], "path": self._walked, "top_k": k, "lookahead": False})
+        self._view = self._top(reply, k)
 
     def advance(self, token_id: int) -> None:
         path = (*self._walked, int(token_id))

@@ -46,7 +46,10 @@ class OpenSession(BaseModel):
 
 
 class Step(BaseModel):
-    tokens: list[int] = Field(default_factory=list, description="chosen token ids to append (may be empty)")
+    tokens: list[int] = Field(default_factory=list, description="chosen token ids to append; none: a look, which "
+                              "only sends another top-k at the session's position, or at `path` in its tree")
+    path: list[int] = Field(default_factory=list, max_length=8, description="with no tokens: a node of the latest "
+                            "lookahead tree (one the server has sent) to send another top-k of")
     top_k: int | None = Field(default=64, ge=1, description="k largest logits to return; null for the full vector")
     lookahead: bool = Field(default=True, description="with a session opened with lookahead: send a new tree")
     stream: bool = Field(default=False, description="with lookahead: answer in JSON lines, the distribution (without "

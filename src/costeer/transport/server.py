@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Iterator, Sequence
 
+import numpy as np
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -61,8 +62,11 @@ class _Session:
     last_used: float = field(default_factory=time.monotonic)
     active: int = 0  # requests using it now (guarded by sessions_lock): a session in use is not idle
     closed: bool = False  # set, with the group closed, only while holding `lock`
-    steps: int = 0  # requests that moved or widened it: a streaming tree stops once a newer one came
+    steps: int = 0  # requests that moved it: a streaming tree stops once a newer one came
     tree: Iterator | None = None  # a lookahead still being computed (by a stream), only under `lock`
+    # logits at the position and at each tree node sent since: a look reads them without
+    # the lock, so it neither waits for nor stops a tree being computed
+    views: dict[tuple[int, ...], np.ndarray] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -83,12 +87,16 @@ def distribution_reply(view: NextToken, position: int, top_k: int | None) -> Dis
                         top_logits_b64=encode_array(logits, FLOATS))
 
 
-def _distribution(group: StreamGroup, position: int, top_k: int | None, lookahead: Lookahead | None) -> Distribution:
-    """The next-token distribution, and the lookahead tree after it when asked for."""
-    reply = distribution_reply(NextToken.local(group.logits()[0]), position, top_k)
+def _distribution(group: StreamGroup, position: int, top_k: int | None, lookahead: Lookahead | None,
+                  views: dict[tuple[int, ...], np.ndarray]) -> Distribution:
+    """The next-token distribution, and the lookahead tree after it when asked for;
+    `views` gets the logits of both."""
+    views[()] = group.logits()[0].copy()
+    reply = distribution_reply(NextToken.local(views[()]), position, top_k)
     if lookahead is not None:
         reply.tree = []
         for path, logits in group.lookahead(lookahead.width, lookahead.depth):
+            views[path] = logits
             reply.tree.append(tree_node(path, logits, lookahead.top_k))
     return reply
 
@@ -275,12 +283,13 @@ def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: Serve
                 group = model.open_streams([ids], body.max_new_tokens, lookahead_depth=body.lookahead.depth) if body.lookahead \
                     else model.open_streams([ids], body.max_new_tokens)
                 try:
-                    first = _distribution(group, len(ids), body.top_k, body.lookahead)
+                    views: dict = {}
+                    first = _distribution(group, len(ids), body.top_k, body.lookahead, views)
                 except BaseException:
                     group.close()
                     raise
             session = _Session(secrets.token_urlsafe(16), key, group, len(ids), body.max_new_tokens, len(ids), kv_needed,
-                               lookahead=body.lookahead)
+                               lookahead=body.lookahead, views=views)
             with sessions_lock:
                 sessions[session.id] = session
         finally:
@@ -296,6 +305,14 @@ def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: Serve
             bad = [t for t in body.tokens if not 0 <= t < model.vocab_size]
             if bad:
                 raise ApiError(422, "token_out_of_range", f"token id {bad[0]} is outside the vocabulary [0, {model.vocab_size})")
+            if not body.tokens:  # a look: no lock, so a tree being streamed goes on
+                logits = session.views.get(tuple(body.path))
+                if logits is None or session.closed:
+                    raise ApiError(404, "unknown_node", "no such node in the session's latest lookahead tree") \
+                        if body.path and not session.closed else _unknown_session()
+                return distribution_reply(NextToken.local(logits), session.position + len(body.path), body.top_k)
+            if body.path:
+                raise ApiError(422, "invalid_request", "path goes with a look (no tokens), not with tokens to append")
             with session.lock:
                 if session.closed:  # deleted or expired while this request waited for the lock
                     raise _unknown_session()
@@ -310,7 +327,9 @@ def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: Serve
                             session.group.advance(token)
                             session.position += 1
                             session.budget -= 1
-                        reply = _distribution(session.group, session.position, body.top_k, None if body.stream else tree)
+                        session.views = {}
+                        reply = _distribution(session.group, session.position, body.top_k, None if body.stream else tree,
+                                              session.views)
                 if not (body.stream and tree):
                     return reply
                 session.tree = session.group.lookahead(tree.width, tree.depth)  # computed as the stream goes
@@ -353,6 +372,7 @@ def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: Serve
                     session.tree = None
                     close_locked(session)
                     return
+                session.views[path] = logits
             yield tree_node(path, logits, top_k).model_dump_json() + "\n"
 
     @app.delete(f"{API_PREFIX}/sessions/{{session_id}}", status_code=204, responses={404: {"model": ErrorBody}})

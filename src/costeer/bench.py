@@ -1,0 +1,321 @@
+"""`costeer bench`: every speed figure of the project, side by side in one run.
+
+Two machines are simulated on this one: the device on CPU 0 and the cloud (an
+embedded cloud model, or `costeer serve` in a subprocess) on CPU 1, one thread each.
+Every figure is a ratio of medians measured in the same run, with variants in an
+order that rotates per round, so load on a shared machine hits them alike:
+
+- fusion_loop_over_closed: the paper's 20-step loop over the closed form, per step,
+  on real full-vocabulary logits (and the two generate the same greedy tokens);
+- embedded_costeer_over_llm: speed of CoSteer over the cloud model alone, in-process;
+- ttft_cold_s / ttft_warm_s: time to first token on a long private context, with an
+  empty context cache, then a warm one (and the same tokens);
+- llm_stream_ms_per_token: the cloud model decoding on its own on the cloud's core,
+  with no per-token round trip: what a user of the cloud alone waits;
+- for each simulated round-trip time R: split_costeer_over_llm_stream_{R}ms (per-token
+  steps, and with lookahead), split_round_trips_per_token_{R}ms, each mode's greedy
+  tokens checked equal to per-token CoSteer's (the benchmark fails if not);
+- cloud_batch_cost: a forward pass of n tokens over one of 1, on the cloud's core.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .errors import UserError
+
+DEVICE_CPU, CLOUD_CPU = 0, 1
+DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "cogenesis"
+EXAMPLE = Path(__file__).with_name("examples") / "profile.md"
+MIN_TTFT_CONTEXT = 1300
+
+
+@dataclass
+class BenchConfig:
+    rounds: int = 2
+    prompts: int = 2
+    max_new_tokens: int = 32
+    rtts_ms: tuple[float, ...] = (0.0, 20.0, 100.0)
+    lookahead: tuple[int, int] = (3, 1)
+    data: Path = DEFAULT_DATA
+
+
+def _progress(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def _on_cpu(cpu: int) -> Iterator[None]:
+    """Run this thread on one CPU (llama.cpp with one thread decodes in the calling thread)."""
+    if not hasattr(os, "sched_setaffinity") or cpu not in os.sched_getaffinity(0) and len(os.sched_getaffinity(0)) < 2:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def load_tasks(config: BenchConfig) -> list[tuple[list, list]]:
+    """(public, private) message pairs: CoGenesis dev, or the example profile."""
+    from .evaluation.datasets import load_cogenesis
+    from .prompts import build_prompts
+
+    if (config.data / "ctx_dev.json").is_file():
+        return [(e.public, e.private) for e in load_cogenesis(config.data).examples]
+    pair = build_prompts("Write a two-sentence invitation to my birthday party.", EXAMPLE.read_text(encoding="utf-8"))
+    return [(pair.public, pair.private)]
+
+
+def decode_ms(g) -> float | None:
+    """Milliseconds per generated token after the first (prefill excluded), of a
+    Generation or a DecodeResult."""
+    n = len(g.token_ids)
+    return (g.elapsed_s - g.time_to_first_token_s) / (n - 1) * 1000 if n > 1 else None
+
+
+def rotating(names: list[str], rounds: int) -> Iterator[tuple[int, list[str]]]:
+    for r in range(rounds):
+        yield r, names[r % len(names):] + names[: r % len(names)]
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def _check_equal(what: str, a: list[int], b: list[int]) -> None:
+    if a != b:
+        raise RuntimeError(f"bench: {what} gave other tokens than per-token CoSteer "
+                           f"(first difference at token {next(i for i, (x, y) in enumerate(zip(a + [-1], b + [-1])) if x != y)})")
+
+
+def bench_fusion(cs, public, private, reps: int = 30) -> dict:
+    """Time of one fusion step, loop over closed form, on real logits; same greedy tokens."""
+    from .fusion import SteeringParams, fuse_closed_form, fuse_ftrl_loop, local_delta, log_softmax, steering_coefficient
+
+    llm, slm = cs.model("llm"), cs.model("slm")
+    with llm.open_streams([llm.encode_chat(public)], 1) as cloud, \
+            slm.open_streams([slm.encode_chat(private), slm.encode_chat(public)], 1) as device:
+        base = log_softmax(cloud.logits()[0])
+        delta = local_delta(*device.logits())
+    params = SteeringParams()
+    c = steering_coefficient(params)
+    times: dict[str, list[float]] = {"closed": [], "loop": []}
+    for r in range(reps):
+        for name in (("closed", "loop") if r % 2 == 0 else ("loop", "closed")):
+            t0 = time.perf_counter()
+            fuse_closed_form(base, delta, c) if name == "closed" else fuse_ftrl_loop(base, delta, params)
+            times[name].append(time.perf_counter() - t0)
+    closed = cs.generate_from_messages(public, private, method="costeer", fusion="closed", max_new_tokens=16)
+    loop = cs.generate_from_messages(public, private, method="costeer", fusion="loop", max_new_tokens=16)
+    _check_equal("the FTRL loop", loop.token_ids, closed.token_ids)
+    return {"fusion_loop_over_closed": _median(times["loop"]) / _median(times["closed"]),
+            "fusion_closed_ms": _median(times["closed"]) * 1000, "fusion_loop_ms": _median(times["loop"]) * 1000}
+
+
+def bench_embedded(cs, tasks, config: BenchConfig) -> dict:
+    ms: dict[str, list[float]] = {"llm": [], "costeer": []}
+    for r, order in rotating(list(ms), config.rounds):
+        for public, private in tasks:
+            for method in order:
+                value = decode_ms(cs.generate_from_messages(public, private, method=method,
+                                                             max_new_tokens=config.max_new_tokens))
+                if value is not None:
+                    ms[method].append(value)
+        _progress(f"embedded round {r + 1}/{config.rounds}")
+    return {"embedded_llm_ms_per_token": _median(ms["llm"]), "embedded_costeer_ms_per_token": _median(ms["costeer"]),
+            "embedded_costeer_over_llm": _median(ms["llm"]) / _median(ms["costeer"])}
+
+
+def bench_ttft(cs_factory, tasks, config: BenchConfig) -> dict:
+    """Cold (empty context cache) and warm time to first token on a long private context."""
+    slm = cs_factory(None).model("slm")
+    long = next(((pub, priv) for pub, priv in tasks if len(slm.encode_chat(priv)) >= MIN_TTFT_CONTEXT), tasks[0])
+    tokens = len(slm.encode_chat(long[1]))
+    cold, warm = [], []
+    for r in range(config.rounds):
+        with tempfile.TemporaryDirectory(prefix="costeer-bench-cache-") as folder:
+            cs = cs_factory(folder)
+            first = cs.generate_from_messages(*long, max_new_tokens=8)
+            again = cs.generate_from_messages(*long, max_new_tokens=8)
+            _check_equal("a warm context cache", again.token_ids, first.token_ids)
+            cold.append(first.time_to_first_token_s)
+            warm.append(again.time_to_first_token_s)
+        _progress(f"time to first token round {r + 1}/{config.rounds}: cold {cold[-1]:.2f} s, warm {warm[-1]:.2f} s")
+    return {"ttft_cold_s": _median(cold), "ttft_warm_s": _median(warm), "ttft_context_tokens": tokens}
+
+
+def bench_llm_stream(cs, tasks, config: BenchConfig) -> dict:
+    """The cloud model alone on the cloud's core: the speed a user gives up."""
+    ms = []
+    with _on_cpu(CLOUD_CPU):
+        for _ in range(config.rounds):
+            for public, private in tasks:
+                value = decode_ms(cs.generate_from_messages(public, private, method="llm",
+                                                             max_new_tokens=config.max_new_tokens))
+                if value is not None:
+                    ms.append(value)
+    return {"llm_stream_ms_per_token": _median(ms)}
+
+
+def bench_batch_cost(model, sizes=(1, 2, 4, 8, 16), reps: int = 3) -> dict:
+    """Seconds of one forward pass of n new tokens over one of 1, on the cloud's core
+    (llama.cpp models only: it feeds a batch through the group's own decode)."""
+    if not hasattr(model, "supports_prefix_state") or type(model).__name__ != "LlamaCppModel":
+        return {}
+    prompt = model.tokenize("The quick brown fox jumps over the lazy dog. " * 8)
+    seconds: dict[int, list[float]] = {n: [] for n in sizes}
+    with _on_cpu(CLOUD_CPU):
+        for r in range(reps):
+            for n in sizes:
+                with model.open_streams([prompt], max(sizes)) as group:
+                    t0 = time.perf_counter()
+                    _feed(group, prompt[:n])
+                    seconds[n].append(time.perf_counter() - t0)
+    one = _median(seconds[1])
+    return {"cloud_batch_cost": {str(n): round(_median(seconds[n]) / one, 3) for n in sizes},
+            "cloud_forward_ms": round(one * 1000, 1)}
+
+
+def _feed(group, tokens: list[int]) -> None:
+    """Decode `tokens` in one batch (llama.cpp groups), for the batch-cost curve."""
+    start = group._positions[0]
+    group._fill([(t, start + i, 0, i == len(tokens) - 1) for i, t in enumerate(tokens)])
+    group._decode()
+
+
+def bench_split(tasks, config: BenchConfig, llm_stream_ms: float, device_slm) -> dict:
+    from .generator import CoSteer
+
+    results: dict = {}
+    with _served_cloud() as url:
+        for rtt in config.rtts_ms:
+            modes = {"per_token": None, "lookahead": config.lookahead}
+            clients = {}
+            for name, tree in modes.items():
+                clients[name] = CoSteer(cloud=url, simulate_rtt_ms=rtt, lookahead=tree, quiet=True)
+                clients[name]._slots["slm"].model = device_slm  # one device model in memory
+            ms: dict[str, list[float]] = {m: [] for m in modes}
+            trips: dict[str, list[float]] = {m: [] for m in modes}
+            for r, order in rotating(list(modes), config.rounds):
+                tokens: dict[tuple[int, str], list[int]] = {}
+                for i, (public, private) in enumerate(tasks):
+                    for name in order:
+                        g = clients[name].generate_from_messages(public, private, max_new_tokens=config.max_new_tokens)
+                        tokens[(i, name)] = g.token_ids
+                        value = decode_ms(g)
+                        if value is not None:
+                            ms[name].append(value)
+                        trips[name].append(g.traffic["round_trips"] / max(1, g.new_tokens))
+                    _check_equal(f"lookahead {config.lookahead} at {rtt:g} ms", tokens[(i, "lookahead")], tokens[(i, "per_token")])
+                _progress(f"split at {rtt:g} ms, round {r + 1}/{config.rounds}: "
+                          + ", ".join(f"{n} {_median(ms[n]):.0f} ms/token" for n in modes))
+            for name in modes:
+                clients[name]._slots["slm"].model = None
+                clients[name].close()
+            r = f"{rtt:g}ms"
+            best = min(modes, key=lambda n: _median(ms[n]))
+            results[f"split_costeer_over_llm_stream_{r}"] = llm_stream_ms / _median(ms[best])
+            results[f"split_round_trips_per_token_{r}"] = _median(trips["lookahead"])
+            results[f"split_best_mode_{r}"] = best
+            for name in modes:
+                results[f"split_{name}_ms_per_token_{r}"] = _median(ms[name])
+                results[f"split_{name}_over_llm_stream_{r}"] = llm_stream_ms / _median(ms[name])
+            results[f"split_per_token_round_trips_per_token_{r}"] = _median(trips["per_token"])
+    return results
+
+
+@contextmanager
+def _served_cloud() -> Iterator[str]:
+    """`costeer serve` with the default cloud model, on the cloud's core, one thread."""
+    import socket
+    import subprocess
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "costeer.cli", "serve", "--port", str(port)]
+    if hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) > 1:
+        command = ["taskset", "-c", str(CLOUD_CPU), *command]
+    env = {**os.environ, "COSTEER_THREADS": "1"}
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if proc.poll() is not None:
+                raise UserError(f"bench: costeer serve exited: {proc.stderr.read().decode(errors='replace')[-500:]}")
+            try:
+                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise UserError("bench: costeer serve did not start within 300 s")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def run_bench(config: BenchConfig) -> dict:
+    os.environ["COSTEER_THREADS"] = "1"  # before any model loads: one thread per side
+    from .context_cache import ContextCache
+    from .generator import CoSteer
+
+    started = time.perf_counter()
+    tasks = load_tasks(config)
+    _progress(f"{len(tasks)} tasks available; loading the default models")
+    with _on_cpu(DEVICE_CPU):
+        cs = CoSteer(quiet=True, context_cache=False)
+        llm, slm = cs.model("llm"), cs.model("slm")
+        chosen = tasks[: config.prompts]
+        result: dict = {"config": {"rounds": config.rounds, "prompts": len(chosen), "max_new_tokens": config.max_new_tokens,
+                                   "lookahead": list(config.lookahead), "threads_per_side": 1}}
+        result.update(bench_fusion(cs, *chosen[0]))
+        _progress(f"fusion: loop {result['fusion_loop_ms']:.1f} ms, closed {result['fusion_closed_ms']:.2f} ms")
+
+        def with_cache(folder):
+            c = CoSteer(quiet=True, context_cache=ContextCache(folder) if folder else False)
+            c._slots["llm"].model, c._slots["slm"].model = llm, slm
+            return c
+
+        result.update(bench_ttft(with_cache, tasks, config))
+        warm = with_cache(tempfile.mkdtemp(prefix="costeer-bench-cache-"))  # later runs prefill warm, as a user's would
+        result.update(bench_embedded(warm, chosen, config))
+        result.update(bench_llm_stream(warm, chosen, config))
+        _progress(f"cloud model alone on its core: {result['llm_stream_ms_per_token']:.0f} ms/token")
+        result.update(bench_batch_cost(llm))
+        _progress(f"batch cost: {result['cloud_batch_cost']}")
+        result.update(bench_split(chosen, config, result["llm_stream_ms_per_token"], slm))
+    result["bench_seconds"] = round(time.perf_counter() - started, 1)
+    return result
+
+
+def format_table(result: dict) -> str:
+    lines = ["| figure | value |", "|---|---|"]
+    for key, value in result.items():
+        if key == "config":
+            continue
+        shown = f"{value:.3f}" if isinstance(value, float) else json.dumps(value)
+        lines.append(f"| {key} | {shown} |")
+    return "\n".join(lines)
