@@ -171,15 +171,31 @@ def decode(
     certification = CertificationStats()
     reused = 0
     try:
-        for role, indices in by_role.items():
-            private = [policy.streams[i].prompt == "private" for i in indices]
-            if context_cache is not None and any(private) and not isinstance(models[role], RemoteCloud):
-                groups[role], n = context_cache.open_streams(models[role], [prompts[i] for i in indices],
-                                                             max_new_tokens, private)
-                reused += n
-                continue
-            groups[role] = _open(models[role], [prompts[i] for i in indices], max_new_tokens,
-                                 policy.first_cloud_k(sampling))
+        # a remote cloud prefills its prompt while this machine prefills the device's
+        remote = [role for role in by_role if isinstance(models[role], RemoteCloud)]
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            opening = {role: pool.submit(_open, models[role], [prompts[i] for i in by_role[role]], max_new_tokens,
+                                         policy.first_cloud_k(sampling)) for role in remote}
+            try:
+                for role, indices in by_role.items():
+                    if role in opening:
+                        continue
+                    private = [policy.streams[i].prompt == "private" for i in indices]
+                    if context_cache is not None and any(private):
+                        groups[role], n = context_cache.open_streams(models[role], [prompts[i] for i in indices],
+                                                                     max_new_tokens, private)
+                        reused += n
+                    else:
+                        groups[role] = _open(models[role], [prompts[i] for i in indices], max_new_tokens, None)
+            finally:
+                failed = None
+                for role, future in opening.items():
+                    try:
+                        groups[role] = future.result()  # kept even if a local open failed, so it gets closed
+                    except BaseException as exc:
+                        failed = exc
+            if failed is not None:
+                raise failed
         prefill_s = time.perf_counter() - start
         prompt_lengths = [0] * len(policy.streams)
         for role, indices in by_role.items():
