@@ -36,6 +36,10 @@ def costeer(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
         (["generate", "--prompt", "   "], "prompt is empty"),
         (["generate"], "--prompt"),
         (["fly"], "invalid choice"),
+        (["bench", "--rtt-ms", "fast"], "--rtt-ms"),
+        (["bench", "--rtt-ms", "-5"], "--rtt-ms"),
+        (["bench", "--lookahead", "9,9"], "depth must be"),
+        (["generate", "--prompt", "hi", "--lookahead", "2,4"], "remote cloud"),
     ],
 )
 def test_user_mistakes_exit_nonzero_with_one_line_and_no_traceback(args, message):

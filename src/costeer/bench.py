@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -58,8 +59,8 @@ def _progress(message: str) -> None:
 @contextmanager
 def _on_cpu(cpu: int) -> Iterator[None]:
     """Run this thread on one CPU (llama.cpp with one thread decodes in the calling thread)."""
-    if not hasattr(os, "sched_setaffinity") or cpu not in os.sched_getaffinity(0) and len(os.sched_getaffinity(0)) < 2:
-        yield
+    if not hasattr(os, "sched_setaffinity") or cpu >= (os.cpu_count() or 1):
+        yield  # one CPU, or no affinity control: both sides share what there is
         return
     before = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {cpu})
@@ -140,21 +141,43 @@ def bench_embedded(cs, tasks, config: BenchConfig) -> dict:
             "embedded_costeer_over_llm": _median(ms["llm"]) / _median(ms["costeer"])}
 
 
+@contextmanager
+def _whole_machine(models) -> Iterator[None]:
+    """All CPUs and as many threads, as `costeer generate` runs on a user's machine."""
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
+    everything = set(range(os.cpu_count() or 1))
+    before = [m.n_threads for m in models]
+    if cpus:
+        os.sched_setaffinity(0, everything)
+    for m in models:
+        m.n_threads = len(everything)
+    try:
+        yield
+    finally:
+        for m, n in zip(models, before):
+            m.n_threads = n
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+
+
 def bench_ttft(cs_factory, tasks, config: BenchConfig) -> dict:
-    """Cold (empty context cache) and warm time to first token on a long private context."""
-    slm = cs_factory(None).model("slm")
+    """Cold (empty context cache) and warm time to first token on a long private
+    context, embedded on the whole machine (what `costeer generate` does)."""
+    probe = cs_factory(None)
+    slm = probe.model("slm")
     long = next(((pub, priv) for pub, priv in tasks if len(slm.encode_chat(priv)) >= MIN_TTFT_CONTEXT), tasks[0])
     tokens = len(slm.encode_chat(long[1]))
     cold, warm = [], []
-    for r in range(config.rounds):
-        with tempfile.TemporaryDirectory(prefix="costeer-bench-cache-") as folder:
-            cs = cs_factory(folder)
-            first = cs.generate_from_messages(*long, max_new_tokens=8)
-            again = cs.generate_from_messages(*long, max_new_tokens=8)
-            _check_equal("a warm context cache", again.token_ids, first.token_ids)
-            cold.append(first.time_to_first_token_s)
-            warm.append(again.time_to_first_token_s)
-        _progress(f"time to first token round {r + 1}/{config.rounds}: cold {cold[-1]:.2f} s, warm {warm[-1]:.2f} s")
+    with _whole_machine([probe.model("llm"), slm]):
+        for r in range(config.rounds):
+            with tempfile.TemporaryDirectory(prefix="costeer-bench-cache-") as folder:
+                cs = cs_factory(folder)
+                first = cs.generate_from_messages(*long, max_new_tokens=8)
+                again = cs.generate_from_messages(*long, max_new_tokens=8)
+                _check_equal("a warm context cache", again.token_ids, first.token_ids)
+                cold.append(first.time_to_first_token_s)
+                warm.append(again.time_to_first_token_s)
+            _progress(f"time to first token round {r + 1}/{config.rounds}: cold {cold[-1]:.2f} s, warm {warm[-1]:.2f} s")
     return {"ttft_cold_s": _median(cold), "ttft_warm_s": _median(warm), "ttft_context_tokens": tokens}
 
 
@@ -197,7 +220,7 @@ def _feed(group, tokens: list[int]) -> None:
     group._decode()
 
 
-def bench_split(tasks, config: BenchConfig, llm_stream_ms: float, device_slm) -> dict:
+def bench_split(tasks, config: BenchConfig, llm_stream_ms: float, device_slm, cache) -> dict:
     from .generator import CoSteer
 
     results: dict = {}
@@ -206,10 +229,11 @@ def bench_split(tasks, config: BenchConfig, llm_stream_ms: float, device_slm) ->
             modes = {"per_token": None, "lookahead": config.lookahead}
             clients = {}
             for name, tree in modes.items():
-                clients[name] = CoSteer(cloud=url, simulate_rtt_ms=rtt, lookahead=tree, quiet=True)
+                clients[name] = CoSteer(cloud=url, simulate_rtt_ms=rtt, lookahead=tree, quiet=True, context_cache=cache)
                 clients[name]._slots["slm"].model = device_slm  # one device model in memory
             ms: dict[str, list[float]] = {m: [] for m in modes}
             trips: dict[str, list[float]] = {m: [] for m in modes}
+            first_token: list[float] = []
             for r, order in rotating(list(modes), config.rounds):
                 tokens: dict[tuple[int, str], list[int]] = {}
                 for i, (public, private) in enumerate(tasks):
@@ -220,6 +244,8 @@ def bench_split(tasks, config: BenchConfig, llm_stream_ms: float, device_slm) ->
                         if value is not None:
                             ms[name].append(value)
                         trips[name].append(g.traffic["round_trips"] / max(1, g.new_tokens))
+                        if g.context_cache_tokens:
+                            first_token.append(g.time_to_first_token_s)
                     _check_equal(f"lookahead {config.lookahead} at {rtt:g} ms", tokens[(i, "lookahead")], tokens[(i, "per_token")])
                 _progress(f"split at {rtt:g} ms, round {r + 1}/{config.rounds}: "
                           + ", ".join(f"{n} {_median(ms[n]):.0f} ms/token" for n in modes))
@@ -235,6 +261,7 @@ def bench_split(tasks, config: BenchConfig, llm_stream_ms: float, device_slm) ->
                 results[f"split_{name}_ms_per_token_{r}"] = _median(ms[name])
                 results[f"split_{name}_over_llm_stream_{r}"] = llm_stream_ms / _median(ms[name])
             results[f"split_per_token_round_trips_per_token_{r}"] = _median(trips["per_token"])
+            results[f"split_ttft_warm_s_{r}"] = _median(first_token)  # device on one core, cloud on the other
     return results
 
 
@@ -291,22 +318,24 @@ def run_bench(config: BenchConfig) -> dict:
         chosen = tasks[: config.prompts]
         result: dict = {"config": {"rounds": config.rounds, "prompts": len(chosen), "max_new_tokens": config.max_new_tokens,
                                    "lookahead": list(config.lookahead), "threads_per_side": 1}}
-        result.update(bench_fusion(cs, *chosen[0]))
-        _progress(f"fusion: loop {result['fusion_loop_ms']:.1f} ms, closed {result['fusion_closed_ms']:.2f} ms")
 
         def with_cache(folder):
             c = CoSteer(quiet=True, context_cache=ContextCache(folder) if folder else False)
             c._slots["llm"].model, c._slots["slm"].model = llm, slm
             return c
 
+        cache_folder = tempfile.mkdtemp(prefix="costeer-bench-cache-")
+        warm = with_cache(cache_folder)  # after its first prefill a context is warm, as a user's would be
+        result.update(bench_fusion(warm, *chosen[0]))
+        _progress(f"fusion: loop {result['fusion_loop_ms']:.1f} ms, closed {result['fusion_closed_ms']:.2f} ms")
         result.update(bench_ttft(with_cache, tasks, config))
-        warm = with_cache(tempfile.mkdtemp(prefix="costeer-bench-cache-"))  # later runs prefill warm, as a user's would
         result.update(bench_embedded(warm, chosen, config))
         result.update(bench_llm_stream(warm, chosen, config))
         _progress(f"cloud model alone on its core: {result['llm_stream_ms_per_token']:.0f} ms/token")
         result.update(bench_batch_cost(llm))
         _progress(f"batch cost: {result['cloud_batch_cost']}")
-        result.update(bench_split(chosen, config, result["llm_stream_ms_per_token"], slm))
+        result.update(bench_split(chosen, config, result["llm_stream_ms_per_token"], slm, warm.context_cache))
+        shutil.rmtree(cache_folder, ignore_errors=True)
     result["bench_seconds"] = round(time.perf_counter() - started, 1)
     return result
 
