@@ -8,9 +8,11 @@ a prompt that starts the same way loads it and prefills only the rest.
 
 Exact by construction: an entry holds the token ids its state was computed from;
 a request reuses only the longest run of its own first tokens that equals an
-entry's, and everything after is computed as a cold start computes it (the backend
-keeps the same cell layout and batch shapes), so the output is the same, token for
-token, with or without the cache.
+entry's, cut to whole blocks of the backend's `prefix_state_block`; the backend
+prefills every prompt in batches of that block from position 0 and lays out its
+cells the same way with or without a restored prefix, so what follows is computed
+exactly as a cold start computes it: the same logits, bit for bit, and the same
+tokens.
 
 Entries are derived from private data: the folder is 0700, files 0600. Each file:
 
