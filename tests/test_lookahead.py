@@ -85,7 +85,7 @@ def test_the_device_sends_only_the_tokens_it_chose(served, tmp_path, tree):
     appended = [t for body in sent for t in body["tokens"]]
     # every chosen token once, in order (the last one needs no reply); nothing else
     assert appended == g.token_ids[: len(appended)] and len(appended) >= g.new_tokens - tree[0] - 1
-    assert all(set(b) - {"stream"} == {"tokens", "top_k", "lookahead"} for b in sent)
+    assert all(set(b) - {"stream", "path"} == {"tokens", "top_k"} for b in sent)
     assert all("canary" not in json.dumps(b) for b in sent)
 
 

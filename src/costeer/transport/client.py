@@ -89,7 +89,7 @@ class ServedSession(CloudSession):
     def _step(self, tokens: list[int], k: int | None) -> None:
         """Append tokens; the reply is the distribution there (and a new tree, if any)."""
         path = f"{API_PREFIX}/sessions/{self._session}/step"
-        request = {"tokens": tokens, "top_k": k, "lookahead": True}
+        request = {"tokens": tokens, "top_k": k}  # a session opened with lookahead sends a tree with every step
         self._end_stream()  # the server moves: the old walk and tree are done
         self._tree, self._walked = {}, []
         if self._streams:
@@ -128,8 +128,8 @@ class ServedSession(CloudSession):
         """A look: more of the distribution at the current tree node (or position),
         without moving the session or disturbing a tree the cloud is still sending."""
         k = k if k is not None and k < self.vocab_size else None
-        reply = self._wire.request("POST", f"{API_PREFIX}/sessions/{self._session}/step",
-                                   {"tokens": [], "path": self._walked, "top_k": k, "lookahead": False})
+        request = {"tokens": [], "top_k": k, **({"path": self._walked} if self._walked else {})}
+        reply = self._wire.request("POST", f"{API_PREFIX}/sessions/{self._session}/step", request)
         self._view = self._top(reply, k)
 
     def advance(self, token_id: int) -> None:
