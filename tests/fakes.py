@@ -18,7 +18,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from costeer.backends.base import ChatMessage, LanguageModel, StreamGroup, check_window
-from costeer.distribution import top_k
+from costeer.distribution import top_k, top_probability
 
 SPECIALS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
 IM_START, IM_END, END_OF_TEXT = 256, 257, 258
@@ -128,7 +128,7 @@ class NumpyStreams(StreamGroup):
         self._states = [self._model.step_state(s, int(token_id)) for s in self._states]
         self._model.count_pass()
 
-    def lookahead(self, width: int, depth: int) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
+    def lookahead(self, width: int, depth: int, min_probability: float = 0.0) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
         if self._closed:
             raise ClosedGroupError("stream group used after close")
         if len(self._states) != 1:
@@ -140,7 +140,10 @@ class NumpyStreams(StreamGroup):
             children = []
             for path in frontier:
                 state = self._tree[path]
-                for token in top_k(self._model.state_logits(state), width)[0]:
+                logits = self._model.state_logits(state)
+                if top_probability(logits) < min_probability:
+                    continue
+                for token in top_k(logits, width)[0]:
                     child = path + (int(token),)
                     self._tree[child] = self._model.step_state(state, int(token))
                     yield child, self._model.state_logits(self._tree[child])

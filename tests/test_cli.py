@@ -39,6 +39,7 @@ def costeer(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
         (["bench", "--rtt-ms", "fast"], "--rtt-ms"),
         (["bench", "--rtt-ms", "-5"], "--rtt-ms"),
         (["bench", "--lookahead", "9,9"], "depth must be"),
+        (["bench", "--lookahead", "3,1,2"], "MIN_P"),
         (["generate", "--prompt", "hi", "--lookahead", "2,4"], "remote cloud"),
     ],
 )

@@ -40,7 +40,7 @@ def device(url: str, **kw) -> CoSteer:
 
 
 @pytest.mark.parametrize("method", CLOUD_METHODS)
-@pytest.mark.parametrize("tree", [(1, 1), (3, 1), (2, 4), (3, 2)])
+@pytest.mark.parametrize("tree", [(1, 1, 0.0), (3, 1, 0.0), (2, 4, 0.0), (3, 2, 0.0), (3, 1, 0.5), (2, 4, 0.3)])
 def test_lookahead_greedy_equals_embedded_with_fewer_round_trips(served, embedded, method, tree):
     url, _ = served
     remote = device(url, lookahead=tree, cloud_top_k=4).generate(PROMPT, CONTEXT, method=method, max_new_tokens=32)
@@ -58,14 +58,14 @@ def test_lookahead_greedy_equals_embedded_with_fewer_round_trips(served, embedde
                                       dict(temperature=0.9)])
 def test_lookahead_sampling_is_exact(served, embedded, sampling):
     url, _ = served
-    cs = device(url, lookahead=(2, 3), cloud_top_k=4)
+    cs = device(url, lookahead=(2, 3, 0.0), cloud_top_k=4)
     for seed in range(3):
         remote = cs.generate(PROMPT, CONTEXT, max_new_tokens=20, seed=seed, **sampling)
         assert remote.token_ids == embedded.generate(PROMPT, CONTEXT, max_new_tokens=20, seed=seed, **sampling).token_ids
         assert remote.traffic["uncertified_steps"] == 0
 
 
-@pytest.mark.parametrize("tree", [(2, 4), (3, 1)])
+@pytest.mark.parametrize("tree", [(2, 4, 0.0), (3, 1, 0.0)])
 def test_escalating_inside_the_tree_sends_the_walk_first(served, embedded, tree):
     """k = 1 rarely certifies: the device asks for more at tree nodes the server has not
     reached, and at the root while a chain is still streaming."""
@@ -75,7 +75,7 @@ def test_escalating_inside_the_tree_sends_the_walk_first(served, embedded, tree)
     assert g.traffic["escalations"] and g.traffic["uncertified_steps"] == 0
 
 
-@pytest.mark.parametrize("tree", [(2, 4), (3, 1)])
+@pytest.mark.parametrize("tree", [(2, 4, 0.0), (3, 1, 0.0)])
 def test_the_device_sends_only_the_tokens_it_chose(served, tmp_path, tree):
     url, _ = served
     wire = tmp_path / "wire.jsonl"
@@ -92,7 +92,7 @@ def test_the_device_sends_only_the_tokens_it_chose(served, tmp_path, tree):
 def test_tree_tokens_cost_the_server_no_extra_pass():
     cloud = NumpyModel(1, "numpy-cloud")
     with app_in_thread(create_app(cloud)) as url:
-        g = device(url, lookahead=(1, 4)).generate(PROMPT, CONTEXT, method="llm", max_new_tokens=20)
+        g = device(url, lookahead=(1, 4, 0.0)).generate(PROMPT, CONTEXT, method="llm", max_new_tokens=20)
     # llm picks the cloud's argmax, always in the tree: every other token comes from a tree node,
     # and each request costs one pass for its new token plus one for the tree level
     assert g.traffic["lookahead_tokens"] >= (g.new_tokens - 1) // 2

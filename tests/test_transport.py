@@ -59,7 +59,7 @@ def test_remote_greedy_equals_embedded_token_for_token(default_costeer, device, 
 @pytest.mark.models
 def test_lookahead_gives_the_per_token_text_with_fewer_round_trips(cloud_url, device, profile_text):
     per_token, _ = device
-    trees = {tree: CoSteer(cloud=cloud_url, api_key=KEY, lookahead=tree, quiet=True) for tree in ((2, 2), (3, 1))}
+    trees = {tree: CoSteer(cloud=cloud_url, api_key=KEY, lookahead=tree, quiet=True) for tree in ((2, 2, 0.0), (3, 1))}
     for cs in trees.values():
         cs._slots["slm"].model = per_token.model("slm")  # one device model in memory
     try:

@@ -49,6 +49,7 @@ class BenchConfig:
     max_new_tokens: int = 32
     rtts_ms: tuple[float, ...] = (0.0, 20.0, 100.0)
     lookahead: tuple[int, int] = (3, 1)
+    cloud_top_k: int = 1024  # first k of every split step: fewer looks than the default 64 on long contexts
     data: Path = DEFAULT_DATA
 
 
@@ -213,6 +214,32 @@ def bench_batch_cost(model, sizes=(1, 2, 4, 8, 16), reps: int = 3) -> dict:
             "cloud_forward_ms": round(one * 1000, 1)}
 
 
+def bench_contention(llm, slm, public, private, steps: int = 8) -> dict:
+    """A device step and a cloud step, each alone on its core, then both at once. On a
+    machine whose two CPUs share memory bandwidth (or a physical core), concurrent
+    decoding slows each side: the two simulated machines are not independent."""
+    import threading
+
+    with slm.open_streams([slm.encode_chat(private), slm.encode_chat(public)], 4 * steps) as device, \
+            llm.open_streams([llm.encode_chat(public)], 4 * steps) as cloud:
+        def timed(group, cpu: int, out: list[float]) -> None:
+            with _on_cpu(cpu):
+                for _ in range(steps):
+                    t0 = time.perf_counter()
+                    group.advance(13)
+                    out.append(time.perf_counter() - t0)
+
+        alone_device, alone_cloud, both_device, both_cloud = [], [], [], []
+        timed(device, DEVICE_CPU, alone_device)
+        timed(cloud, CLOUD_CPU, alone_cloud)
+        other = threading.Thread(target=timed, args=(cloud, CLOUD_CPU, both_cloud))
+        other.start()
+        timed(device, DEVICE_CPU, both_device)
+        other.join()
+    return {"device_step_ms": _median(alone_device) * 1000, "cloud_step_ms": _median(alone_cloud) * 1000,
+            "device_step_concurrent_ms": _median(both_device) * 1000, "cloud_step_concurrent_ms": _median(both_cloud) * 1000}
+
+
 def _feed(group, tokens: list[int]) -> None:
     """Decode `tokens` in one batch (llama.cpp groups), for the batch-cost curve."""
     start = group._positions[0]
@@ -229,7 +256,8 @@ def bench_split(tasks, config: BenchConfig, llm_stream_ms: float, device_slm, ca
             modes = {"per_token": None, "lookahead": config.lookahead}
             clients = {}
             for name, tree in modes.items():
-                clients[name] = CoSteer(cloud=url, simulate_rtt_ms=rtt, lookahead=tree, quiet=True, context_cache=cache)
+                clients[name] = CoSteer(cloud=url, simulate_rtt_ms=rtt, lookahead=tree, quiet=True, context_cache=cache,
+                                        cloud_top_k=config.cloud_top_k)
                 clients[name]._slots["slm"].model = device_slm  # one device model in memory
             ms: dict[str, list[float]] = {m: [] for m in modes}
             trips: dict[str, list[float]] = {m: [] for m in modes}
@@ -277,7 +305,8 @@ def _served_cloud() -> Iterator[str]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     command = [sys.executable, "-m", "costeer.cli", "serve", "--port", str(port)]
-    if hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) > 1:
+    if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > CLOUD_CPU:
+        # explicitly: a child inherits this thread's affinity, which is the device's CPU
         command = ["taskset", "-c", str(CLOUD_CPU), *command]
     env = {**os.environ, "COSTEER_THREADS": "1"}
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -317,7 +346,8 @@ def run_bench(config: BenchConfig) -> dict:
         llm, slm = cs.model("llm"), cs.model("slm")
         chosen = tasks[: config.prompts]
         result: dict = {"config": {"rounds": config.rounds, "prompts": len(chosen), "max_new_tokens": config.max_new_tokens,
-                                   "lookahead": list(config.lookahead), "threads_per_side": 1}}
+                                   "lookahead": list(config.lookahead), "cloud_top_k": config.cloud_top_k,
+                                   "threads_per_side": 1}}
 
         def with_cache(folder):
             c = CoSteer(quiet=True, context_cache=ContextCache(folder) if folder else False)
@@ -334,6 +364,9 @@ def run_bench(config: BenchConfig) -> dict:
         _progress(f"cloud model alone on its core: {result['llm_stream_ms_per_token']:.0f} ms/token")
         result.update(bench_batch_cost(llm))
         _progress(f"batch cost: {result['cloud_batch_cost']}")
+        result.update(bench_contention(llm, slm, *chosen[0]))
+        _progress(f"steps alone: device {result['device_step_ms']:.0f} ms, cloud {result['cloud_step_ms']:.0f} ms; "
+                  f"at once: {result['device_step_concurrent_ms']:.0f} and {result['cloud_step_concurrent_ms']:.0f} ms")
         result.update(bench_split(chosen, config, result["llm_stream_ms_per_token"], slm, warm.context_cache))
         shutil.rmtree(cache_folder, ignore_errors=True)
     result["bench_seconds"] = round(time.perf_counter() - started, 1)

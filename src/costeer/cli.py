@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .transport.protocol import MAX_LOOKAHEAD_NODES
+from .transport.protocol import DEFAULT_LOOKAHEAD_MIN_P, MAX_LOOKAHEAD_NODES
 from .errors import UserError
 from .fusion import SteeringParams
 from .methods import DEFAULT_TOP_K, METHODS
@@ -30,19 +30,25 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _lookahead(text: str) -> tuple[int, int]:
-    """D,M: a tree of depth D and width M."""
+def _lookahead(text: str) -> tuple[int, int, float]:
+    """D,M or D,M,P: a tree of depth D and width M, grown under nodes where the cloud's
+    likeliest token has probability >= P (default 0.5)."""
     parts = text.split(",")
     try:
-        depth, width = (int(p) for p in parts)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected DEPTH,WIDTH such as 2,4, got {text!r}") from None
+        depth, width = int(parts[0]), int(parts[1])
+        min_probability = float(parts[2]) if len(parts) == 3 else DEFAULT_LOOKAHEAD_MIN_P
+        if len(parts) not in (2, 3):
+            raise ValueError
+    except (ValueError, IndexError):
+        raise argparse.ArgumentTypeError(f"expected DEPTH,WIDTH[,MIN_P] such as 3,1 or 2,4,0.5, got {text!r}") from None
     if not (1 <= depth <= 4 and 1 <= width <= 8):
         raise argparse.ArgumentTypeError(f"depth must be 1..4 and width 1..8, got {text!r}")
+    if not 0 <= min_probability <= 1:
+        raise argparse.ArgumentTypeError(f"MIN_P must be between 0 and 1, got {text!r}")
     if sum(width**d for d in range(1, depth + 1)) > MAX_LOOKAHEAD_NODES:
         raise argparse.ArgumentTypeError(f"a tree of depth {depth} and width {width} has more than "
                                          f"{MAX_LOOKAHEAD_NODES} nodes (the server's limit)")
-    return depth, width
+    return depth, width, min_probability
 
 
 def _finite_float(text: str) -> float:
@@ -113,10 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "remote cloud; refused without this flag")
     cloud.add_argument("--cloud-top-k", type=_positive_int, default=DEFAULT_TOP_K,
                        help=f"first k asked of the cloud each step (default {DEFAULT_TOP_K}); escalates when not certified")
-    cloud.add_argument("--lookahead", metavar="D,M", type=_lookahead, default=None,
+    cloud.add_argument("--lookahead", metavar="D,M[,P]", type=_lookahead, default=None,
                        help="with each step the cloud also sends its distributions after its own M likeliest "
-                            "tokens, D levels deep; the device walks them and sends several tokens per round "
-                            "trip (same output, fewer round trips; costeer serve only)")
+                            "tokens, D levels deep, where its likeliest token has probability >= P (default 0.5); "
+                            "the device walks them and sends several tokens per round trip (same output, fewer "
+                            "round trips; costeer serve only; 3,1 suits a CPU cloud)")
     _add_model_args(gen)
     _add_decoding_args(gen)
 
@@ -164,8 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--prompts", type=_positive_int, default=2, help="CoGenesis dev tasks per round")
     bench.add_argument("--max-new-tokens", type=_positive_int, default=32)
     bench.add_argument("--rtt-ms", default="0,20,100", help="simulated round-trip times, comma-separated")
-    bench.add_argument("--lookahead", metavar="D,M", type=_lookahead, default=(3, 1),
-                       help="the lookahead tree measured beside per-token steps (default 3,1)")
+    bench.add_argument("--lookahead", metavar="D,M[,P]", type=_lookahead, default=(3, 1, DEFAULT_LOOKAHEAD_MIN_P),
+                       help="the lookahead tree measured beside per-token steps (default 3,1,0.5)")
+    bench.add_argument("--cloud-top-k", type=_positive_int, default=1024,
+                       help="first k of every split step, both modes (default 1024: fewer escalations on long contexts)")
     bench.add_argument("--data", metavar="DIR", default=None, help="a CoGenesis folder (default ../shared/data/cogenesis)")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
@@ -295,7 +304,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if not rtts or any(not math.isfinite(r) or r < 0 for r in rtts):
         raise UserError(f"--rtt-ms takes finite milliseconds >= 0, got {args.rtt_ms!r}")
     config = BenchConfig(rounds=args.rounds, prompts=args.prompts, max_new_tokens=max(2, args.max_new_tokens),
-                         rtts_ms=rtts, lookahead=args.lookahead)
+                         rtts_ms=rtts, lookahead=args.lookahead, cloud_top_k=args.cloud_top_k)
     if args.data:
         config.data = Path(args.data)
     result = run_bench(config)

@@ -84,3 +84,9 @@ def top_k(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     order = np.lexsort((ids, -values[ids]))
     ids = ids[order]
     return ids, values[ids]
+
+
+def top_probability(logits: np.ndarray) -> float:
+    """Probability of the likeliest token under softmax(logits)."""
+    shifted = np.asarray(logits, np.float64) - float(np.max(logits))
+    return float(1.0 / np.exp(shifted).sum())

@@ -74,7 +74,7 @@ class CoSteer:
         cloud_model: str | None = None,
         cloud_max_k: int | None = None,
         send_private_context_to_cloud: bool = False,
-        lookahead: tuple[int, int] | None = None,
+        lookahead: tuple[int, int] | tuple[int, int, float] | None = None,
         context_cache: bool | ContextCache = True,
     ):
         """`cloud`: where the cloud model runs instead of here: the URL of a `costeer serve`
@@ -82,9 +82,10 @@ class CoSteer:
         `cloud_model` names the model and `cloud_max_k` is the server's cap on logprobs).
         The device model (slm) stays local and alone reads the private context: methods
         that would give it to a remote cloud (`llm-context`) are refused unless
-        `send_private_context_to_cloud` is True. `lookahead=(D, M)` asks a `costeer serve`
-        cloud for a tree of its M likeliest continuations, D deep, with every step, so the
-        device sends several tokens per round trip with the same output. `context_cache`
+        `send_private_context_to_cloud` is True. `lookahead=(D, M)` or `(D, M, P)` asks a
+        `costeer serve` cloud for a tree of its M likeliest continuations, D deep (grown
+        where its likeliest token has probability >= P, default 0.5), with every step,
+        so the device sends several tokens per round trip with the same output. `context_cache`
         keeps the device model's prefill of private prompts on disk and starts the next
         prompt with the same context from it, with the same output (True: the default
         folder; a `ContextCache`: that one; False: off)."""
@@ -231,7 +232,7 @@ class CoSteer:
 def _connect_cloud(url, api_key, wire_log, simulate_rtt_ms, model_name, max_k, lookahead, tokenizer: LanguageModel) -> RemoteCloud:
     from .transport.client import ServedCloud
     from .transport.openai_client import DEFAULT_MAX_K, OpenAICloud
-    from .transport.protocol import Lookahead
+    from .transport.protocol import DEFAULT_LOOKAHEAD_MIN_P, Lookahead
     from .transport.wire import WireClient
 
     openai = url.startswith("openai+")
@@ -243,7 +244,10 @@ def _connect_cloud(url, api_key, wire_log, simulate_rtt_ms, model_name, max_k, l
     wire = WireClient(base, api_key, wire_log, simulate_rtt_ms)
     if openai:
         return OpenAICloud(wire, tokenizer, model_name, max_k or DEFAULT_MAX_K)
-    tree = Lookahead(depth=lookahead[0], width=lookahead[1]) if lookahead else None
+    tree = None
+    if lookahead:
+        depth, width, *rest = lookahead
+        tree = Lookahead(depth=depth, width=width, min_probability=rest[0] if rest else DEFAULT_LOOKAHEAD_MIN_P)
     return ServedCloud(wire, tokenizer, tree)
 
 

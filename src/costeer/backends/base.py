@@ -46,8 +46,9 @@ class StreamGroup(ABC):
         """Each stream's next-token distribution, complete."""
         return [NextToken.local(row) for row in self.logits()]
 
-    def lookahead(self, width: int, depth: int) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
-        """The tree of stream 0's `width` likeliest next tokens, `depth` levels deep:
+    def lookahead(self, width: int, depth: int, min_probability: float = 0.0) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
+        """The tree of stream 0's `width` likeliest next tokens, `depth` levels deep,
+        growing children only under nodes whose likeliest token has at least `min_probability`:
         (path, logits after the path) for every node, computed lazily as the iteration
         reaches it (it may stop early), children of a node in any order. Leaves the
         group where it is; an `advance` along a path of the latest tree may reuse its

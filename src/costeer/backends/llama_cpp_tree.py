@@ -23,7 +23,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from ..distribution import top_k
+from ..distribution import top_k, top_probability
 from .llama_cpp_backend import LlamaCppModel, _LlamaCppStreams
 
 
@@ -36,7 +36,7 @@ class LlamaCppTreeStreams(_LlamaCppStreams):
         self._memory = self._lib.llama_get_memory(self._ctx)
         self._chain: list[tuple[int, np.ndarray]] = []  # kept cells after the position: (token, logits after it)
 
-    def lookahead(self, width: int, depth: int) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
+    def lookahead(self, width: int, depth: int, min_probability: float = 0.0) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
         if depth + 1 > self.spare_cells:
             raise ValueError(f"a tree of depth {depth} does not fit this group (opened for {self.spare_cells - 1})")
         if width == 1:  # a chain: every node is kept as soon as it is computed
@@ -48,20 +48,22 @@ class LlamaCppTreeStreams(_LlamaCppStreams):
                 yield tuple(t for t, _ in self._chain[: i + 1]), self._chain[i][1]
             logits = self._chain[-1][1] if self._chain else self._logits[0]
             while len(self._chain) < depth:
+                if top_probability(logits) < min_probability:
+                    return  # an unsure cloud: the device's choice would likely leave the chain
                 token = int(top_k(logits, 1)[0][0])
                 logits = self._decode_alone(token, self._positions[0] + len(self._chain))
                 self._chain.append((token, logits))
                 yield tuple(t for t, _ in self._chain), logits
             return
         self._drop_chain()
-        yield from self._tree(width, depth)
+        yield from self._tree(width, depth, min_probability)
 
-    def _tree(self, width: int, depth: int) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
+    def _tree(self, width: int, depth: int, min_probability: float) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
         start = self._positions[0]
         after: dict[tuple[int, ...], np.ndarray] = {}
 
         def visit(path: tuple[int, ...], logits: np.ndarray) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
-            if len(path) == depth:
+            if len(path) == depth or top_probability(logits) < min_probability:
                 return
             position = start + len(path)
             children = [int(t) for t in top_k(logits, width)[0]]
@@ -84,6 +86,8 @@ class LlamaCppTreeStreams(_LlamaCppStreams):
         logits, path = self._logits[0], ()
         for _ in range(depth):
             path = (*path, int(top_k(logits, 1)[0][0]))
+            if path not in after:  # the tree stopped short here
+                break
             logits = after[path]
             self._chain.append((path[-1], logits))
 

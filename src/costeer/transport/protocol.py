@@ -22,7 +22,8 @@ class Message(BaseModel):
     content: str
 
 
-MAX_LOOKAHEAD_NODES = 64  # a tree's nodes, each one extra KV sequence on the server
+MAX_LOOKAHEAD_NODES = 64  # a tree's nodes: each costs the server one forward pass per step
+DEFAULT_LOOKAHEAD_MIN_P = 0.5  # what a device asks for unless told: measured best on a CPU cloud (README)
 
 
 class Lookahead(BaseModel):
@@ -33,6 +34,9 @@ class Lookahead(BaseModel):
     depth: int = Field(ge=1, le=4, description="levels of the tree")
     width: int = Field(ge=1, le=8, description="children of each node: the cloud's likeliest tokens there")
     top_k: int = Field(default=64, ge=1, le=1024, description="k of each node's distribution")
+    min_probability: float = Field(default=0.0, ge=0.0, le=1.0, description="grow children only under nodes where the "
+                                   "cloud's likeliest token has at least this probability (saves the cloud work the "
+                                   "device's choice would likely leave)")
 
     def nodes(self) -> int:
         return sum(self.width**d for d in range(1, self.depth + 1))

@@ -95,7 +95,7 @@ def _distribution(group: StreamGroup, position: int, top_k: int | None, lookahea
     reply = distribution_reply(NextToken.local(views[()]), position, top_k)
     if lookahead is not None:
         reply.tree = []
-        for path, logits in group.lookahead(lookahead.width, lookahead.depth):
+        for path, logits in group.lookahead(lookahead.width, lookahead.depth, lookahead.min_probability):
             views[path] = logits
             reply.tree.append(tree_node(path, logits, lookahead.top_k))
     return reply
@@ -332,7 +332,7 @@ def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: Serve
                                               session.views)
                 if not (body.stream and tree):
                     return reply
-                session.tree = session.group.lookahead(tree.width, tree.depth)  # computed as the stream goes
+                session.tree = session.group.lookahead(tree.width, tree.depth, tree.min_probability)  # computed as the stream goes
                 return StreamingResponse(stream_tree(session, reply, tree.top_k, session.steps), media_type="application/x-ndjson")
 
     def stop_tree(session: _Session) -> None:
