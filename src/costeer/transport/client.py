@@ -32,7 +32,7 @@ class ServedCloud(RemoteCloud):
         self._digest = info["vocabulary_sha256"]
         if lookahead is not None and "lookahead" not in info.get("features", []):
             raise UserError(f"the cloud at {wire.base_url} does not offer lookahead (an older costeer serve, or a "
-                            "backend that cannot fork sequences); run without --lookahead")
+                            "backend without lookahead trees); run without --lookahead")
         self.lookahead = lookahead
 
     def vocabulary_digest(self) -> str:
@@ -61,7 +61,7 @@ class ServedSession(CloudSession):
         self._tree_k = lookahead.top_k if lookahead is not None else None
         # a chain (width 1) is streamed: each node reaches the device the moment the
         # cloud has computed it, so the device works on node 1 while the cloud computes node 2
-        self._streams = lookahead is not None and lookahead.width == 1
+        self._streamed = lookahead is not None and lookahead.width == 1
         self._stream = None
         request = {"messages": list(chat), "max_new_tokens": max_new_tokens, "top_k": self._first_k}
         if lookahead is not None:
@@ -92,7 +92,7 @@ class ServedSession(CloudSession):
         request = {"tokens": tokens, "top_k": k}  # a session opened with lookahead sends a tree with every step
         self._end_stream()  # the server moves: the old walk and tree are done
         self._tree, self._walked = {}, []
-        if self._streams:
+        if self._streamed:
             self._stream = self._wire.stream("POST", path, {**request, "stream": True})
             first = self._stream.next()
             if first is None:
