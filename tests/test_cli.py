@@ -51,6 +51,22 @@ def test_user_mistakes_exit_nonzero_with_one_line_and_no_traceback(args, message
     assert len(lines) == 1 and message in lines[0], result.stderr
 
 
+@pytest.mark.parametrize("content, message", [(b"", "is empty"), (b"  \n\t\n", "is empty"),
+                                              (b"\x7fELF\x02\x01\x00\x00secret", "binary"),
+                                              (b"caf\xe9 secret", "not UTF-8"), (None, "the limit is")])
+def test_bad_context_files_are_one_line_errors_that_quote_nothing(tmp_path, content, message):
+    path = tmp_path / "notes.txt"
+    if content is None:  # a huge file, sparse: refused before it is read
+        with open(path, "wb") as f:
+            f.truncate(17 * 1024 * 1024)
+    else:
+        path.write_bytes(content)
+    result = costeer("generate", "--prompt", "hi", "--context", str(path), timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "secret" not in result.stderr, result.stderr
+
+
 def test_invalid_json_context_names_the_position_but_not_the_content(tmp_path):
     secret = tmp_path / "notes.json"
     secret.write_text('{"diary": "my secret canary-7731 text", }', encoding="utf-8")

@@ -226,3 +226,56 @@ def _embedded_gap(cs: CoSteer, prefix: list[int], ours: int, theirs: int) -> flo
             stream.advance(token)
         lp = log_softmax(stream.logits()[0])
     return float(lp[ours] - lp[theirs])
+
+
+@pytest.mark.models
+def test_ctrl_c_on_generate_closes_its_session_on_the_server(cloud_url, profile_text, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    def sessions() -> int:
+        return httpx.get(f"{cloud_url}/healthz").json()["sessions"]
+
+    before = sessions()
+    context = tmp_path / "profile.md"
+    context.write_text(profile_text, encoding="utf-8")
+    proc = subprocess.Popen([sys.executable, "-m", "costeer.cli", "generate", "--cloud", cloud_url, "--api-key", KEY,
+                             "--prompt", BIRTHDAY_PROMPT, "--context", str(context), "--max-new-tokens", "400",
+                             "--no-context-cache"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    deadline = time.monotonic() + 120
+    while sessions() == before and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert proc.poll() is None and sessions() == before + 1, "the device never opened its session"
+    time.sleep(1.0)  # mid-generation
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err and "interrupted" in err
+    assert sessions() == before  # closed by the device on its way out, not left to expire
+
+
+def test_a_cloud_that_does_not_answer_in_time_is_one_clear_error():
+    import asyncio
+
+    from fastapi import FastAPI
+
+    from costeer import UserError
+    from fakes import NumpyModel
+    from servers import app_in_thread
+
+    slow = FastAPI()
+
+    @slow.get("/v1/model")
+    async def model() -> dict:
+        await asyncio.sleep(5)
+        return {}
+
+    with app_in_thread(slow) as url:
+        cs = CoSteer(slm=NumpyModel(2), cloud=url, cloud_timeout_s=0.5)
+        with pytest.raises(UserError, match=r"did not answer GET /v1/model within 0.5 s"):
+            cs.generate("hi", max_new_tokens=2)
+    with pytest.raises(UserError, match="timeout"):
+        CoSteer(cloud="http://127.0.0.1:1", cloud_timeout_s=0)

@@ -113,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="an OpenAI-compatible server's cap on logprobs (default 20, vLLM's --max-logprobs)")
     cloud.add_argument("--api-key", default=None, help="the server's key (default: $COSTEER_API_KEY)")
     cloud.add_argument("--wire-log", metavar="FILE", help="append every message to and from the cloud as JSON lines")
+    cloud.add_argument("--cloud-timeout", metavar="S", type=_finite_float, default=120.0,
+                       help="seconds any one request to the cloud may take before a clear error (default 120)")
     cloud.add_argument("--simulate-rtt", metavar="MS", type=_finite_float, default=0.0, help="add this network round-trip time")
     cloud.add_argument("--send-private-context-to-cloud", action="store_true",
                        help="let methods that give the cloud model the private context (llm-context) send it to a "
@@ -194,6 +196,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                  api_key=args.api_key or os.environ.get("COSTEER_API_KEY"), wire_log=args.wire_log,
                  simulate_rtt_ms=args.simulate_rtt, cloud_top_k=args.cloud_top_k,
                  cloud_model=args.cloud_model, cloud_max_k=args.cloud_max_k, lookahead=args.lookahead,
+                 cloud_timeout_s=args.cloud_timeout,
                  send_private_context_to_cloud=args.send_private_context_to_cloud,
                  context_cache=not args.no_context_cache)
     stream = None if args.json else (lambda text: (sys.stdout.write(text), sys.stdout.flush()))

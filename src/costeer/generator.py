@@ -75,6 +75,7 @@ class CoSteer:
         cloud_max_k: int | None = None,
         send_private_context_to_cloud: bool = False,
         lookahead: tuple[int, int] | tuple[int, int, float] | None = None,
+        cloud_timeout_s: float = 120.0,
         context_cache: bool | ContextCache = True,
     ):
         """`cloud`: where the cloud model runs instead of here: the URL of a `costeer serve`
@@ -99,7 +100,10 @@ class CoSteer:
         self.cloud_top_k = cloud_top_k
         if lookahead is not None and not cloud:
             raise UserError("lookahead applies to a remote cloud (--cloud URL) only")
-        self._cloud = (cloud, api_key, wire_log, simulate_rtt_ms, cloud_model, cloud_max_k, lookahead) if cloud else None
+        if not cloud_timeout_s > 0:
+            raise UserError(f"the cloud timeout must be > 0 seconds, got {cloud_timeout_s!r}")
+        self._cloud = (cloud, api_key, wire_log, simulate_rtt_ms, cloud_model, cloud_max_k, lookahead,
+                       cloud_timeout_s) if cloud else None
         self.send_private_context_to_cloud = send_private_context_to_cloud
         self._tokenizers_checked = False
         # the device model's saved prefill of private prompts (exact; see context_cache.py)
@@ -229,7 +233,8 @@ class CoSteer:
             slot.model = None
 
 
-def _connect_cloud(url, api_key, wire_log, simulate_rtt_ms, model_name, max_k, lookahead, tokenizer: LanguageModel) -> RemoteCloud:
+def _connect_cloud(url, api_key, wire_log, simulate_rtt_ms, model_name, max_k, lookahead, timeout_s,
+                   tokenizer: LanguageModel) -> RemoteCloud:
     from .transport.client import ServedCloud
     from .transport.openai_client import DEFAULT_MAX_K, OpenAICloud
     from .transport.protocol import DEFAULT_LOOKAHEAD_MIN_P, Lookahead
@@ -241,7 +246,7 @@ def _connect_cloud(url, api_key, wire_log, simulate_rtt_ms, model_name, max_k, l
         raise UserError(f"cloud URL must be http(s)://HOST:PORT or openai+http(s)://HOST:PORT/v1, got {url!r}")
     if openai and lookahead:
         raise UserError("lookahead needs a costeer serve cloud; an OpenAI-compatible server cannot send trees")
-    wire = WireClient(base, api_key, wire_log, simulate_rtt_ms)
+    wire = WireClient(base, api_key, wire_log, simulate_rtt_ms, timeout_s)
     if openai:
         return OpenAICloud(wire, tokenizer, model_name, max_k or DEFAULT_MAX_K)
     tree = None

@@ -28,6 +28,7 @@ from .backends.base import ChatMessage
 from .errors import UserError
 
 PAPER_SYSTEM_PROMPT = "You are a helpful assistant."
+MAX_CONTEXT_FILE_BYTES = 16 * 1024 * 1024
 CONTEXT_INTRO = "For reference, here is some information about me:"
 REQUEST_INTRO = "My request:"
 
@@ -68,15 +69,27 @@ def load_context(files: Sequence[str | Path] = (), text: str | None = None) -> s
         if not path.is_file():
             raise UserError(f"context file not found: {path}")
         try:
-            raw = path.read_text(encoding="utf-8")
+            size = path.stat().st_size
+            if size > MAX_CONTEXT_FILE_BYTES:  # before reading it all into memory
+                raise UserError(f"context file {path} is {size:,} bytes; the limit is {MAX_CONTEXT_FILE_BYTES:,} "
+                                "(a private context is notes and a profile, not a corpus)")
+            data = path.read_bytes()
+        except OSError as exc:
+            raise UserError(f"cannot read context file {path}: {exc.strerror}") from None
+        try:
+            raw = data.decode("utf-8")
         except UnicodeDecodeError:
             raise UserError(f"context file is not UTF-8 text: {path}") from None
+        if "\x00" in raw:
+            raise UserError(f"context file is binary, not text: {path}")
+        if not raw.strip():
+            raise UserError(f"context file is empty: {path}")
         if path.suffix.lower() == ".json":
             try:
                 raw = json_to_text(json.loads(raw))
             except json.JSONDecodeError as exc:  # position only: never echo private content
                 raise UserError(f"context file {path} is not valid JSON (line {exc.lineno}, column {exc.colno})") from None
-        if raw.strip():
+        if raw.strip():  # a JSON file may render to nothing
             sections.append(raw.strip())
     if text and text.strip():
         sections.append(text.strip())

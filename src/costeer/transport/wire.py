@@ -87,7 +87,7 @@ class WireClient:
             response = self._http.request(method, path, content=body or None,
                                           headers={"Content-Type": "application/json"} if body else None)
         except httpx.HTTPError as exc:
-            raise UserError(f"cannot reach the cloud at {self.base_url}: {exc.__class__.__name__}: {exc}") from None
+            raise self._unreachable(method, path, exc) from None
         if self._half_rtt_s:
             time.sleep(self._half_rtt_s)
         with self._lock:
@@ -121,7 +121,7 @@ class WireClient:
             request = self._http.build_request(method, path, content=body, headers={"Content-Type": "application/json"})
             response = self._http.send(request, stream=True)
         except httpx.HTTPError as exc:
-            raise UserError(f"cannot reach the cloud at {self.base_url}: {exc.__class__.__name__}: {exc}") from None
+            raise self._unreachable(method, path, exc) from None
         with self._lock:
             self.counters.bytes_to_cloud += len(body)
             self.counters.round_trips += 1
@@ -139,6 +139,12 @@ class WireClient:
             message = _error_message(data) or response.text[:200]
             raise CloudRefused(f"the cloud refused {method} {path} ({response.status_code}): {message}", response.status_code)
         return LineStream(self, response, path)
+
+    def _unreachable(self, method: str, path: str, exc: httpx.HTTPError) -> UserError:
+        if isinstance(exc, httpx.TimeoutException):
+            return UserError(f"the cloud at {self.base_url} did not answer {method} {path} within "
+                             f"{self.timeout_s:g} s ({exc.__class__.__name__})")
+        return UserError(f"cannot reach the cloud at {self.base_url}: {exc.__class__.__name__}: {exc}")
 
     def _received(self, path: str, line: bytes, record: object) -> None:
         with self._lock:
