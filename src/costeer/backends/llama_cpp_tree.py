@@ -12,7 +12,7 @@ and a subtree's cells are removed once it is done.
 `lookahead` is lazy: each node is computed when the iteration reaches it, so the
 server can send it at once (a chain, width 1, is streamed that way). The likeliest
 child's chain is visited last and kept: when the device's tokens
-follow it (as they mostly do), `advance` takes its cells and logits with no
+follow it (as they often do), `advance` takes its cells and logits with no
 forward pass, so a fully accepted chain costs the server nothing extra. Any other
 token drops the rest of the chain and decodes as usual.
 """

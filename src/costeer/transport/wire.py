@@ -77,6 +77,29 @@ class WireClient:
         self._lock = threading.Lock()
 
     def request(self, method: str, path: str, payload: dict | None = None) -> dict | None:
+        response = self._send(method, path, payload, stream=False)
+        if self._half_rtt_s:
+            time.sleep(self._half_rtt_s)
+        data = self._answer(path, response)
+        self._raise_for_status(method, path, response, data)
+        return data
+
+    def stream(self, method: str, path: str, payload: dict) -> "LineStream":
+        """A request whose answer comes as JSON lines, each read as soon as it arrives
+        (and, with a simulated RTT, delivered half of it after it arrived)."""
+        response = self._send(method, path, payload, stream=True)
+        if response.status_code >= 400:
+            try:
+                response.read()
+            except httpx.HTTPError as exc:
+                raise self._unreachable(method, path, exc) from None
+            finally:
+                response.close()
+            self._raise_for_status(method, path, response, self._answer(path, response))
+        return LineStream(self, response, path)
+
+    def _send(self, method: str, path: str, payload: dict | None, stream: bool) -> httpx.Response:
+        """Log, wait half the simulated RTT, send, count; the answer's body is not read when streaming."""
         body = json.dumps(payload).encode() if payload is not None else b""
         if self._log:
             self._log.write({"ts": time.time(), "direction": "device->cloud", "method": method, "path": path,
@@ -84,16 +107,20 @@ class WireClient:
         if self._half_rtt_s:
             time.sleep(self._half_rtt_s)
         try:
-            response = self._http.request(method, path, content=body or None,
-                                          headers={"Content-Type": "application/json"} if body else None)
+            request = self._http.build_request(method, path, content=body or None,
+                                               headers={"Content-Type": "application/json"} if body else None)
+            response = self._http.send(request, stream=stream)
         except httpx.HTTPError as exc:
             raise self._unreachable(method, path, exc) from None
-        if self._half_rtt_s:
-            time.sleep(self._half_rtt_s)
         with self._lock:
             self.counters.bytes_to_cloud += len(body)
-            self.counters.bytes_from_cloud += len(response.content)
             self.counters.round_trips += 1
+        return response
+
+    def _answer(self, path: str, response: httpx.Response) -> dict | None:
+        """A read answer's JSON (or the start of its text), counted and logged."""
+        with self._lock:
+            self.counters.bytes_from_cloud += len(response.content)
         try:
             data = response.json() if response.content else None
         except ValueError:
@@ -101,44 +128,14 @@ class WireClient:
         if self._log:
             self._log.write({"ts": time.time(), "direction": "cloud->device", "path": path, "status": response.status_code,
                              "bytes": len(response.content), "body": data})
+        return data
+
+    def _raise_for_status(self, method: str, path: str, response: httpx.Response, data: object) -> None:
         if response.status_code == 401:
             raise CloudRefused(f"the cloud at {self.base_url} needs a valid API key (--api-key or COSTEER_API_KEY)", 401)
         if response.status_code >= 400:
             message = _error_message(data) or response.text[:200]
             raise CloudRefused(f"the cloud refused {method} {path} ({response.status_code}): {message}", response.status_code)
-        return data
-
-    def stream(self, method: str, path: str, payload: dict) -> "LineStream":
-        """A request whose answer comes as JSON lines, each read as soon as it arrives
-        (and, with a simulated RTT, delivered half of it after it arrived)."""
-        body = json.dumps(payload).encode()
-        if self._log:
-            self._log.write({"ts": time.time(), "direction": "device->cloud", "method": method, "path": path,
-                             "bytes": len(body), "body": payload})
-        if self._half_rtt_s:
-            time.sleep(self._half_rtt_s)
-        try:
-            request = self._http.build_request(method, path, content=body, headers={"Content-Type": "application/json"})
-            response = self._http.send(request, stream=True)
-        except httpx.HTTPError as exc:
-            raise self._unreachable(method, path, exc) from None
-        with self._lock:
-            self.counters.bytes_to_cloud += len(body)
-            self.counters.round_trips += 1
-        if response.status_code >= 400:
-            response.read()
-            response.close()
-            with self._lock:
-                self.counters.bytes_from_cloud += len(response.content)
-            try:
-                data = response.json()
-            except ValueError:
-                data = None
-            if response.status_code == 401:
-                raise CloudRefused(f"the cloud at {self.base_url} needs a valid API key (--api-key or COSTEER_API_KEY)", 401)
-            message = _error_message(data) or response.text[:200]
-            raise CloudRefused(f"the cloud refused {method} {path} ({response.status_code}): {message}", response.status_code)
-        return LineStream(self, response, path)
 
     def _unreachable(self, method: str, path: str, exc: httpx.HTTPError) -> UserError:
         if isinstance(exc, httpx.TimeoutException):
