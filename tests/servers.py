@@ -3,51 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import os
-import socket
-import subprocess
 import sys
 import time
 from typing import Iterator
 
-import httpx
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def running(command: list[str], health_path: str, port: int, env: dict | None = None, timeout_s: float = 120,
-            procs: list | None = None) -> Iterator[str]:
-    """Start `command`, wait until GET health_path answers, yield the base URL.
-    The process is appended to `procs` when given (to check it is still alive)."""
-    proc = subprocess.Popen(command, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    if procs is not None:
-        procs.append(proc)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited early: {proc.stderr.read()[-2000:]}")
-            try:
-                if httpx.get(url + health_path, timeout=2).status_code < 500:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("server did not come up in time")
-            time.sleep(0.3)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+from costeer.transport.processes import free_port, running  # noqa: F401  (tests import both from here)
 
 
 def costeer_serve(*args: str, port: int, threads: int = 1, procs: list | None = None) -> contextlib.AbstractContextManager[str]:

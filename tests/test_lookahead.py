@@ -12,31 +12,13 @@ from costeer import CoSteer, UserError
 from costeer.cli import main
 from costeer.methods import METHODS, make_policy
 from costeer.transport.server import create_app
-from fake_servers import RequestLog
 from fakes import NumpyModel
 from servers import app_in_thread
+from split_fixtures import CONTEXT, PROMPT, device, embedded, served  # noqa: F401  (fixtures)
 
-PROMPT = "Write a note for my friend."
-CONTEXT = "My name is Ingrid and I live in Tromso. canary-Zq81-Wx"
 # methods whose cloud stream is public (llm-context's is refused over a network)
 CLOUD_METHODS = [m for m in sorted(METHODS) + ["mix:0.5"]
                  if any(s.role == "llm" and s.prompt == "public" for s in make_policy(m, None, "closed", 64).streams)]
-
-
-@pytest.fixture(scope="module")
-def served():
-    log = RequestLog()
-    with app_in_thread(log.install(create_app(NumpyModel(1, "numpy-cloud")))) as url:
-        yield url, log
-
-
-@pytest.fixture(scope="module")
-def embedded():
-    return CoSteer(llm=NumpyModel(1, "numpy-cloud"), slm=NumpyModel(2, "numpy-device"))
-
-
-def device(url: str, **kw) -> CoSteer:
-    return CoSteer(slm=NumpyModel(2, "numpy-device"), cloud=url, **kw)
 
 
 @pytest.mark.parametrize("method", CLOUD_METHODS)

@@ -17,28 +17,10 @@ from costeer.transport.server import create_app
 from fake_servers import OpenAIQuirks, RequestLog, openai_app, short_changing
 from fakes import NumpyModel
 from servers import app_in_thread
+from split_fixtures import CANARY, CONTEXT, PROMPT, device, embedded, served  # noqa: F401  (fixtures)
 
-PROMPT = "Write a note for my friend."
-CONTEXT = "My name is Ingrid and I live in Tromso. canary-Zq81-Wx"
-CANARY = "canary-Zq81-Wx"
 ALL_METHODS = sorted(METHODS) + ["mix:0.5", "cos:2"]
 PRIVATE_IN_CLOUD = {"llm-context"}
-
-
-@pytest.fixture(scope="module")
-def served():
-    log = RequestLog()
-    with app_in_thread(log.install(create_app(NumpyModel(1, "numpy-cloud")))) as url:
-        yield url, log
-
-
-@pytest.fixture(scope="module")
-def embedded():
-    return CoSteer(llm=NumpyModel(1, "numpy-cloud"), slm=NumpyModel(2, "numpy-device"))
-
-
-def device(url: str, **kw) -> CoSteer:
-    return CoSteer(slm=NumpyModel(2, "numpy-device"), cloud=url, **kw)
 
 
 def test_the_fake_models_cache_like_real_ones():

@@ -32,9 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
 
-from .errors import UserError
 
 DEVICE_CPU, CLOUD_CPU = 0, 1
 DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "cogenesis"
@@ -293,44 +291,16 @@ def bench_split(tasks, config: BenchConfig, llm_stream_ms: float, device_slm, ca
     return results
 
 
-@contextmanager
-def _served_cloud() -> Iterator[str]:
+def _served_cloud():
     """`costeer serve` with the default cloud model, on the cloud's core, one thread."""
-    import socket
-    import subprocess
+    from .transport.processes import free_port, running
 
-    import httpx
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     command = [sys.executable, "-m", "costeer.cli", "serve", "--port", str(port)]
     if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > CLOUD_CPU:
         # explicitly: a child inherits this thread's affinity, which is the device's CPU
         command = ["taskset", "-c", str(CLOUD_CPU), *command]
-    env = {**os.environ, "COSTEER_THREADS": "1"}
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None:
-                raise UserError(f"bench: costeer serve exited: {proc.stderr.read().decode(errors='replace')[-500:]}")
-            try:
-                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise UserError("bench: costeer serve did not start within 300 s")
-            time.sleep(0.5)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    return running(command, "/healthz", port, env={"COSTEER_THREADS": "1"}, timeout_s=300)
 
 
 def run_bench(config: BenchConfig) -> dict:
