@@ -17,7 +17,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from costeer.backends.base import ChatMessage, LanguageModel, StreamGroup, check_window
+from costeer.backends.base import BatchEngine, ChatMessage, LanguageModel, StreamGroup, check_window
 from costeer.distribution import top_k, top_probability
 
 SPECIALS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
@@ -87,6 +87,9 @@ class NumpyModel(LanguageModel):
     def open_streams(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, lookahead_depth: int = 0) -> StreamGroup:
         return NumpyStreams(self, prompts, max_new_tokens)
 
+    def batch_engine(self, slots: int, slot_tokens: int, max_batch: int | None = None) -> BatchEngine:
+        return NumpyBatchEngine(self, slots, slot_tokens, max_batch or 3)
+
     def count_pass(self) -> None:
         with self._lock:
             self.forward_passes += 1
@@ -153,6 +156,50 @@ class NumpyStreams(StreamGroup):
     def close(self) -> None:
         self._closed = True
         self._states = []
+
+
+class NumpyBatchEngine(BatchEngine):
+    """Slots of recurrent states: a slot's numbers do not depend on the batch, as the
+    real engine's do not (up to its exact_batch). Records every forward pass's size,
+    and refuses to work on a freed slot (in llama.cpp: cells of another session)."""
+
+    exact_batch = 3
+    prefill_block = 16
+
+    def __init__(self, model: NumpyModel, slots: int, slot_tokens: int, max_batch: int) -> None:
+        self._model, self.slots, self.slot_tokens, self.max_batch = model, slots, slot_tokens, max_batch
+        self._states: list[np.ndarray | None] = [None] * slots
+        self._lengths = [0] * slots
+        self.passes: list[int] = []  # tokens in each decode forward pass
+
+    def prefill(self, slot: int, prompt: Sequence[int], start: int) -> tuple[int, np.ndarray | None]:
+        if start != self._lengths[slot] or start >= len(prompt) or len(prompt) + 1 > self.slot_tokens:
+            raise ValueError(f"slot {slot} holds {self._lengths[slot]} tokens; cannot prefill from {start}")
+        state = self._states[slot] if start else np.zeros(HIDDEN, dtype=np.float32)
+        end = min(start + self.prefill_block, len(prompt))
+        for t in prompt[start:end]:
+            if not 0 <= t < self._model.vocab_size:
+                raise ValueError("token id out of range")
+            state = self._model.step_state(state, int(t))
+        self._states[slot], self._lengths[slot] = state, end
+        return end, self._model.state_logits(state) if end == len(prompt) else None
+
+    def decode(self, entries: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+        rows = []
+        for first in range(0, len(entries), self.max_batch):
+            group = entries[first:first + self.max_batch]
+            self.passes.append(len(group))
+            self._model.count_pass()
+            for slot, token in group:
+                if self._states[slot] is None or self._lengths[slot] + 1 > self.slot_tokens:
+                    raise ClosedGroupError(f"slot {slot} is free or full")
+                self._states[slot] = self._model.step_state(self._states[slot], int(token))
+                self._lengths[slot] += 1
+                rows.append(self._model.state_logits(self._states[slot]))
+        return rows
+
+    def free(self, slot: int) -> None:
+        self._states[slot], self._lengths[slot] = None, 0
 
 
 def cloud_and_device(cloud_seed: int = 1, device_seed: int = 2) -> tuple[NumpyModel, NumpyModel]:

@@ -69,6 +69,9 @@ class HookedModel(NumpyModel):
     def vocab_size(self, value: int) -> None:
         self._vocab_size = value
 
+    def batch_engine(self, *args, **kwargs) -> None:
+        return None  # the hooks sit in open_streams and advance: sessions with caches of their own
+
     def open_streams(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> StreamGroup:
         self.at_prefill()
         if self.fail_prefill:
@@ -101,6 +104,9 @@ class SlowModel(NumpyModel):
     def __init__(self, prefill_s: float = 0.02, advance_s: float = 0.002) -> None:
         super().__init__(1, "numpy-cloud")
         self.prefill_s, self.advance_s = prefill_s, advance_s
+
+    def batch_engine(self, *args, **kwargs) -> None:
+        return None  # the delays sit in open_streams and advance
 
     def open_streams(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> StreamGroup:
         time.sleep(self.prefill_s)

@@ -87,6 +87,40 @@ class PrefixStateError(RuntimeError):
     """The backend refused a saved state (nothing was opened)."""
 
 
+class BatchEngine(ABC):
+    """Many sequences of one model in one shared cache, decoded together (the cloud
+    server's batching, transport/scheduler.py). Each sequence lives in a slot of
+    `slot_tokens` cells. Not thread-safe: one thread drives it.
+
+    A token's logits do not depend on the other slots' contents, and in a forward
+    pass of at most `exact_batch` tokens not on the batch either: the same prompt and
+    tokens give the same numbers bit for bit whether a session is alone on the server
+    or shares it with many (tested on the real backend). Larger batches are faster
+    but round differently."""
+
+    slots: int
+    slot_tokens: int
+    exact_batch: int
+    max_batch: int  # tokens in one forward pass
+
+    @abstractmethod
+    def prefill(self, slot: int, prompt: Sequence[int], start: int) -> tuple[int, np.ndarray | None]:
+        """Feed the next block of `prompt` from `start` into the (empty) slot: where
+        the next block starts, and the logits after the prompt once it is all in."""
+
+    @abstractmethod
+    def decode(self, entries: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+        """Append token to slot for each (slot, token), at most one entry a slot: the
+        logits after each, in order."""
+
+    @abstractmethod
+    def free(self, slot: int) -> None:
+        """Empty a slot for the next sequence."""
+
+    def close(self) -> None:
+        """Release the shared cache."""
+
+
 class LanguageModel(ABC):
     local = True  # False for a model served elsewhere (transport/client.py)
     # True where open_streams(prompts, n, restore={i: PrefixRestore}, snapshot={i: m})
@@ -120,6 +154,12 @@ class LanguageModel(ABC):
     @abstractmethod
     def open_streams(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> StreamGroup:
         """Prefill each prompt and return the group positioned after them."""
+
+    def batch_engine(self, slots: int, slot_tokens: int, max_batch: int | None = None) -> BatchEngine | None:
+        """A shared cache for `slots` sequences of up to `slot_tokens` tokens that decodes
+        up to `max_batch` tokens (default: its `exact_batch`) in one forward pass; None
+        where the backend cannot batch (the server then runs one session at a time)."""
+        return None
 
     def encode_chat(self, messages: Sequence[ChatMessage]) -> Sequence[int]:
         """The prompt `open_streams` takes for these messages."""

@@ -179,6 +179,11 @@ class LlamaCppModel(LanguageModel):
             return LlamaCppTreeStreams(self, prompts[0], max_new_tokens, lookahead_depth)
         return _LlamaCppStreams(self, prompts, max_new_tokens, restore or {}, snapshot or {})
 
+    def batch_engine(self, slots: int, slot_tokens: int, max_batch: int | None = None):
+        from .llama_cpp_batch import LlamaCppBatchEngine
+
+        return LlamaCppBatchEngine(self, slots, slot_tokens, max_batch)
+
     @property
     def state_version(self) -> str:
         """Everything besides the model file that a saved sequence state (and the

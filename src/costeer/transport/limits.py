@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class ServerLimits:
-    max_sessions: int = 8
+    max_sessions: int = 16
     session_ttl_s: int = 300
     max_prompt_tokens: int = 8192
     max_new_tokens: int = 4096
@@ -18,6 +18,10 @@ class ServerLimits:
     # 2 * 28 * 2 * 128 * 2 bytes = 28,672 bytes a token in f16, so 65,536 tokens
     # are 1.75 GiB of KV cache.
     max_kv_tokens: int = 65536
+    # Cells of each slot of the shared, batched cache (max_sessions slots, allocated at
+    # start out of max_kv_tokens): a session that needs more, or has a lookahead
+    # tree, gets a cache of its own from what is left of the budget.
+    batch_slot_tokens: int = 2048
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)

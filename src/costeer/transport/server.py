@@ -1,6 +1,11 @@
 """`costeer serve`: the cloud model behind an HTTP API (FastAPI + uvicorn).
 
 Each session holds one KV-cached stream of the cloud model on the public prompt.
+The model runs on one compute thread (scheduler.py): where the backend can batch,
+a session lives in a slot of one shared cache and the steps of all sessions go
+through one forward pass together; a session with a lookahead tree, or too long for
+a slot, gets a cache of its own, worked on between batches.
+
 Idle sessions expire; the number of sessions, the KV cells they hold together,
 prompt size and tokens are capped; every refusal is a 4xx JSON body naming the
 problem, and an unexpected failure a 500 body that names nothing private.
@@ -32,6 +37,7 @@ from ..backends.base import LanguageModel, StreamGroup, check_window
 from ..distribution import NextToken
 from ..errors import UserError
 from .limits import ServerLimits
+from .scheduler import BatchedStreams, Scheduler, SchedulerClosed
 from .protocol import (API_PREFIX, FLOATS, IDS, MAX_LOOKAHEAD_NODES, Distribution, ErrorBody, Lookahead, ModelInfo,
                        OpenSession, SessionOpened, Step, TreeNode, encode_array)
 
@@ -58,6 +64,7 @@ class _Session:
     budget: int  # tokens the session may still append
     position: int
     kv_tokens: int  # KV cells reserved for it: prompt, max_new_tokens and its lookahead tree
+    slot: int | None  # its slot in the shared cache; None: a cache of its own
     lookahead: Lookahead | None = None
     last_used: float = field(default_factory=time.monotonic)
     active: int = 0  # requests using it now (guarded by sessions_lock): a session in use is not idle
@@ -75,7 +82,9 @@ class _Usage:
     """What open sessions and opens still prefilling hold (guarded by sessions_lock)."""
 
     sessions: int = 0
-    kv_tokens: int = 0
+    kv_tokens: int = 0  # reserved by every session
+    private_kv_tokens: int = 0  # reserved by sessions with caches of their own
+    free_slots: list[int] = field(default_factory=list)
 
 
 def distribution_reply(view: NextToken, position: int, top_k: int | None) -> Distribution:
@@ -107,13 +116,29 @@ def tree_node(path: tuple[int, ...], logits, top_k: int) -> TreeNode:
     return TreeNode(path=list(path), lse=view.lse, top_ids_b64=encode_array(ids, IDS), top_logits_b64=encode_array(top, FLOATS))
 
 
-def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: ServerLimits = ServerLimits()) -> FastAPI:
-    """`api_keys` empty: open to anyone who can connect (bind to loopback then)."""
+def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: ServerLimits = ServerLimits(),
+               max_batch: int | None = None) -> FastAPI:
+    """`api_keys` empty: open to anyone who can connect (bind to loopback then).
+    `max_batch`: tokens in one batched forward pass (default: the most that keeps every
+    session's numbers independent of the others'; more is faster)."""
     sessions: dict[str, _Session] = {}
-    usage = _Usage()
-    # Lock order: a session's lock, then compute_lock, then sessions_lock; never the reverse.
+    # the shared cache holds max_sessions slots and is allocated now; sessions with
+    # caches of their own share what is left of the KV budget
+    engine = model.batch_engine(limits.max_sessions, limits.batch_slot_tokens, max_batch) \
+        if limits.max_sessions * limits.batch_slot_tokens <= limits.max_kv_tokens else None
+    scheduler = Scheduler(engine)
+    private_kv_budget = limits.max_kv_tokens - (engine.slots * engine.slot_tokens if engine else 0)
+    usage = _Usage(free_slots=list(range(engine.slots)) if engine else [])
+    # Lock order: a session's lock, then sessions_lock; never the reverse.
     sessions_lock = threading.Lock()
-    compute_lock = threading.Lock()  # one forward pass at a time: they share the cores
+
+    def on_compute(group: StreamGroup, work):
+        """Work on a session's streams: a slot's calls queue for the batch themselves; a
+        cache of its own is worked on the compute thread, between batches."""
+        return work() if isinstance(group, BatchedStreams) else scheduler.run(work)
+
+    def close_group(group: StreamGroup) -> None:
+        group.close() if isinstance(group, BatchedStreams) else scheduler.run(group.close)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -123,6 +148,7 @@ def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: Serve
             remaining = list(sessions.values())
         for session in remaining:
             retire(session)
+        scheduler.stop()
 
     app = FastAPI(
         title="costeer cloud",
@@ -130,6 +156,7 @@ def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: Serve
         description="Hosts the cloud LLM for CoSteer. It sees the public prompt and the chosen tokens only.",
         lifespan=lifespan,
     )
+    app.state.scheduler = scheduler  # serve() frees its engine once the server is done
     info = ModelInfo(
         name=model.name,
         vocab_size=model.vocab_size,
@@ -144,6 +171,11 @@ def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: Serve
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse(status_code=exc.status, content=ErrorBody(error=exc.kind, message=exc.message).model_dump(),
                             headers=exc.headers)
+
+    @app.exception_handler(SchedulerClosed)
+    async def _shutting_down(_: Request, exc: SchedulerClosed) -> JSONResponse:
+        return JSONResponse(status_code=503, content=ErrorBody(error="shutting_down", message=str(exc)).model_dump(),
+                            headers={"Retry-After": "5"})
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
@@ -177,12 +209,12 @@ def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: Serve
         session.closed = True
         try:
             stop_tree(session)
-            session.group.close()
+            close_group(session.group)
         finally:
             with sessions_lock:
                 if sessions.get(session.id) is session:
                     del sessions[session.id]
-            release(session.kv_tokens)
+            release(session.kv_tokens, session.slot)
         return True
 
     def retire(session: _Session) -> bool:
@@ -215,33 +247,48 @@ def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: Serve
                 session.active -= 1
                 session.last_used = time.monotonic()
 
-    def retry_after_s(kv_needed: int) -> str:
-        """Seconds until enough idle sessions expire to admit an open of kv_needed cells (a hint)."""
+    def fits_slot(kv_needed: int, lookahead: Lookahead | None) -> bool:
+        return engine is not None and lookahead is None and kv_needed + 1 <= engine.slot_tokens
+
+    def retry_after_s(kv_needed: int, slotted: bool) -> str:
+        """Seconds until enough idle sessions expire to admit this open (a hint)."""
         now = time.monotonic()
-        free_slots = limits.max_sessions - usage.sessions
-        free_kv = limits.max_kv_tokens - usage.kv_tokens
+        free_sessions = limits.max_sessions - usage.sessions
+        free_kv = len(usage.free_slots) if slotted else private_kv_budget - usage.private_kv_tokens
+        needed = 1 if slotted else kv_needed
         for s in sorted((s for s in sessions.values() if s.active == 0), key=lambda s: s.last_used):
-            free_slots, free_kv = free_slots + 1, free_kv + s.kv_tokens
-            if free_slots >= 1 and free_kv >= kv_needed:
+            free_sessions += 1
+            free_kv += (s.slot is not None) if slotted else (0 if s.slot is not None else s.kv_tokens)
+            if free_sessions >= 1 and free_kv >= needed:
                 return str(max(1, math.ceil(s.last_used + limits.session_ttl_s - now)))
         return str(max(1, limits.session_ttl_s))  # held by sessions in use or still opening
 
-    def reserve(kv_needed: int) -> None:
-        """Take a slot and kv_needed KV cells, or refuse with 429; atomic, so concurrent opens cannot overshoot."""
+    def reserve(kv_needed: int, wants_slot: bool) -> int | None:
+        """Take a session, and a slot of the shared cache or kv_needed cells of the private
+        budget, or refuse with 429; atomic, so concurrent opens cannot overshoot. The slot, if any."""
         with sessions_lock:
             if usage.sessions >= limits.max_sessions:
                 raise ApiError(429, "too_many_sessions", f"the server holds its maximum of {limits.max_sessions} sessions; close one or retry later",
-                               {"Retry-After": retry_after_s(kv_needed)})
-            if usage.kv_tokens + kv_needed > limits.max_kv_tokens:
-                raise ApiError(429, "server_memory_full", f"the server's sessions hold {usage.kv_tokens} of its {limits.max_kv_tokens} KV tokens; "
-                               f"this session needs {kv_needed}; close one or retry later", {"Retry-After": retry_after_s(kv_needed)})
+                               {"Retry-After": retry_after_s(kv_needed, wants_slot)})
+            slot = usage.free_slots.pop() if wants_slot and usage.free_slots else None
+            if slot is None:
+                if usage.private_kv_tokens + kv_needed > private_kv_budget:
+                    raise ApiError(429, "server_memory_full", f"the server's sessions hold {usage.kv_tokens} of its {limits.max_kv_tokens} "
+                                   f"KV tokens; this session needs {kv_needed}; close one or retry later",
+                                   {"Retry-After": retry_after_s(kv_needed, False)})
+                usage.private_kv_tokens += kv_needed
             usage.sessions += 1
             usage.kv_tokens += kv_needed
+            return slot
 
-    def release(kv_needed: int) -> None:
+    def release(kv_needed: int, slot: int | None) -> None:
         with sessions_lock:
             usage.sessions -= 1
             usage.kv_tokens -= kv_needed
+            if slot is None:
+                usage.private_kv_tokens -= kv_needed
+            else:
+                usage.free_slots.append(slot)
 
     @app.get(f"{API_PREFIX}/model", response_model=ModelInfo)
     def model_info(key: str | None = Depends(caller_key)) -> ModelInfo:
@@ -274,27 +321,31 @@ def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: Serve
                 raise ApiError(422, "lookahead_too_large", f"a lookahead tree of depth {body.lookahead.depth} and width "
                                f"{body.lookahead.width} has {tree_nodes} nodes; the limit is {MAX_LOOKAHEAD_NODES}")
         kv_needed = len(ids) + body.max_new_tokens + (body.lookahead.depth + 1 if body.lookahead else 0)
-        if kv_needed > limits.max_kv_tokens:  # could never be admitted: not worth a retry
-            raise ApiError(413, "prompt_too_large", f"prompt of {len(ids)} tokens plus {body.max_new_tokens} new tokens exceeds the server's KV budget of {limits.max_kv_tokens}")
-        reserve(kv_needed)
+        slotted = fits_slot(kv_needed, body.lookahead)
+        if not slotted and kv_needed > private_kv_budget:  # could never be admitted: not worth a retry
+            raise ApiError(413, "prompt_too_large", f"prompt of {len(ids)} tokens plus {body.max_new_tokens} new tokens exceeds "
+                           f"the server's KV budget of {private_kv_budget} for a session of this size")
+        slot = reserve(kv_needed, slotted)
         session: _Session | None = None
         try:
-            with compute_lock:
-                group = model.open_streams([ids], body.max_new_tokens, lookahead_depth=body.lookahead.depth) if body.lookahead \
-                    else model.open_streams([ids], body.max_new_tokens)
-                try:
-                    views: dict = {}
-                    first = _distribution(group, len(ids), body.top_k, body.lookahead, views)
-                except BaseException:
-                    group.close()
-                    raise
+            if slot is not None:
+                group: StreamGroup = BatchedStreams(scheduler, slot, ids)
+            else:
+                depth = {"lookahead_depth": body.lookahead.depth} if body.lookahead else {}
+                group = scheduler.run(lambda: model.open_streams([ids], body.max_new_tokens, **depth))
+            try:
+                views: dict = {}
+                first = on_compute(group, lambda: _distribution(group, len(ids), body.top_k, body.lookahead, views))
+            except BaseException:
+                close_group(group)
+                raise
             session = _Session(secrets.token_urlsafe(16), key, group, len(ids), body.max_new_tokens, len(ids), kv_needed,
-                               lookahead=body.lookahead, views=views)
+                               slot, lookahead=body.lookahead, views=views)
             with sessions_lock:
                 sessions[session.id] = session
         finally:
             if session is None:  # the prefill failed: give the reservation back
-                release(kv_needed)
+                release(kv_needed, slot)
         return SessionOpened(session_id=session.id, prompt_tokens=len(ids), distribution=first)
 
     @app.post(f"{API_PREFIX}/sessions/{{session_id}}/step", response_model=Distribution, responses={404: {"model": ErrorBody}, 422: {"model": ErrorBody}})
@@ -322,14 +373,16 @@ def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: Serve
                 tree = session.lookahead if body.lookahead else None
                 with failing_closes(session):
                     stop_tree(session)
-                    with compute_lock:
+
+                    def append() -> Distribution:
                         for token in body.tokens:
                             session.group.advance(token)
                             session.position += 1
                             session.budget -= 1
                         session.views = {}
-                        reply = _distribution(session.group, session.position, body.top_k, None if body.stream else tree,
-                                              session.views)
+                        return _distribution(session.group, session.position, body.top_k, None if body.stream else tree,
+                                             session.views)
+                    reply = on_compute(session.group, append)
                 if not (body.stream and tree):
                     return reply
                 session.tree = session.group.lookahead(tree.width, tree.depth, tree.min_probability)  # computed as the stream goes
@@ -339,14 +392,15 @@ def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: Serve
         """End a lookahead still being computed, so the group drops its partial work; under session.lock."""
         if session.tree is not None:
             tree, session.tree = session.tree, None
-            with compute_lock:
-                tree.close()
+            scheduler.run(tree.close)
 
     @contextlib.contextmanager
     def failing_closes(session: _Session) -> Iterator[None]:
         """A failure while computing leaves the session in an unknown state: it is closed, not served."""
         try:
             yield
+        except SchedulerClosed:
+            raise  # the server is going down: a 503, not a failure of this session
         except Exception:
             log.exception("step failed; session closed")
             close_locked(session)
@@ -362,11 +416,11 @@ def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: Serve
                 if session.closed or session.steps != step or session.tree is None:
                     return
                 try:
-                    with compute_lock:
-                        path, logits = next(session.tree)
-                except StopIteration:
-                    session.tree = None
-                    return
+                    node = scheduler.run(lambda: next(session.tree, None))
+                    if node is None:
+                        session.tree = None
+                        return
+                    path, logits = node
                 except Exception:
                     log.exception("lookahead failed; session closed")
                     session.tree = None
@@ -385,12 +439,20 @@ def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: Serve
     def health() -> dict[str, object]:
         with sessions_lock:
             return {"ok": True, "sessions": len(sessions), "kv_tokens": usage.kv_tokens,
-                    "max_sessions": limits.max_sessions, "max_kv_tokens": limits.max_kv_tokens}
+                    "max_sessions": limits.max_sessions, "max_kv_tokens": limits.max_kv_tokens,
+                    "batch_slots": engine.slots if engine else 0, "batch_slots_free": len(usage.free_slots),
+                    "max_batch": engine.max_batch if engine else 1, "forward_passes": scheduler.stats.decode_calls,
+                    "batched_tokens": scheduler.stats.decoded_tokens}
 
     return app
 
 
-def serve(model: LanguageModel, host: str, port: int, api_keys: Sequence[str], limits: ServerLimits) -> None:
+def serve(model: LanguageModel, host: str, port: int, api_keys: Sequence[str], limits: ServerLimits,
+          max_batch: int | None = None) -> None:
     import uvicorn
 
-    uvicorn.run(create_app(model, api_keys, limits), host=host, port=port, log_level="warning")
+    app = create_app(model, api_keys, limits, max_batch)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+    finally:
+        app.state.scheduler.close()

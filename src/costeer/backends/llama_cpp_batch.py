@@ -1,0 +1,105 @@
+"""Sessions of the cloud server batched in one llama.cpp context (a `BatchEngine`).
+
+Exactness rules the layout, as in llama_cpp_tree.py. Measured on this CPU with the
+default cloud model:
+- a unified KV cache puts a sequence's cells after other sequences' cells, and the
+  attention's reductions then round differently (up to 0.48 in a logit); so every
+  slot gets a cache stream of its own (`kv_unified = False`), whose cells start at 0
+  just as in a context of its own;
+- ggml's repacked Q4_K kernels switch from a matrix-vector to a 4-column matrix
+  product at 4 tokens in a forward pass, which rounds differently (up to 0.6); a
+  pass of at most 3 tokens gives every token bit for bit what it gets alone.
+Prompts are prefilled alone in blocks of PREFIX_BLOCK tokens from position 0, like
+every other llama.cpp prefill here, so a slot's numbers equal a private context's.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from .base import BatchEngine
+from .llama_cpp_backend import PREFIX_BLOCK, LlamaCppModel
+
+# the largest forward pass whose tokens get the numbers they get alone (CPU kernels)
+CPU_EXACT_BATCH = 3
+
+
+class LlamaCppBatchEngine(BatchEngine):
+    def __init__(self, model: LlamaCppModel, slots: int, slot_tokens: int, max_batch: int | None) -> None:
+        lib = self._lib = model._lib
+        self._vocab_size = model.vocab_size
+        self.slots, self.slot_tokens = slots, slot_tokens
+        self.exact_batch = CPU_EXACT_BATCH if model._gpu_layers == 0 else 1
+        self.max_batch = max_batch or self.exact_batch
+        cparams = lib.llama_context_default_params()
+        cparams.n_ctx = slots * slot_tokens  # split evenly between the slots' streams
+        cparams.n_batch = cparams.n_ubatch = max(PREFIX_BLOCK, self.max_batch)
+        cparams.n_seq_max = slots
+        cparams.n_threads = cparams.n_threads_batch = model.n_threads
+        cparams.flash_attn_type = model.flash_attention
+        cparams.kv_unified = False
+        self._ctx = lib.llama_init_from_model(model._model, cparams)
+        if not self._ctx:
+            raise RuntimeError(f"llama.cpp could not create a context of {slots} x {slot_tokens} tokens")
+        self._memory = lib.llama_get_memory(self._ctx)
+        self._batch = lib.llama_batch_init(cparams.n_batch, 0, 1)
+        self._positions = [0] * slots
+
+    def _run(self, entries: Sequence[tuple[int, int, int, bool]]) -> None:
+        """One forward pass over (token, position, slot, wants logits)."""
+        b = self._batch
+        for i, (token, pos, slot, want) in enumerate(entries):
+            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = token, pos, 1, want
+            b.seq_id[i][0] = slot
+        b.n_tokens = len(entries)
+        rc = self._lib.llama_decode(self._ctx, b)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed with code {rc}")
+
+    def _row(self, index: int) -> np.ndarray:
+        ptr = self._lib.llama_get_logits_ith(self._ctx, index)
+        return np.ctypeslib.as_array(ptr, shape=(self._vocab_size,)).copy()
+
+    def prefill(self, slot: int, prompt: Sequence[int], start: int) -> tuple[int, np.ndarray | None]:
+        if start != self._positions[slot] or not start % PREFIX_BLOCK == 0 or start >= len(prompt):
+            raise ValueError(f"slot {slot} holds {self._positions[slot]} tokens; cannot prefill from {start}")
+        if len(prompt) + 1 > self.slot_tokens:
+            raise ValueError(f"a prompt of {len(prompt)} tokens does not fit a slot of {self.slot_tokens}")
+        block = prompt[start:start + PREFIX_BLOCK]
+        end = start + len(block)
+        self._run([(int(t), start + i, slot, end == len(prompt) and i == len(block) - 1) for i, t in enumerate(block)])
+        self._positions[slot] = end
+        return end, self._row(len(block) - 1) if end == len(prompt) else None
+
+    def decode(self, entries: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+        slots = [slot for slot, _ in entries]
+        if len(set(slots)) != len(slots):
+            raise ValueError("one token a slot per decode")
+        if any(self._positions[s] + 1 > self.slot_tokens for s in slots):
+            raise ValueError("a slot is full")
+        rows: list[np.ndarray] = []
+        for first in range(0, len(entries), self.max_batch):
+            group = entries[first:first + self.max_batch]
+            self._run([(int(token), self._positions[slot], slot, True) for slot, token in group])
+            rows.extend(self._row(i) for i in range(len(group)))
+            for slot, _ in group:
+                self._positions[slot] += 1
+        return rows
+
+    def free(self, slot: int) -> None:
+        self._lib.llama_memory_seq_rm(self._memory, slot, -1, -1)
+        self._positions[slot] = 0
+
+    def close(self) -> None:
+        if getattr(self, "_ctx", None):
+            self._lib.llama_batch_free(self._batch)
+            self._lib.llama_free(self._ctx)
+            self._ctx = None
+
+    def __del__(self) -> None:  # pragma: no cover
+        try:
+            self.close()
+        except Exception:
+            pass

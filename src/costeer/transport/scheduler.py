@@ -1,0 +1,213 @@
+"""The cloud server's one compute thread: it batches the sessions' decode steps.
+
+Requests arrive on many threads; the model runs on this one. Each tick it runs,
+in order: every pending decode step of the batched sessions in one `BatchEngine`
+call (so aggregate throughput grows with load), one block of one pending prefill
+(prompts go in blocks, in turn, so a long prompt delays other sessions' steps by
+one block, not by its whole length), and one exclusive job (work on a session with
+a private cache: a lookahead tree node, a step or a prefill of a backend that
+cannot batch). A request thread waits for its own result.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Callable, Sequence, TypeVar
+
+import numpy as np
+
+from ..backends.base import BatchEngine, StreamGroup
+
+T = TypeVar("T")
+
+
+class SchedulerClosed(RuntimeError):
+    """The server is shutting down."""
+
+
+@dataclass
+class _Prefill:
+    slot: int
+    prompt: Sequence[int]
+    done: Future
+    start: int = 0
+
+
+@dataclass
+class SchedulerStats:
+    """Forward-pass counts, for /healthz and the load benchmark."""
+
+    ticks: int = 0
+    decode_calls: int = 0
+    decoded_tokens: int = 0
+    prefill_blocks: int = 0
+    exclusive_jobs: int = 0
+    batch_sizes: collections.Counter = field(default_factory=collections.Counter)
+
+
+class Scheduler:
+    def __init__(self, engine: BatchEngine | None) -> None:
+        self.engine = engine
+        self.stats = SchedulerStats()
+        self._wake = threading.Condition()
+        self._decodes: dict[int, tuple[int, Future]] = {}  # slot -> (token, its logits)
+        self._prefills: collections.deque[_Prefill] = collections.deque()
+        self._jobs: collections.deque[tuple[Callable[[], object], Future]] = collections.deque()
+        self._stopping = False
+        self._closed = False
+        self._thread: threading.Thread | None = None  # started by the first request after a stop
+
+    # --- what request threads call -------------------------------------------------
+    def run(self, job: Callable[[], T]) -> T:
+        """Run job on the compute thread, alone, and return its result."""
+        return self._submit(lambda f: self._jobs.append((job, f)))
+
+    def prefill(self, slot: int, prompt: Sequence[int]) -> np.ndarray:
+        """Fill an empty slot with prompt, block by block; the logits after it."""
+        return self._submit(lambda f: self._prefills.append(_Prefill(slot, prompt, f)))
+
+    def decode(self, slot: int, token: int) -> np.ndarray:
+        """Append one token to a slot in the next batch; the logits after it."""
+        def enqueue(f: Future) -> None:
+            if slot in self._decodes:
+                raise RuntimeError(f"slot {slot} already has a step pending")
+            self._decodes[slot] = (token, f)
+        return self._submit(enqueue)
+
+    def free(self, slot: int) -> None:
+        assert self.engine is not None
+        self.run(lambda: self.engine.free(slot))
+
+    def _submit(self, enqueue: Callable[[Future], None]):
+        done: Future = Future()
+        with self._wake:
+            if self._closed or self._stopping:
+                raise SchedulerClosed("the server is shutting down")
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="costeer-scheduler", daemon=True)
+                self._thread.start()
+            enqueue(done)
+            self._wake.notify()
+        return done.result()
+
+    def stop(self) -> None:
+        """End the compute thread after the tick in progress; whatever still waits fails.
+        A later request starts it again (an app's lifespan may run more than once)."""
+        with self._wake:
+            thread, self._stopping = self._thread, True
+            self._wake.notify()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+        with self._wake:
+            self._thread, self._stopping = None, False
+
+    def close(self) -> None:
+        """Stop for good and free the engine's cache."""
+        self.stop()
+        with self._wake:
+            self._closed = True
+        if self.engine is not None:
+            self.engine.close()
+
+    # --- the compute thread ---------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not (self._stopping or self._decodes or self._prefills or self._jobs):
+                    self._wake.wait()
+                if self._stopping:
+                    self._fail_pending()
+                    return
+                decodes, self._decodes = self._decodes, {}
+                prefill = self._prefills.popleft() if self._prefills else None
+                job = self._jobs.popleft() if self._jobs else None
+            self.stats.ticks += 1
+            if decodes:
+                self._run_decodes(decodes)
+            if prefill is not None:
+                self._run_prefill_block(prefill)
+            if job is not None:
+                self.stats.exclusive_jobs += 1
+                _settle(job[1], job[0])
+
+    def _run_decodes(self, decodes: dict[int, tuple[int, Future]]) -> None:
+        assert self.engine is not None
+        entries = [(slot, token) for slot, (token, _) in decodes.items()]
+        try:
+            rows = self.engine.decode(entries)
+        except BaseException as exc:  # every session in the batch is in an unknown state
+            for _, future in decodes.values():
+                future.set_exception(exc)
+            return
+        self.stats.decode_calls += 1
+        self.stats.decoded_tokens += len(entries)
+        self.stats.batch_sizes[len(entries)] += 1
+        for (_, future), row in zip(decodes.values(), rows):
+            future.set_result(row)
+
+    def _run_prefill_block(self, work: _Prefill) -> None:
+        assert self.engine is not None
+        try:
+            work.start, logits = self.engine.prefill(work.slot, work.prompt, work.start)
+        except BaseException as exc:
+            work.done.set_exception(exc)
+            return
+        self.stats.prefill_blocks += 1
+        if logits is not None:
+            work.done.set_result(logits)
+        else:
+            with self._wake:  # to the back of the line: prompts take turns
+                self._prefills.append(work)
+
+    def _fail_pending(self) -> None:
+        closed = SchedulerClosed("the server is shutting down")
+        for _, future in self._decodes.values():
+            future.set_exception(closed)
+        for work in self._prefills:
+            work.done.set_exception(closed)
+        for _, future in self._jobs:
+            future.set_exception(closed)
+        self._decodes.clear()
+        self._prefills.clear()
+        self._jobs.clear()
+
+
+def _settle(future: Future, job: Callable[[], object]) -> None:
+    try:
+        future.set_result(job())
+    except BaseException as exc:
+        future.set_exception(exc)
+
+
+class BatchedStreams(StreamGroup):
+    """One session's stream in a slot of the scheduler's engine: `advance` waits for
+    the next batch. Closing frees the slot (the server then returns it to its pool)."""
+
+    def __init__(self, scheduler: Scheduler, slot: int, prompt: Sequence[int]) -> None:
+        self._scheduler, self.slot = scheduler, slot
+        self._prompt_lengths = [len(prompt)]
+        self._closed = False
+        try:
+            self._logits = scheduler.prefill(slot, prompt)[None, :]
+        except BaseException:
+            self.close()
+            raise
+
+    def logits(self) -> np.ndarray:
+        return self._logits
+
+    def advance(self, token_id: int) -> None:
+        if self._closed:
+            raise RuntimeError("stream group used after close")
+        self._logits = self._scheduler.decode(self.slot, int(token_id))[None, :]
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            try:
+                self._scheduler.free(self.slot)
+            except SchedulerClosed:
+                pass  # the engine and its slots go as a whole
