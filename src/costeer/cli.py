@@ -150,6 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-kv-tokens", type=_positive_int, default=limits.max_kv_tokens,
                      help="KV cache tokens all sessions may reserve together, prompt plus max_new_tokens each "
                           "(the default model keeps 28 KiB a token)")
+    srv.add_argument("--batch-slot-tokens", type=_positive_int, default=limits.batch_slot_tokens,
+                     help="KV tokens of each of the --max-sessions slots of the shared, batched cache (allocated at "
+                          "start, out of --max-kv-tokens); longer sessions and lookahead trees get caches of their own")
+    srv.add_argument("--max-batch", type=_positive_int, default=None,
+                     help="tokens in one batched forward pass (default: the most that keeps every session's output "
+                          "independent of the others', 3 on llama.cpp's CPU kernels; more is faster)")
 
     models = sub.add_parser("models", help="assemble and verify the default models, print their paths")
     models.add_argument("--quiet", action="store_true")
@@ -233,11 +239,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     model = load_model(args.llm or ensure_model(DEFAULT_LLM), args.backend)
     limits = ServerLimits(max_sessions=args.max_sessions, session_ttl_s=args.session_ttl, max_prompt_tokens=args.max_prompt_tokens,
-                          max_new_tokens=args.max_new_tokens, max_kv_tokens=args.max_kv_tokens)
+                          max_new_tokens=args.max_new_tokens, max_kv_tokens=args.max_kv_tokens,
+                          batch_slot_tokens=args.batch_slot_tokens)
+    if limits.max_sessions * limits.batch_slot_tokens > limits.max_kv_tokens:
+        print(f"costeer: {limits.max_sessions} slots of {limits.batch_slot_tokens} tokens exceed --max-kv-tokens "
+              f"{limits.max_kv_tokens}: sessions will not be batched", file=sys.stderr)
     keys = args.api_key or [k for k in os.environ.get("COSTEER_API_KEY", "").split(",") if k]
     print(f"costeer: serving {model.name} on http://{args.host}:{args.port} "
           f"({'API key required' if keys else 'no API key'}); schema at /openapi.json", file=sys.stderr)
-    serve(model, args.host, args.port, keys, limits)
+    serve(model, args.host, args.port, keys, limits, args.max_batch)
     return 0
 
 
