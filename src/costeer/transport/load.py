@@ -63,8 +63,10 @@ def _top1(distribution: dict) -> tuple[int, float]:
     return int(ids[0]), float(logits[0])
 
 
-def drive(url: str, prompts: list[str], new_tokens: int, api_key: str | None = None, timeout_s: float = 600.0) -> LoadResult:
-    """One device a prompt, all at once."""
+def drive(url: str, prompts: list[str], new_tokens: int, api_key: str | None = None, timeout_s: float = 600.0,
+          reserve_tokens: int | None = None) -> LoadResult:
+    """One device a prompt, all at once; each session reserves `reserve_tokens` new
+    tokens (default new_tokens)."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     transcripts = [Transcript() for _ in prompts]
     opened = threading.Barrier(len(prompts) + 1)
@@ -75,7 +77,7 @@ def drive(url: str, prompts: list[str], new_tokens: int, api_key: str | None = N
         with httpx.Client(base_url=url, headers=headers, timeout=timeout_s) as http:
             try:
                 r = http.post(f"{API_PREFIX}/sessions", json={"messages": [{"role": "user", "content": prompt}],
-                                                              "max_new_tokens": new_tokens, "top_k": 1})
+                                                              "max_new_tokens": reserve_tokens or new_tokens, "top_k": 1})
                 r.raise_for_status()
                 session = r.json()["session_id"]
                 token, logit = _top1(r.json()["distribution"])

@@ -7,12 +7,20 @@ call (so aggregate throughput grows with load), one block of one pending prefill
 one block, not by its whole length), and one exclusive job (work on a session with
 a private cache: a lookahead tree node, a step or a prefill of a backend that
 cannot batch). A request thread waits for its own result.
+
+Devices send their next step only once they have the last answer, so steps of one
+batch come back a few milliseconds apart; a batch run the moment the first one
+arrives would hold only that one, and the sessions would settle into groups that
+take turns. So before a batch the thread waits, briefly (GATHER_MAX_S, and at most
+a fraction of a pass), for the steps of every session that stepped in the last two
+batches.
 """
 
 from __future__ import annotations
 
 import collections
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable, Sequence, TypeVar
@@ -22,6 +30,9 @@ import numpy as np
 from ..backends.base import BatchEngine, StreamGroup
 
 T = TypeVar("T")
+
+GATHER_MAX_S = 0.03
+GATHER_FRACTION = 0.3  # of the last decode pass's duration
 
 
 class SchedulerClosed(RuntimeError):
@@ -45,6 +56,7 @@ class SchedulerStats:
     decoded_tokens: int = 0
     prefill_blocks: int = 0
     exclusive_jobs: int = 0
+    decode_s: float = 0.0  # time in batched forward passes
     batch_sizes: collections.Counter = field(default_factory=collections.Counter)
 
 
@@ -56,6 +68,8 @@ class Scheduler:
         self._decodes: dict[int, tuple[int, Future]] = {}  # slot -> (token, its logits)
         self._prefills: collections.deque[_Prefill] = collections.deque()
         self._jobs: collections.deque[tuple[Callable[[], object], Future]] = collections.deque()
+        self._recent: list[set[int]] = [set(), set()]  # slots in the last two batches: expected back
+        self._last_pass_s = 0.0
         self._stopping = False
         self._closed = False
         self._thread: threading.Thread | None = None  # started by the first request after a stop
@@ -79,7 +93,12 @@ class Scheduler:
 
     def free(self, slot: int) -> None:
         assert self.engine is not None
-        self.run(lambda: self.engine.free(slot))
+
+        def free_slot() -> None:
+            self.engine.free(slot)
+            for batch in self._recent:  # not expected back
+                batch.discard(slot)
+        self.run(free_slot)
 
     def _submit(self, enqueue: Callable[[Future], None]):
         done: Future = Future()
@@ -118,6 +137,11 @@ class Scheduler:
             with self._wake:
                 while not (self._stopping or self._decodes or self._prefills or self._jobs):
                     self._wake.wait()
+                expected = len(self._recent[0] | self._recent[1] | set(self._decodes))
+                if self._decodes and len(self._decodes) < expected:
+                    deadline = time.monotonic() + min(GATHER_MAX_S, GATHER_FRACTION * self._last_pass_s)
+                    while len(self._decodes) < expected and not self._stopping and time.monotonic() < deadline:
+                        self._wake.wait(max(0.0, deadline - time.monotonic()))
                 if self._stopping:
                     self._fail_pending()
                     return
@@ -136,12 +160,16 @@ class Scheduler:
     def _run_decodes(self, decodes: dict[int, tuple[int, Future]]) -> None:
         assert self.engine is not None
         entries = [(slot, token) for slot, (token, _) in decodes.items()]
+        self._recent = [self._recent[1], set(decodes)]
+        start = time.monotonic()
         try:
             rows = self.engine.decode(entries)
         except BaseException as exc:  # every session in the batch is in an unknown state
             for _, future in decodes.values():
                 future.set_exception(exc)
             return
+        self._last_pass_s = time.monotonic() - start
+        self.stats.decode_s += self._last_pass_s
         self.stats.decode_calls += 1
         self.stats.decoded_tokens += len(entries)
         self.stats.batch_sizes[len(entries)] += 1

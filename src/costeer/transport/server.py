@@ -442,7 +442,7 @@ def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: Serve
                     "max_sessions": limits.max_sessions, "max_kv_tokens": limits.max_kv_tokens,
                     "batch_slots": engine.slots if engine else 0, "batch_slots_free": len(usage.free_slots),
                     "max_batch": engine.max_batch if engine else 1, "forward_passes": scheduler.stats.decode_calls,
-                    "batched_tokens": scheduler.stats.decoded_tokens}
+                    "batched_tokens": scheduler.stats.decoded_tokens, "decode_s": round(scheduler.stats.decode_s, 3)}
 
     return app
 
