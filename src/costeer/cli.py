@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     cloud.add_argument("--wire-log", metavar="FILE", help="append every message to and from the cloud as JSON lines")
     cloud.add_argument("--cloud-timeout", metavar="S", type=_finite_float, default=120.0,
                        help="seconds any one request to the cloud may take before a clear error (default 120)")
+    cloud.add_argument("--cloud-retry-for", metavar="S", type=_finite_float, default=60.0,
+                       help="if a costeer serve cloud goes away mid-generation, keep trying to reopen the session there "
+                            "for S seconds and carry on with the same output (default 60; 0: fail at once)")
     cloud.add_argument("--simulate-rtt", metavar="MS", type=_finite_float, default=0.0, help="add this network round-trip time")
     cloud.add_argument("--send-private-context-to-cloud", action="store_true",
                        help="let methods that give the cloud model the private context (llm-context) send it to a "
@@ -202,7 +205,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                  api_key=args.api_key or os.environ.get("COSTEER_API_KEY"), wire_log=args.wire_log,
                  simulate_rtt_ms=args.simulate_rtt, cloud_top_k=args.cloud_top_k,
                  cloud_model=args.cloud_model, cloud_max_k=args.cloud_max_k, lookahead=args.lookahead,
-                 cloud_timeout_s=args.cloud_timeout,
+                 cloud_timeout_s=args.cloud_timeout, cloud_retry_for_s=args.cloud_retry_for,
                  send_private_context_to_cloud=args.send_private_context_to_cloud,
                  context_cache=not args.no_context_cache)
     stream = None if args.json else (lambda text: (sys.stdout.write(text), sys.stdout.flush()))

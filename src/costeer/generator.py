@@ -76,6 +76,7 @@ class CoSteer:
         send_private_context_to_cloud: bool = False,
         lookahead: tuple[int, int] | tuple[int, int, float] | None = None,
         cloud_timeout_s: float = 120.0,
+        cloud_retry_for_s: float = 60.0,
         context_cache: bool | ContextCache = True,
     ):
         """`cloud`: where the cloud model runs instead of here: the URL of a `costeer serve`
@@ -86,7 +87,10 @@ class CoSteer:
         `send_private_context_to_cloud` is True. `lookahead=(D, M)` or `(D, M, P)` asks a
         `costeer serve` cloud for a tree of its M likeliest continuations, D deep (grown
         where its likeliest token has probability >= P, default 0.5), with every step,
-        so the device sends several tokens per round trip with the same output. `context_cache`
+        so the device sends several tokens per round trip with the same output. If a `costeer
+        serve` cloud goes away mid-generation (restart, dropped connection, proxy 502-504),
+        the device reopens its session there and carries on with the same output, trying for
+        `cloud_retry_for_s` seconds (0: fail at once). `context_cache`
         keeps the device model's prefill of private prompts on disk and starts the next
         prompt with the same context from it, with the same output (True: the default
         folder; a `ContextCache`: that one; False: off)."""
@@ -102,8 +106,10 @@ class CoSteer:
             raise UserError("lookahead applies to a remote cloud (--cloud URL) only")
         if not cloud_timeout_s > 0:
             raise UserError(f"the cloud timeout must be > 0 seconds, got {cloud_timeout_s!r}")
+        if not 0 <= cloud_retry_for_s < float("inf"):
+            raise UserError(f"the cloud retry window must be >= 0 seconds, got {cloud_retry_for_s!r}")
         self._cloud = (cloud, api_key, wire_log, simulate_rtt_ms, cloud_model, cloud_max_k, lookahead,
-                       cloud_timeout_s) if cloud else None
+                       cloud_timeout_s, cloud_retry_for_s) if cloud else None
         self.send_private_context_to_cloud = send_private_context_to_cloud
         self._tokenizers_checked = False
         # the device model's saved prefill of private prompts (exact; see context_cache.py)
@@ -233,7 +239,7 @@ class CoSteer:
             slot.model = None
 
 
-def _connect_cloud(url, api_key, wire_log, simulate_rtt_ms, model_name, max_k, lookahead, timeout_s,
+def _connect_cloud(url, api_key, wire_log, simulate_rtt_ms, model_name, max_k, lookahead, timeout_s, retry_for_s,
                    tokenizer: LanguageModel) -> RemoteCloud:
     from .transport.client import ServedCloud
     from .transport.openai_client import DEFAULT_MAX_K, OpenAICloud
@@ -253,7 +259,7 @@ def _connect_cloud(url, api_key, wire_log, simulate_rtt_ms, model_name, max_k, l
     if lookahead:
         depth, width, *rest = lookahead
         tree = Lookahead(depth=depth, width=width, min_probability=rest[0] if rest else DEFAULT_LOOKAHEAD_MIN_P)
-    return ServedCloud(wire, tokenizer, tree)
+    return ServedCloud(wire, tokenizer, tree, retry_for_s)
 
 
 def _check_max_new_tokens(n: int) -> None:

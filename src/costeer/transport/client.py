@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from typing import Callable
+
 import numpy as np
 
 from ..backends.base import LanguageModel
@@ -10,7 +14,9 @@ from ..distribution import NextToken
 from ..errors import UserError
 from ..prompts import PublicChat
 from .protocol import API_PREFIX, FLOATS, IDS, Lookahead, decode_array
-from .wire import WireClient
+from .wire import CloudRefused, CloudUnreachable, WireClient
+
+RESUME_BACKOFF_S = (0.5, 4.0)  # first pause between tries to reopen a session, doubling up to the second
 
 
 class ServedCloud(RemoteCloud):
@@ -21,10 +27,16 @@ class ServedCloud(RemoteCloud):
     session then walks that tree and sends the tokens it chose in one request when
     the choice leaves it. The output is the same token for token."""
 
-    def __init__(self, wire: WireClient, tokenizer: LanguageModel, lookahead: Lookahead | None = None) -> None:
+    def __init__(self, wire: WireClient, tokenizer: LanguageModel, lookahead: Lookahead | None = None,
+                 retry_for_s: float = 0.0) -> None:
+        """`retry_for_s`: how long a session keeps trying to reopen itself on a server
+        that failed or restarted mid-generation (0: it fails at once)."""
         super().__init__(tokenizer)
         self._wire = wire
         info = wire.request("GET", f"{API_PREFIX}/model")
+        self._identity = (info["name"], info["vocabulary_sha256"])
+        self.max_tokens_per_step = int(info.get("limits", {}).get("max_tokens_per_step", 256))
+        self.retry_for_s = retry_for_s
         self.name = f"{info['name']} at {wire.base_url}"
         self.vocab_size = int(info["vocab_size"])
         self.context_window = int(info["context_window"])
@@ -38,21 +50,50 @@ class ServedCloud(RemoteCloud):
     def vocabulary_digest(self) -> str:
         return self._digest
 
+    def check_same_model(self) -> None:
+        """After a restart: refuse to resume on a server that came back with another model."""
+        info = self._wire.request("GET", f"{API_PREFIX}/model")
+        if (info["name"], info["vocabulary_sha256"]) != self._identity:
+            raise UserError(f"the cloud at {self._wire.base_url} came back with another model ({info['name']}, "
+                            f"not {self._identity[0]}); this generation cannot continue on it")
+
     def open_session(self, chat: PublicChat, max_new_tokens: int, first_k: int | None) -> CloudSession:
         # a tree node holds a top-k: methods that need the full vector every step go without
         lookahead = self.lookahead.model_copy(update={"top_k": min(first_k, 1024)}) if self.lookahead and first_k else None
-        return ServedSession(self._wire, self.encode_chat(chat), max_new_tokens, first_k, self.vocab_size, lookahead)
+        return ServedSession(self, self.encode_chat(chat), max_new_tokens, first_k, lookahead)
 
     def close(self) -> None:
         self._wire.close()
 
 
+def _resumable(exc: Exception) -> str | None:
+    """Why `exc` may be a server going away (a reason to report), or None: it is not,
+    so it fails at once (a bad key, a bad request, a cap)."""
+    if isinstance(exc, CloudUnreachable):
+        return exc.reason
+    if isinstance(exc, CloudRefused):
+        if exc.status == 404 and exc.kind == "unknown_session":
+            return "it no longer knows the session"
+        if exc.status in (429, 502, 503, 504):  # busy, or a proxy in front of a server that is down
+            return f"HTTP {exc.status}"
+    return None
+
+
 class ServedSession(CloudSession):
-    def __init__(self, wire: WireClient, chat: PublicChat, max_new_tokens: int, first_k: int | None, vocab_size: int,
+    """A session that survives the server going away: it keeps every token it appended,
+    and after a failure that may be a restart it opens a new session with the same
+    public messages, sends those tokens again and asks again for what it was asking.
+    The server decodes appended tokens alone, so the output stays the same."""
+
+    def __init__(self, cloud: ServedCloud, chat: PublicChat, max_new_tokens: int, first_k: int | None,
                  lookahead: Lookahead | None = None) -> None:
-        self._wire = wire
+        self._cloud = cloud
+        self._wire = wire = cloud._wire
+        self.vocab_size = vocab_size = cloud.vocab_size
         self._first_k = first_k if first_k is not None and first_k < vocab_size else None
-        self.vocab_size = vocab_size
+        self._chosen: list[int] = []  # every token appended, sent or still walked: what a new session gets
+        self.resumes = 0
+        self._closing = threading.Event()  # close() ends a wait between tries
         self._capped = False  # the server sent fewer values than asked: it has a cap of its own
         self._start = wire.counters.copy()
         self._tree: dict[tuple[int, ...], NextToken] = {}  # path after the server's position -> distribution
@@ -63,11 +104,11 @@ class ServedSession(CloudSession):
         # cloud has computed it, so the device works on node 1 while the cloud computes node 2
         self._streamed = lookahead is not None and lookahead.width == 1
         self._stream = None
-        request = {"messages": list(chat), "max_new_tokens": max_new_tokens, "top_k": self._first_k}
+        self._open_request: dict = {"messages": list(chat), "max_new_tokens": max_new_tokens, "top_k": self._first_k}
         if lookahead is not None:
-            request["lookahead"] = lookahead.model_dump()
-        opened = wire.request("POST", f"{API_PREFIX}/sessions", request)
-        self._session = opened["session_id"]
+            self._open_request["lookahead"] = lookahead.model_dump()
+        opened = wire.request("POST", f"{API_PREFIX}/sessions", self._open_request)
+        self._session: str | None = opened["session_id"]
         self.prompt_tokens = int(opened["prompt_tokens"])
         self._store(opened["distribution"], self._first_k)
 
@@ -106,7 +147,10 @@ class ServedSession(CloudSession):
         cloud computes it. A chain's nodes come in order, so a node as deep as `path` on
         another branch means `path` will not come."""
         while path not in self._tree and self._stream is not None:
-            line = self._stream.next()
+            try:
+                line = self._stream.next()
+            except CloudUnreachable:
+                line = None  # the stream dropped: the walk ends here; the step that follows resumes if need be
             if line is None:
                 self._end_stream()
                 break
@@ -128,26 +172,88 @@ class ServedSession(CloudSession):
         """A look: more of the distribution at the current tree node (or position),
         without moving the session or disturbing a tree the cloud is still sending."""
         k = k if k is not None and k < self.vocab_size else None
-        request = {"tokens": [], "top_k": k, **({"path": self._walked} if self._walked else {})}
-        reply = self._wire.request("POST", f"{API_PREFIX}/sessions/{self._session}/step", request)
-        self._view = self._top(reply, k)
+
+        def look() -> None:
+            request = {"tokens": [], "top_k": k, **({"path": self._walked} if self._walked else {})}
+            reply = self._wire.request("POST", f"{API_PREFIX}/sessions/{self._session}/step", request)
+            self._view = self._top(reply, k)
+        self._resuming(look, k)
 
     def advance(self, token_id: int) -> None:
-        path = (*self._walked, int(token_id))
-        node = self._node(path)
+        token = int(token_id)
+        self._chosen.append(token)
+        node = self._node((*self._walked, token))
         if node is not None:  # the cloud computed this position already: no request
-            self._walked.append(int(token_id))
+            self._walked.append(token)
             self._view = node
             self._tree_tokens += 1
             return
-        self._step([*self._walked, int(token_id)], self._first_k)
+        self._resuming(lambda: self._step([*self._walked, token], self._first_k), self._first_k)
+
+    def _resuming(self, send: Callable[[], None], k: int | None) -> None:
+        """send(), which leaves the view at the session's position with top-k `k`; if the
+        server fails in a way a restart would, reopen there instead (which leaves the same view)."""
+        try:
+            send()
+        except (CloudUnreachable, CloudRefused) as exc:
+            if self._cloud.retry_for_s <= 0 or _resumable(exc) is None:
+                raise
+            self._resume(k, exc)
+
+    def _resume(self, k: int | None, failure: CloudUnreachable | CloudRefused) -> None:
+        """Try to reopen for retry_for_s seconds, pausing between tries; then give up in one line."""
+        self._end_stream()
+        self._tree, self._walked = {}, []  # a new session starts with every chosen token sent
+        window = self._cloud.retry_for_s
+        deadline = time.monotonic() + window
+        pause, tries = RESUME_BACKOFF_S[0], 0
+        while True:
+            reason = _resumable(failure)
+            if reason is None:
+                raise failure
+            left = deadline - time.monotonic()
+            if left <= 0 or self._closing.is_set():
+                raise UserError(f"the cloud at {self._wire.base_url} stopped answering ({reason}) and did not come "
+                                f"back within {window:g} s") from None
+            if tries:  # a restarted server answers at once: the first try does not wait
+                hint = failure.retry_after if isinstance(failure, CloudRefused) else None
+                if self._closing.wait(min(hint or pause, left)):
+                    continue
+                pause = min(2 * pause, RESUME_BACKOFF_S[1])
+            tries += 1
+            try:
+                self._reopen(k)
+                self.resumes += 1
+                return
+            except (CloudUnreachable, CloudRefused) as exc:
+                failure = exc
+
+    def _reopen(self, k: int | None) -> None:
+        """A new session at the device's position: the same public messages and settings, then
+        every chosen token in steps the server accepts; the last asks for top-k `k` (and a tree)."""
+        self._cloud.check_same_model()
+        chosen = self._chosen
+        # nothing to send again: the open itself answers with the view asked for
+        opened = self._wire.request("POST", f"{API_PREFIX}/sessions", {**self._open_request, "top_k": 1 if chosen else k})
+        self._session = opened["session_id"]
+        reply = opened["distribution"]
+        size = self._cloud.max_tokens_per_step
+        for start in range(0, len(chosen), size):
+            last = start + size >= len(chosen)
+            reply = self._wire.request("POST", f"{API_PREFIX}/sessions/{self._session}/step",
+                                       {"tokens": chosen[start:start + size], "top_k": k if last else 1, "lookahead": last})
+        self._store(reply, k)
+        if self._closing.is_set():  # closed while reopening: leave nothing behind
+            self.close()
 
     def traffic(self) -> dict:
         counters = self._wire.counters.since(self._start)
         counters["lookahead_tokens"] = self._tree_tokens
+        counters["resumes"] = self.resumes
         return counters
 
     def close(self) -> None:
+        self._closing.set()
         self._end_stream()
         if self._session:
             session, self._session = self._session, None

@@ -29,11 +29,20 @@ class WireCounters:
 
 
 class CloudRefused(UserError):
-    """The cloud answered 4xx/5xx; `status` says which."""
+    """The cloud answered 4xx/5xx; `status` says which, `kind` the error body's `error`
+    (e.g. unknown_session), `retry_after` its Retry-After seconds."""
 
-    def __init__(self, message: str, status: int) -> None:
+    def __init__(self, message: str, status: int, kind: str | None = None, retry_after: float | None = None) -> None:
         super().__init__(message)
-        self.status = status
+        self.status, self.kind, self.retry_after = status, kind, retry_after
+
+
+class CloudUnreachable(UserError):
+    """No answer: the connection failed, dropped or timed out; `reason` says which, briefly."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class WireLog:
@@ -135,13 +144,23 @@ class WireClient:
             raise CloudRefused(f"the cloud at {self.base_url} needs a valid API key (--api-key or COSTEER_API_KEY)", 401)
         if response.status_code >= 400:
             message = _error_message(data) or response.text[:200]
-            raise CloudRefused(f"the cloud refused {method} {path} ({response.status_code}): {message}", response.status_code)
+            kind = data.get("error") if isinstance(data, dict) and isinstance(data.get("error"), str) else None
+            try:
+                retry_after = float(response.headers["retry-after"])
+            except (KeyError, ValueError):
+                retry_after = None
+            raise CloudRefused(f"the cloud refused {method} {path} ({response.status_code}): {message}",
+                               response.status_code, kind, retry_after)
 
-    def _unreachable(self, method: str, path: str, exc: httpx.HTTPError) -> UserError:
+    def _unreachable(self, method: str, path: str, exc: httpx.HTTPError) -> CloudUnreachable:
         if isinstance(exc, httpx.TimeoutException):
-            return UserError(f"the cloud at {self.base_url} did not answer {method} {path} within "
-                             f"{self.timeout_s:g} s ({exc.__class__.__name__})")
-        return UserError(f"cannot reach the cloud at {self.base_url}: {exc.__class__.__name__}: {exc}")
+            return CloudUnreachable(f"the cloud at {self.base_url} did not answer {method} {path} within "
+                                    f"{self.timeout_s:g} s ({exc.__class__.__name__})", f"no answer within {self.timeout_s:g} s")
+        if isinstance(exc, httpx.ConnectError):
+            reason = "connection refused" if "refused" in str(exc).lower() else "cannot connect"
+        else:
+            reason = "connection dropped"
+        return CloudUnreachable(f"cannot reach the cloud at {self.base_url}: {exc.__class__.__name__}: {exc}", reason)
 
     def _received(self, path: str, line: bytes, record: object) -> None:
         with self._lock:
@@ -181,14 +200,15 @@ class LineStream:
         try:
             item = self._lines.get(timeout=self._wire.timeout_s)
         except queue.Empty:
-            raise UserError(f"the cloud at {self._wire.base_url} sent nothing for {self._wire.timeout_s:.0f} s "
-                            f"on {self._path}") from None
+            raise CloudUnreachable(f"the cloud at {self._wire.base_url} sent nothing for {self._wire.timeout_s:.0f} s "
+                                   f"on {self._path}", f"no answer within {self._wire.timeout_s:g} s") from None
         if item is None:
             self._lines.put(None)  # stays complete for later calls
             return None
         arrived, line = item
         if isinstance(line, Exception):
-            raise UserError(f"the cloud's answer on {self._path} broke off: {line.__class__.__name__}")
+            raise CloudUnreachable(f"the cloud's answer on {self._path} broke off: {line.__class__.__name__}",
+                                   "connection dropped")
         wait = arrived + self._wire._half_rtt_s - time.monotonic()
         if wait > 0:
             time.sleep(wait)
