@@ -154,3 +154,43 @@ def test_scheduler_stop_fails_waiters_and_restarts_on_demand():
     scheduler.close()
     with pytest.raises(RuntimeError):
         scheduler.run(lambda: None)
+
+
+class StepwiseModel(NumpyModel):
+    """No batching; an open's prefill in many steps, each logged, as llama.cpp's is."""
+
+    def __init__(self) -> None:
+        super().__init__(1, "numpy-cloud")
+        self.log: list[str] = []
+
+    def batch_engine(self, *args, **kwargs) -> None:
+        return None
+
+    def open_streams_stepwise(self, prompts, max_new_tokens, **kwargs):
+        group = self.open_streams(prompts, max_new_tokens, **kwargs)
+
+        def blocks():
+            for _ in range(len(prompts[0]) // 16):
+                time.sleep(0.003)
+                self.log.append("prefill block")
+                yield
+        return group, blocks()
+
+    def count_pass(self) -> None:
+        super().count_pass()
+        self.log.append("step")
+
+
+def test_a_long_prompt_in_a_cache_of_its_own_also_goes_in_blocks_between_steps():
+    model = StepwiseModel()
+    with app_in_thread(create_app(model, limits=ServerLimits(max_sessions=4))) as url:
+        stepping = threading.Thread(target=lambda: drive(url, PROMPTS[:1], 60))
+        stepping.start()
+        time.sleep(0.05)
+        r = httpx.post(url + "/v1/sessions", json={"messages": [{"role": "user", "content": "long " * 200}],
+                                                   "max_new_tokens": 4, "top_k": 1}, timeout=60)
+        stepping.join()
+    assert r.status_code == 200, r.text
+    blocks = [i for i, e in enumerate(model.log) if e == "prefill block"]
+    steps_during = [i for i, e in enumerate(model.log) if e == "step" and blocks[0] < i < blocks[-1]]
+    assert len(blocks) >= 50 and len(steps_during) >= 10, (len(blocks), len(steps_during))

@@ -155,6 +155,13 @@ class LanguageModel(ABC):
     def open_streams(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> StreamGroup:
         """Prefill each prompt and return the group positioned after them."""
 
+    def open_streams_stepwise(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                              **kwargs) -> tuple[StreamGroup, Iterator[None]]:
+        """`open_streams` with the prefill left to the caller: run the iterator to its end,
+        one bounded piece of work a step (the server interleaves them with other sessions'
+        batches), before using the group. Here: all done at once."""
+        return self.open_streams(prompts, max_new_tokens, **kwargs), iter(())
+
     def batch_engine(self, slots: int, slot_tokens: int, max_batch: int | None = None) -> BatchEngine | None:
         """A shared cache for `slots` sequences of up to `slot_tokens` tokens that decodes
         up to `max_batch` tokens (default: its `exact_batch`) in one forward pass; None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ctypes
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -170,14 +170,19 @@ class LlamaCppModel(LanguageModel):
         restore: dict[int, PrefixRestore] | None = None,
         snapshot: dict[int, int] | None = None,
         lookahead_depth: int = 0,
+        stepwise: bool = False,
     ) -> StreamGroup:
         if lookahead_depth:
             from .llama_cpp_tree import LlamaCppTreeStreams
 
             if len(prompts) != 1 or restore or snapshot:
                 raise ValueError("a lookahead group holds one stream opened cold")
-            return LlamaCppTreeStreams(self, prompts[0], max_new_tokens, lookahead_depth)
-        return _LlamaCppStreams(self, prompts, max_new_tokens, restore or {}, snapshot or {})
+            return LlamaCppTreeStreams(self, prompts[0], max_new_tokens, lookahead_depth, stepwise)
+        return _LlamaCppStreams(self, prompts, max_new_tokens, restore or {}, snapshot or {}, stepwise)
+
+    def open_streams_stepwise(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, **kwargs) -> tuple[StreamGroup, Iterator[None]]:
+        group = self.open_streams(prompts, max_new_tokens, stepwise=True, **kwargs)
+        return group, group.opening
 
     def batch_engine(self, slots: int, slot_tokens: int, max_batch: int | None = None):
         from .llama_cpp_batch import LlamaCppBatchEngine
@@ -211,7 +216,7 @@ class _LlamaCppStreams(StreamGroup):
     spare_cells = 0  # cells beyond the prompts and new tokens (LlamaCppTreeStreams)
 
     def __init__(self, model: LlamaCppModel, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                 restore: dict[int, PrefixRestore], snapshot: dict[int, int]) -> None:
+                 restore: dict[int, PrefixRestore], snapshot: dict[int, int], stepwise: bool = False) -> None:
         lib = self._lib = model._lib
         self._model = model
         self._positions = [len(p) for p in prompts]
@@ -244,6 +249,14 @@ class _LlamaCppStreams(StreamGroup):
             raise RuntimeError(f"llama.cpp could not create a context of {cparams.n_ctx} tokens")
         self._batch = lib.llama_batch_init(max(_PREFILL_CHUNK, len(prompts)), 0, 1)
         self._logits = np.empty((len(prompts), model.vocab_size), dtype=np.float32)
+        # with stepwise, the caller runs the prefill, one block per step, before using the group
+        self.opening = self._open(prompts, restore, snapshot)
+        if not stepwise:
+            for _ in self.opening:
+                pass
+
+    def _open(self, prompts: Sequence[Sequence[int]], restore: dict[int, PrefixRestore],
+              snapshot: dict[int, int]) -> Iterator[None]:
         try:
             # streams in order, each whole before the next: the cells (and so the
             # arithmetic) are laid out the same with or without a restored prefix
@@ -253,16 +266,17 @@ class _LlamaCppStreams(StreamGroup):
                 if mark is not None:
                     if not done <= mark <= len(prompt) or (mark % PREFIX_BLOCK and mark != len(prompt)):
                         raise ValueError(f"stream {seq}: no snapshot at {mark} tokens")
-                    done = self._prefill(seq, prompt, done, mark)
+                    yield from self._prefill(seq, prompt, done, mark)
+                    done = mark
                     self.snapshots[seq] = self._state(seq)
-                self._prefill(seq, prompt, done, len(prompt))
+                yield from self._prefill(seq, prompt, done, len(prompt))
         except BaseException:
             self.close()
             raise
 
-    def _prefill(self, seq: int, prompt: Sequence[int], begin: int, end: int) -> int:
+    def _prefill(self, seq: int, prompt: Sequence[int], begin: int, end: int) -> Iterator[None]:
         """Feed prompt[begin:end] at its positions, in batches that start at multiples
-        of PREFIX_BLOCK; the last prompt token's logits are kept."""
+        of PREFIX_BLOCK, one a step; the last prompt token's logits are kept."""
         for start in range(begin, end, PREFIX_BLOCK):
             chunk = prompt[start : min(start + PREFIX_BLOCK, end)]
             last = start + len(chunk) == len(prompt)
@@ -270,7 +284,7 @@ class _LlamaCppStreams(StreamGroup):
             self._decode()
             if last:
                 self._copy_logits(len(chunk) - 1, seq)
-        return end
+            yield
 
     def _state(self, seq: int) -> bytes:
         size = self._lib.llama_state_seq_get_size(self._ctx, seq)

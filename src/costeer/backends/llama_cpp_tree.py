@@ -30,9 +30,10 @@ from .llama_cpp_backend import LlamaCppModel, _LlamaCppStreams
 class LlamaCppTreeStreams(_LlamaCppStreams):
     """One stream with room for a kept chain of up to `depth` lookahead tokens."""
 
-    def __init__(self, model: LlamaCppModel, prompt: Sequence[int], max_new_tokens: int, depth: int) -> None:
+    def __init__(self, model: LlamaCppModel, prompt: Sequence[int], max_new_tokens: int, depth: int,
+                 stepwise: bool = False) -> None:
         self.spare_cells = depth + 1  # read by _LlamaCppStreams when it sizes the context
-        super().__init__(model, [prompt], max_new_tokens, {}, {})
+        super().__init__(model, [prompt], max_new_tokens, {}, {}, stepwise)
         self._memory = self._lib.llama_get_memory(self._ctx)
         self._chain: list[tuple[int, np.ndarray]] = []  # kept cells after the position: (token, logits after it)
 

@@ -332,8 +332,11 @@ def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: Serve
                 group: StreamGroup = BatchedStreams(scheduler, slot, ids)
             else:
                 depth = {"lookahead_depth": body.lookahead.depth} if body.lookahead else {}
-                group = scheduler.run(lambda: model.open_streams([ids], body.max_new_tokens, **depth))
+                group, prefill = scheduler.run(lambda: model.open_streams_stepwise([ids], body.max_new_tokens, **depth))
             try:
+                if slot is None:  # a block at a time, between other sessions' batches
+                    while scheduler.run(lambda: next(prefill, StopIteration)) is not StopIteration:
+                        pass
                 views: dict = {}
                 first = on_compute(group, lambda: _distribution(group, len(ids), body.top_k, body.lookahead, views))
             except BaseException:
