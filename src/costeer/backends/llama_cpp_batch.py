@@ -9,6 +9,10 @@ default cloud model:
 - ggml's repacked Q4_K kernels switch from a matrix-vector to a 4-column matrix
   product at 4 tokens in a forward pass, which rounds differently (up to 0.6); a
   pass of at most 3 tokens gives every token bit for bit what it gets alone.
+And for speed: with separate streams llama.cpp splits a batch into one micro-batch
+per run of consecutive sequence ids, so a batch goes in slot order (16 slots in
+shuffled order took 3x as long as in order) and the server hands out the lowest
+free slot, keeping sessions' slots together.
 Prompts are prefilled alone in blocks of PREFIX_BLOCK tokens from position 0, like
 every other llama.cpp prefill here, so a slot's numbers equal a private context's.
 """
@@ -79,13 +83,14 @@ class LlamaCppBatchEngine(BatchEngine):
             raise ValueError("one token a slot per decode")
         if any(self._positions[s] + 1 > self.slot_tokens for s in slots):
             raise ValueError("a slot is full")
-        rows: list[np.ndarray] = []
-        for first in range(0, len(entries), self.max_batch):
-            group = entries[first:first + self.max_batch]
-            self._run([(int(token), self._positions[slot], slot, True) for slot, token in group])
-            rows.extend(self._row(i) for i in range(len(group)))
-            for slot, _ in group:
-                self._positions[slot] += 1
+        order = sorted(range(len(entries)), key=lambda i: entries[i][0])
+        rows: list[np.ndarray] = [np.empty(0)] * len(entries)
+        for first in range(0, len(order), self.max_batch):
+            group = order[first:first + self.max_batch]
+            self._run([(int(entries[i][1]), self._positions[entries[i][0]], entries[i][0], True) for i in group])
+            for j, i in enumerate(group):
+                rows[i] = self._row(j)
+                self._positions[entries[i][0]] += 1
         return rows
 
     def free(self, slot: int) -> None:
