@@ -1,8 +1,10 @@
 """`costeer serve`'s HTTP API under an outside fuzzer: schemathesis generates requests
 from the server's own /openapi.json (valid and invalid requests for every operation)
 and no answer may be a 5xx. The app runs on the seeded NumPy model. Longer runs, with
-stateful sequences (open, step, look, close), go through `st run` against a served
-app: 4,184 cases with a key and 1,238 without gave zero 5xx."""
+stateful sequences (open, step, look, close), go through `st run` against `costeer
+serve` on the default model (batched, --session-ttl 3): 4,625 cases with a key and
+2,606 without gave zero 5xx and zero timeouts, and the server then opened, stepped
+and closed a normal session."""
 
 from __future__ import annotations
 
