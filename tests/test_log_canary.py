@@ -26,6 +26,7 @@ from costeer.transport.limits import ServerLimits
 from costeer.transport.protocol import IDS, decode_array
 from costeer.transport.server import create_app
 from fakes import NumpyModel
+from costeer.transport.processes import stop
 from servers import free_port
 from split_fixtures import CANARY, CONTEXT, PROMPT
 
@@ -121,11 +122,7 @@ def test_real_server_logs_and_answers_hold_no_private_context(tmp_path, profile_
         assert httpx.get(f"{url}/{marker}").status_code == 404
         time.sleep(0.5)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
     logs = out.read_text(errors="replace") + err.read_text(errors="replace")
     assert marker in logs and "POST /v1/sessions" in logs and "/step" in logs  # uvicorn's access log
     assert "TRACE" in logs and "ASGI" in logs  # uvicorn's trace of every request
