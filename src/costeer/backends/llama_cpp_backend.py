@@ -208,7 +208,65 @@ class LlamaCppModel(LanguageModel):
             pass
 
 
-class _LlamaCppStreams(StreamGroup):
+class LlamaContext:
+    """A llama.cpp context and its token batch: filled, decoded, read and freed the same
+    way by a stream group and by the server's batch engine (llama_cpp_batch.py)."""
+
+    _ctx = None
+
+    def _create_context(self, model: LlamaCppModel, n_ctx: int, n_batch: int, n_seq: int, unified: bool) -> None:
+        lib = self._lib = model._lib
+        self._model = model
+        cparams = lib.llama_context_default_params()
+        cparams.n_ctx = n_ctx
+        cparams.n_batch = cparams.n_ubatch = n_batch
+        cparams.n_seq_max = n_seq
+        cparams.n_threads = cparams.n_threads_batch = model.n_threads
+        # llama.cpp's automatic choice enables flash attention, which on this CPU made
+        # each device step 1.5x slower with a 2,000-token private context (77 vs 51 ms).
+        cparams.flash_attn_type = model.flash_attention
+        if hasattr(cparams, "kv_unified"):
+            cparams.kv_unified = unified  # True: sequences share one cache of n_ctx cells
+        self._ctx = lib.llama_init_from_model(model._model, cparams)
+        if not self._ctx:
+            raise RuntimeError(f"llama.cpp could not create a context of {n_ctx} tokens")
+        self._batch = lib.llama_batch_init(max(n_batch, n_seq), 0, 1)
+
+    def _fill(self, entries: Sequence[tuple[int, int, int, bool]]) -> None:
+        """The batch: (token, position, sequence, wants logits) each."""
+        b = self._batch
+        for i, (token, pos, seq, want_logits) in enumerate(entries):
+            b.token[i] = token
+            b.pos[i] = pos
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = seq
+            b.logits[i] = want_logits
+        b.n_tokens = len(entries)
+
+    def _decode(self) -> None:
+        rc = self._lib.llama_decode(self._ctx, self._batch)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed with code {rc}")
+
+    def _logits_at(self, batch_index: int) -> np.ndarray:
+        """The logits after the batch's entry batch_index: a view, valid until the next decode."""
+        ptr = self._lib.llama_get_logits_ith(self._ctx, batch_index)
+        return np.ctypeslib.as_array(ptr, shape=(self._model.vocab_size,))
+
+    def close(self) -> None:
+        if self._ctx:
+            self._lib.llama_batch_free(self._batch)
+            self._lib.llama_free(self._ctx)
+            self._ctx = None
+
+    def __del__(self) -> None:  # pragma: no cover - best effort at interpreter exit
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class _LlamaCppStreams(LlamaContext, StreamGroup):
     """`restore[s]` starts stream s from a saved state, kept up to its `keep` tokens
     (which must be the prompt's first tokens); `snapshot[s] = m` captures stream s's
     state when it holds its prompt's first m tokens, into `snapshots[s]`."""
@@ -217,8 +275,6 @@ class _LlamaCppStreams(StreamGroup):
 
     def __init__(self, model: LlamaCppModel, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                  restore: dict[int, PrefixRestore], snapshot: dict[int, int], stepwise: bool = False) -> None:
-        lib = self._lib = model._lib
-        self._model = model
         self._positions = [len(p) for p in prompts]
         self._prompt_lengths = list(self._positions)
         self.snapshots: dict[int, bytes] = {}
@@ -232,22 +288,7 @@ class _LlamaCppStreams(StreamGroup):
         needed = sum(len(p) + max_new_tokens + 1 for p in prompts) + self.spare_cells
         # a saved state loads whole before it is cut: room for it beside the streams before it
         loading = max((sum(len(p) for p in prompts[:s]) + r.n_tokens for s, r in restore.items()), default=0)
-        cparams = lib.llama_context_default_params()
-        cparams.n_ctx = (max(needed, loading) + 255) // 256 * 256
-        cparams.n_batch = _PREFILL_CHUNK
-        cparams.n_ubatch = _PREFILL_CHUNK
-        cparams.n_seq_max = len(prompts)
-        cparams.n_threads = model.n_threads
-        cparams.n_threads_batch = model.n_threads
-        # llama.cpp's automatic choice enables flash attention, which on this CPU made
-        # each device step 1.5x slower with a 2,000-token private context (77 vs 51 ms).
-        cparams.flash_attn_type = model.flash_attention
-        if hasattr(cparams, "kv_unified"):
-            cparams.kv_unified = True  # sequences share one cache of n_ctx cells
-        self._ctx = lib.llama_init_from_model(model._model, cparams)
-        if not self._ctx:
-            raise RuntimeError(f"llama.cpp could not create a context of {cparams.n_ctx} tokens")
-        self._batch = lib.llama_batch_init(max(_PREFILL_CHUNK, len(prompts)), 0, 1)
+        self._create_context(model, (max(needed, loading) + 255) // 256 * 256, _PREFILL_CHUNK, len(prompts), unified=True)
         self._logits = np.empty((len(prompts), model.vocab_size), dtype=np.float32)
         # with stepwise, the caller runs the prefill, one block per step, before using the group
         self.opening = self._open(prompts, restore, snapshot)
@@ -306,24 +347,8 @@ class _LlamaCppStreams(StreamGroup):
             raise PrefixStateError(f"llama.cpp refused a saved state of {saved.n_tokens} tokens")
         return saved.keep
 
-    def _fill(self, entries: list[tuple[int, int, int, bool]]) -> None:
-        b = self._batch
-        for i, (token, pos, seq, want_logits) in enumerate(entries):
-            b.token[i] = token
-            b.pos[i] = pos
-            b.n_seq_id[i] = 1
-            b.seq_id[i][0] = seq
-            b.logits[i] = want_logits
-        b.n_tokens = len(entries)
-
-    def _decode(self) -> None:
-        rc = self._lib.llama_decode(self._ctx, self._batch)
-        if rc != 0:
-            raise RuntimeError(f"llama_decode failed with code {rc}")
-
     def _copy_logits(self, batch_index: int, seq: int) -> None:
-        ptr = self._lib.llama_get_logits_ith(self._ctx, batch_index)
-        self._logits[seq] = np.ctypeslib.as_array(ptr, shape=(self._model.vocab_size,))
+        self._logits[seq] = self._logits_at(batch_index)
 
     def logits(self) -> np.ndarray:
         return self._logits
@@ -335,15 +360,3 @@ class _LlamaCppStreams(StreamGroup):
         for s in range(n):
             self._copy_logits(s, s)
             self._positions[s] += 1
-
-    def close(self) -> None:
-        if getattr(self, "_ctx", None):
-            self._lib.llama_batch_free(self._batch)
-            self._lib.llama_free(self._ctx)
-            self._ctx = None
-
-    def __del__(self) -> None:  # pragma: no cover
-        try:
-            self.close()
-        except Exception:
-            pass

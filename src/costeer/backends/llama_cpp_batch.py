@@ -24,47 +24,29 @@ from typing import Sequence
 import numpy as np
 
 from .base import BatchEngine
-from .llama_cpp_backend import PREFIX_BLOCK, LlamaCppModel
+from .llama_cpp_backend import PREFIX_BLOCK, LlamaContext, LlamaCppModel
 
 # the largest forward pass whose tokens get the numbers they get alone (CPU kernels)
 CPU_EXACT_BATCH = 3
 
 
-class LlamaCppBatchEngine(BatchEngine):
+class LlamaCppBatchEngine(LlamaContext, BatchEngine):
     def __init__(self, model: LlamaCppModel, slots: int, slot_tokens: int, max_batch: int | None) -> None:
-        lib = self._lib = model._lib
-        self._vocab_size = model.vocab_size
         self.slots, self.slot_tokens = slots, slot_tokens
         self.exact_batch = CPU_EXACT_BATCH if model._gpu_layers == 0 else 1
         self.max_batch = max_batch or self.exact_batch
-        cparams = lib.llama_context_default_params()
-        cparams.n_ctx = slots * slot_tokens  # split evenly between the slots' streams
-        cparams.n_batch = cparams.n_ubatch = max(PREFIX_BLOCK, self.max_batch)
-        cparams.n_seq_max = slots
-        cparams.n_threads = cparams.n_threads_batch = model.n_threads
-        cparams.flash_attn_type = model.flash_attention
-        cparams.kv_unified = False
-        self._ctx = lib.llama_init_from_model(model._model, cparams)
-        if not self._ctx:
-            raise RuntimeError(f"llama.cpp could not create a context of {slots} x {slot_tokens} tokens")
-        self._memory = lib.llama_get_memory(self._ctx)
-        self._batch = lib.llama_batch_init(cparams.n_batch, 0, 1)
+        # n_ctx is split evenly between the slots' streams
+        self._create_context(model, slots * slot_tokens, max(PREFIX_BLOCK, self.max_batch), slots, unified=False)
+        self._memory = self._lib.llama_get_memory(self._ctx)
         self._positions = [0] * slots
 
     def _run(self, entries: Sequence[tuple[int, int, int, bool]]) -> None:
         """One forward pass over (token, position, slot, wants logits)."""
-        b = self._batch
-        for i, (token, pos, slot, want) in enumerate(entries):
-            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = token, pos, 1, want
-            b.seq_id[i][0] = slot
-        b.n_tokens = len(entries)
-        rc = self._lib.llama_decode(self._ctx, b)
-        if rc != 0:
-            raise RuntimeError(f"llama_decode failed with code {rc}")
+        self._fill(entries)
+        self._decode()
 
     def _row(self, index: int) -> np.ndarray:
-        ptr = self._lib.llama_get_logits_ith(self._ctx, index)
-        return np.ctypeslib.as_array(ptr, shape=(self._vocab_size,)).copy()
+        return self._logits_at(index).copy()
 
     def prefill(self, slot: int, prompt: Sequence[int], start: int) -> tuple[int, np.ndarray | None]:
         if start != self._positions[slot] or not start % PREFIX_BLOCK == 0 or start >= len(prompt):
@@ -97,14 +79,3 @@ class LlamaCppBatchEngine(BatchEngine):
         self._lib.llama_memory_seq_rm(self._memory, slot, -1, -1)
         self._positions[slot] = 0
 
-    def close(self) -> None:
-        if getattr(self, "_ctx", None):
-            self._lib.llama_batch_free(self._batch)
-            self._lib.llama_free(self._ctx)
-            self._ctx = None
-
-    def __del__(self) -> None:  # pragma: no cover
-        try:
-            self.close()
-        except Exception:
-            pass

@@ -95,7 +95,7 @@ class LlamaCppTreeStreams(_LlamaCppStreams):
     def _decode_alone(self, token: int, position: int) -> np.ndarray:
         self._fill([(token, position, 0, True)])
         self._decode()
-        return np.ctypeslib.as_array(self._lib.llama_get_logits_ith(self._ctx, 0), shape=(self._model.vocab_size,)).copy()
+        return self._logits_at(0).copy()
 
     def advance(self, token_id: int) -> None:
         if self._chain and self._chain[0][0] == token_id:  # computed by the lookahead: no pass
