@@ -5,6 +5,7 @@ Exactness, traffic, the privacy rule for every method, and misbehaving servers."
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -14,7 +15,8 @@ from costeer.cli import main
 from costeer.errors import PrivacyError
 from costeer.methods import METHODS
 from costeer.transport.server import create_app
-from fake_servers import OpenAIQuirks, RequestLog, openai_app, short_changing
+from fake_servers import (VLLM_DEFAULT, VLLM_UNCAPPED, OpenAIQuirks, RequestLog, llama_server_app, openai_app,
+                          short_changing)
 from fakes import NumpyModel
 from servers import app_in_thread
 from split_fixtures import CANARY, CONTEXT, PROMPT, device, embedded, served  # noqa: F401  (fixtures)
@@ -178,3 +180,61 @@ def test_openai_cloud_listing_only_unmappable_tokens_is_a_clear_error(method):
     _, server = openai_device(OpenAIQuirks(only_unmappable=True))
     with server as url, pytest.raises(UserError, match="maps to a single token id"):
         device(f"openai+{url}/v1").generate(PROMPT, CONTEXT, method=method, max_new_tokens=4)
+
+
+# --- vLLM's shapes and llama-server's native route: exact ------------------------------
+
+EXACT_METHODS = ["costeer", "llm", "mix:4", "costeer-plausible", "light"]
+
+
+def engine_server(kind: str):
+    cloud = NumpyModel(1, "numpy-cloud")
+    if kind == "vllm":
+        app, prefix = openai_app(cloud, replace(VLLM_UNCAPPED, tokenize_as=cloud)), "openai+"
+    else:
+        app, prefix = llama_server_app(cloud), "llama-server+"
+    log = RequestLog()
+    return log, app_in_thread(log.install(app)), prefix
+
+
+@pytest.mark.parametrize("kind", ["vllm", "llama-server"])
+@pytest.mark.parametrize("method", EXACT_METHODS)
+def test_engines_that_name_token_ids_give_the_embedded_answer_with_no_uncertified_step(kind, method, embedded):
+    log, server, prefix = engine_server(kind)
+    with server as url:
+        cs = device(f"{prefix}{url}{'/v1' if kind == 'vllm' else ''}", cloud_top_k=1)  # k = 1 forces escalations
+        g = cs.generate(PROMPT, CONTEXT, method=method, max_new_tokens=24)
+        cs.close()
+    assert g.token_ids == embedded.generate(PROMPT, CONTEXT, method=method, max_new_tokens=24).token_ids
+    t = g.traffic
+    assert t["unmapped_top_entries"] == 0 and t.get("uncertified_steps", 0) == 0 and t["tokenizer_checked"] is True
+    assert t["cloud_kind"] == ("openai" if kind == "vllm" else "llama-server") and t["logprobs_cap"] is None
+    if method in ("costeer", "mix:4"):
+        assert t["escalations"], "k = 1 never settled every step of a steered answer"
+    assert all(CANARY.encode() not in body for _, body in log.bodies)
+
+
+def test_a_vllm_cap_is_learned_from_its_refusal_and_reported():
+    cloud = NumpyModel(1, "numpy-cloud")
+    with app_in_thread(openai_app(cloud, VLLM_DEFAULT)) as url:
+        cs = device(f"openai+{url}/v1", cloud_top_k=64)
+        g = cs.generate(PROMPT, CONTEXT, method="mix:4", max_new_tokens=24)
+        again = cs.generate(PROMPT, CONTEXT, method="mix:4", max_new_tokens=24)
+    t = g.traffic
+    assert t["logprobs_cap"] == 20 and t["entries_by_id"] is True and t["unmapped_top_entries"] == 0
+    assert t["round_trips"] >= g.new_tokens + 1  # one refused request, then every step within the cap
+    assert again.token_ids == g.token_ids and again.traffic["round_trips"] == g.traffic["round_trips"] - 1
+
+
+def test_a_cloud_that_tokenizes_differently_is_refused_at_connect():
+    other = NumpyModel(1, "other-tokenizer")
+    other.tokenize = lambda text: [t for t in NumpyModel(1).tokenize(text)][::-1]  # same ids, other order
+    for app, url_of in ((openai_app(NumpyModel(1), replace(VLLM_UNCAPPED, tokenize_as=other)), "openai+{}/v1"),
+                        (llama_server_app(NumpyModel(1), tokenize_as=other), "llama-server+{}")):
+        with app_in_thread(app) as url, pytest.raises(UserError, match="tokenizes differently"):
+            device(url_of.format(url)).generate(PROMPT, CONTEXT, max_new_tokens=2)
+
+
+def test_lookahead_against_an_engine_is_a_clear_error():
+    with pytest.raises(UserError, match="lookahead needs a costeer serve"):
+        CoSteer(slm=NumpyModel(2), cloud="llama-server+http://127.0.0.1:9", lookahead=(2, 2)).generate(PROMPT, max_new_tokens=2)

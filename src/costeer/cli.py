@@ -106,11 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"one of {', '.join(METHODS)}, or cos:LAMBDA, mix:W (default costeer)")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     cloud = gen.add_argument_group("remote cloud (the device model stays here)")
-    cloud.add_argument("--cloud", metavar="URL", help="a `costeer serve` server (http://HOST:PORT), or any "
-                       "OpenAI-compatible completions server (openai+http://HOST:PORT/v1)")
+    cloud.add_argument("--cloud", metavar="URL", help="a `costeer serve` server (http://HOST:PORT), vLLM or any "
+                       "OpenAI-compatible completions server (openai+http://HOST:PORT/v1), or llama.cpp's "
+                       "llama-server (llama-server+http://HOST:PORT)")
     cloud.add_argument("--cloud-model", help="model name for an OpenAI-compatible server (default: its first)")
     cloud.add_argument("--cloud-max-k", type=_positive_int, default=None,
-                       help="an OpenAI-compatible server's cap on logprobs (default 20, vLLM's --max-logprobs)")
+                       help="most logprobs to ask of an OpenAI-compatible server or llama-server (default: "
+                       "no limit but the server's own, learned from its refusal)")
     cloud.add_argument("--api-key", default=None, help="the server's key (default: $COSTEER_API_KEY)")
     cloud.add_argument("--wire-log", metavar="FILE", help="append every message to and from the cloud as JSON lines")
     cloud.add_argument("--cloud-timeout", metavar="S", type=_finite_float, default=120.0,

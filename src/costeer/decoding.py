@@ -78,7 +78,12 @@ def _merge_traffic(groups) -> dict | None:
     merged: dict = {}
     for c in counters:
         for k, v in c.items():
-            merged[k] = (merged.get(k, False) or v) if isinstance(v, bool) else merged.get(k, 0) + v
+            if isinstance(v, bool):
+                merged[k] = merged.get(k, False) or v
+            elif isinstance(v, (int, float)):
+                merged[k] = merged.get(k, 0) + v
+            else:  # a description (a server's kind or cap): the first one given
+                merged.setdefault(k, v)
     return merged
 
 

@@ -80,8 +80,9 @@ class CoSteer:
         context_cache: bool | ContextCache = True,
     ):
         """`cloud`: where the cloud model runs instead of here: the URL of a `costeer serve`
-        server, or `openai+URL` for any OpenAI-compatible completions server (then
-        `cloud_model` names the model and `cloud_max_k` is the server's cap on logprobs).
+        server, `openai+URL` for vLLM or any OpenAI-compatible completions server (then
+        `cloud_model` names the model), or `llama-server+URL` for llama.cpp's server;
+        `cloud_max_k` caps the logprobs asked of these two (a server's own cap is learned).
         The device model (slm) stays local and alone reads the private context: methods
         that would give it to a remote cloud (`llm-context`) are refused unless
         `send_private_context_to_cloud` is True. `lookahead=(D, M)` or `(D, M, P)` asks a
@@ -239,22 +240,36 @@ class CoSteer:
             slot.model = None
 
 
+CLOUD_URL_KINDS = {
+    "openai+": "any OpenAI-compatible completions server, such as vLLM (openai+http://HOST:PORT/v1)",
+    "llama-server+": "llama.cpp's llama-server, through its native /completion route (llama-server+http://HOST:PORT)",
+}
+
+
 def _connect_cloud(url, api_key, wire_log, simulate_rtt_ms, model_name, max_k, lookahead, timeout_s, retry_for_s,
                    tokenizer: LanguageModel) -> RemoteCloud:
     from .transport.client import ServedCloud
-    from .transport.openai_client import DEFAULT_MAX_K, OpenAICloud
+    from .transport.llama_server_client import LlamaServerCloud
+    from .transport.openai_client import OpenAICloud
     from .transport.protocol import DEFAULT_LOOKAHEAD_MIN_P, Lookahead
     from .transport.wire import WireClient
 
-    openai = url.startswith("openai+")
-    base = url[len("openai+"):] if openai else url
+    kind = next((k for k in CLOUD_URL_KINDS if url.startswith(k)), "")
+    base = url[len(kind):]
     if not base.startswith(("http://", "https://")):
-        raise UserError(f"cloud URL must be http(s)://HOST:PORT or openai+http(s)://HOST:PORT/v1, got {url!r}")
-    if openai and lookahead:
-        raise UserError("lookahead needs a costeer serve cloud; an OpenAI-compatible server cannot send trees")
+        raise UserError(f"cloud URL must be http(s)://HOST:PORT (costeer serve), "
+                        f"{', or '.join(k + 'http(s)://...' for k in CLOUD_URL_KINDS)}, got {url!r}")
+    if kind and lookahead:
+        raise UserError(f"lookahead needs a costeer serve cloud; a {kind[:-1]} server cannot send trees")
     wire = WireClient(base, api_key, wire_log, simulate_rtt_ms, timeout_s)
-    if openai:
-        return OpenAICloud(wire, tokenizer, model_name, max_k or DEFAULT_MAX_K)
+    try:
+        if kind == "openai+":
+            return OpenAICloud(wire, tokenizer, model_name, max_k)
+        if kind == "llama-server+":
+            return LlamaServerCloud(wire, tokenizer, max_k)
+    except BaseException:
+        wire.close()
+        raise
     tree = None
     if lookahead:
         depth, width, *rest = lookahead
