@@ -178,8 +178,9 @@ class OpenAICloud(TopLogprobsCloud):
         if root == self._wire.base_url:
             return None
         try:
-            answer = self._wire.request("POST", f"{root}/tokenize",
-                                        {"model": self.model_name, "prompt": text, "add_special_tokens": False})
+            # vLLM reads `prompt`, llama-server `content`; each ignores the other's fields
+            answer = self._wire.request("POST", f"{root}/tokenize", {
+                "model": self.model_name, "prompt": text, "add_special_tokens": False, "content": text, "add_special": False})
         except CloudRefused as exc:
             if exc.status in (404, 405, 501):
                 return None
@@ -223,10 +224,7 @@ class OpenAICloud(TopLogprobsCloud):
         reply = self._complete(ids, k)
         try:
             choice = reply["choices"][0]
-            tops = (choice.get("logprobs") or {}).get("top_logprobs") or []
-            top = tops[0] if tops else {}
-            if not isinstance(top, dict):
-                raise TypeError
+            top = _first_top_logprobs(choice.get("logprobs") or {})
         except (KeyError, IndexError, TypeError, AttributeError):
             raise UserError("the cloud's answer is not an OpenAI completion with logprobs") from None
         if not top and choice.get("finish_reason") == "stop":
@@ -236,7 +234,7 @@ class OpenAICloud(TopLogprobsCloud):
         if not top:
             raise UserError("the cloud's completion carries no top_logprobs: does it support `logprobs`?")
         pairs, unmapped = [], 0
-        for key, logprob in top.items():
+        for key, logprob in top:
             token = self._token_id(key)
             if token is None or not isinstance(logprob, (int, float)) or not logprob <= 0:
                 unmapped += 1
@@ -244,11 +242,12 @@ class OpenAICloud(TopLogprobsCloud):
                 pairs.append((float(logprob), token))
         return TopEntries(pairs, len(top), unmapped)
 
-    def _token_id(self, key: str) -> int | None:
-        if key.startswith("token_id:") and key[9:].isdigit():
+    def _token_id(self, key: str | int) -> int | None:
+        """An entry's id: given (llama-server), as "token_id:N" (vLLM), or looked up by text."""
+        if isinstance(key, int) or key.startswith("token_id:") and key[9:].isdigit():
             self.entries_by_id = True
-            token = int(key[9:])
-            return token if token < self.vocab_size else None
+            token = key if isinstance(key, int) else int(key[9:])
+            return token if 0 <= token < self.vocab_size else None
         self.entries_by_id = False
         return self.token_for_text(key)
 
@@ -258,6 +257,21 @@ class OpenAICloud(TopLogprobsCloud):
 
     def traffic_notes(self) -> dict:
         return {**super().traffic_notes(), "prompt_as_text": self.prompt_as_text, "entries_by_id": self.entries_by_id}
+
+
+def _first_top_logprobs(logprobs: dict) -> list[tuple[str | int, object]]:
+    """The first position's entries as (text, or id where given; logprob), from the
+    legacy completions shape ({"top_logprobs": [{text: logprob}]}: OpenAI, vLLM) or
+    the chat shape ({"content": [{"top_logprobs": [{"id", "token", "logprob"}]}]}:
+    llama-server's OpenAI route)."""
+    if "content" in logprobs and "top_logprobs" not in logprobs:
+        content = logprobs["content"] or [{}]
+        entries = content[0].get("top_logprobs") or []
+        return [(e["id"] if isinstance(e.get("id"), int) else e["token"], e.get("logprob")) for e in entries]
+    tops = logprobs.get("top_logprobs") or [{}]
+    if not isinstance(tops[0], dict):
+        raise TypeError
+    return list(tops[0].items())
 
 
 class TopLogprobsSession(CloudSession):

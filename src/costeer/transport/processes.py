@@ -23,11 +23,13 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def running(command: list[str], health_path: str, port: int, env: dict | None = None, timeout_s: float = 120,
-            procs: list | None = None) -> Iterator[str]:
+            procs: list | None = None, log: str | os.PathLike | None = None) -> Iterator[str]:
     """Start `command`, wait until GET health_path answers, yield the base URL; stop it after.
-    The process is appended to `procs` when given (to check it is still alive)."""
-    proc = subprocess.Popen(command, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    The process is appended to `procs` when given (to check it is still alive). Its
+    output goes to the file `log` when given (a chatty server would fill a pipe and stall)."""
+    sink = open(log, "w") if log else None
+    proc = subprocess.Popen(command, env={**os.environ, **(env or {})}, stdout=sink or subprocess.DEVNULL,
+                            stderr=sink or subprocess.PIPE, text=True)
     if procs is not None:
         procs.append(proc)
     url = f"http://127.0.0.1:{port}"
@@ -35,7 +37,8 @@ def running(command: list[str], health_path: str, port: int, env: dict | None = 
         deadline = time.monotonic() + timeout_s
         while True:
             if proc.poll() is not None:
-                raise UserError(f"server exited early: {proc.stderr.read()[-2000:]}")
+                output = open(log).read() if log else proc.stderr.read()
+                raise UserError(f"server exited early (status {proc.returncode}): {output[-2000:]}")
             try:
                 if httpx.get(url + health_path, timeout=2).status_code < 500:
                     break
@@ -47,6 +50,8 @@ def running(command: list[str], health_path: str, port: int, env: dict | None = 
         yield url
     finally:
         stop(proc)
+        if sink:
+            sink.close()
 
 
 def stop(proc: subprocess.Popen, grace_s: float = 30) -> None:
