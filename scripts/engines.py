@@ -136,8 +136,20 @@ def export_hf(gguf: str, out: str, dtype: str = "bfloat16") -> Path:
     target = Path(out)
     if (target / "config.json").exists():
         return target
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=getattr(torch, dtype))
+    # transformers 5 keeps a GGUF model's weights packed and cannot save them: build the
+    # plain model from the GGUF's config and give it the dequantized tensors instead
+    config = transformers.AutoConfig.from_pretrained(folder, gguf_file=name)
+    config.__dict__.pop("quantization_config", None)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    tensors = load_gguf_checkpoint(gguf, return_tensors=True, model_to_load=model,
+                                   torch_dtype=getattr(torch, dtype))["tensors"]
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise SystemExit(f"the GGUF's tensors do not fill the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     partial = target.with_name(target.name + ".partial")
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)

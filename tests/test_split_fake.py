@@ -238,3 +238,16 @@ def test_a_cloud_that_tokenizes_differently_is_refused_at_connect():
 def test_lookahead_against_an_engine_is_a_clear_error():
     with pytest.raises(UserError, match="lookahead needs a costeer serve"):
         CoSteer(slm=NumpyModel(2), cloud="llama-server+http://127.0.0.1:9", lookahead=(2, 2)).generate(PROMPT, max_new_tokens=2)
+
+
+def test_the_cli_says_when_a_capped_server_left_steps_unproven(capsys):
+    with app_in_thread(openai_app(NumpyModel(1, "numpy-cloud"), replace(VLLM_DEFAULT, max_logprobs=2))) as url:
+        cs = device(f"openai+{url}/v1")
+        # sampling from the cloud alone needs its whole distribution: the cap leaves each step unproven
+        g = cs.generate(PROMPT, CONTEXT, method="llm", max_new_tokens=8, temperature=1.0, seed=1)
+        assert g.traffic["uncertified_steps"] == g.traffic["steps"] > 0
+        from costeer.cli import _warn_inexact
+
+        _warn_inexact(g.traffic)
+    err = capsys.readouterr().err
+    assert f"{g.traffic['uncertified_steps']} of {g.traffic['steps']} steps" in err and "--max-logprobs -1" in err

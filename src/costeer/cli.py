@@ -234,7 +234,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"[{g.method}: {g.new_tokens} tokens in {g.elapsed_s:.1f} s, {g.tokens_per_second:.1f} tok/s]", file=sys.stderr)
         if g.traffic:
             print(f"[cloud traffic: {json.dumps(g.traffic)}]", file=sys.stderr)
+    _warn_inexact(g.traffic or {})
     return 0
+
+
+def _warn_inexact(traffic: dict) -> None:
+    """Say so when the cloud could not give what exactness needs (a server's cap, names)."""
+    if traffic.get("uncertified_steps"):
+        cap = f" (it sends at most {traffic['logprobs_cap']} logprobs; vLLM: start it with --max-logprobs -1)" \
+            if traffic.get("logprobs_cap") else ""
+        print(f"costeer: {traffic['uncertified_steps']} of {traffic['steps']} steps were chosen inside the cloud's "
+              f"top-k without proof that the full vocabulary agrees{cap}", file=sys.stderr)
+    if traffic.get("unmapped_top_entries"):
+        print(f"costeer: {traffic['unmapped_top_entries']} top-k entries from the cloud named no single token id "
+              "(it keys them by text): use a server that names ids (vLLM, llama-server)", file=sys.stderr)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
