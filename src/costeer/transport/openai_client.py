@@ -67,7 +67,6 @@ class TopLogprobsCloud(RemoteCloud):
         super().__init__(tokenizer)
         self._wire = wire
         self.max_k = max_k  # the server's cap on k, where given or learned (None: none known)
-        self.cap_learned = False
         self.vocab_size = tokenizer.vocab_size
         self.context_window = tokenizer.context_window
         self.eos_token_ids = tokenizer.eos_token_ids
@@ -118,10 +117,10 @@ class TopLogprobsCloud(RemoteCloud):
             cap = _cap_in(exc, k)
             if cap is None:
                 raise
-            self.max_k, self.cap_learned = cap, True
+            self.max_k = cap
             entries, k = self.ask(ids, cap), cap
         if self.names_ids and 0 < entries.listed < k:
-            self.max_k, self.cap_learned = entries.listed, True  # fewer than asked: a silent cap
+            self.max_k = entries.listed  # fewer than asked: a silent cap
         return entries, min(k, max(entries.listed, 1))
 
     @property
