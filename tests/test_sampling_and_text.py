@@ -37,6 +37,13 @@ def test_low_temperature_concentrates_on_the_mode():
     assert {cold.pick(lp) for _ in range(100)} == {0}
 
 
+@pytest.mark.parametrize("temperature", [5e-324, 1e-300, 9e-6])
+def test_a_vanishing_temperature_is_greedy_not_a_crash(temperature):
+    # found by fuzzing `costeer proxy`: 5e-324 divided the logits to inf, and inf - inf is NaN
+    lp = log_softmax(np.array([1.0, 3.0, 2.9, -1.0]))
+    assert SamplingConfig(temperature).greedy and TokenPicker(SamplingConfig(temperature, seed=1)).pick(lp) == 1
+
+
 @pytest.mark.parametrize("kwargs", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-1)])
 def test_bad_sampling_values_are_user_errors(kwargs):
     with pytest.raises(UserError):

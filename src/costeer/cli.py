@@ -75,37 +75,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "prefill of the same context, same output; see `costeer cache`)")
 
 
-def _add_decoding_args(p: argparse.ArgumentParser, prompt_args: bool = True) -> None:
-    d = SteeringParams()
-    p.add_argument("--max-new-tokens", type=_positive_int, default=256)
-    p.add_argument("--temperature", type=_finite_float, default=0.0, help="0 (default) decodes greedily")
-    p.add_argument("--top-p", type=_finite_float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--iterations", "-T", type=int, default=d.iterations, help="FTRL iterations T (default 20)")
-    p.add_argument("--alpha", type=_finite_float, default=d.alpha)
-    p.add_argument("--beta", type=_finite_float, default=d.beta)
-    p.add_argument("--lambda", dest="lam", type=_finite_float, default=d.lam)
-    p.add_argument("--eta", type=_finite_float, default=d.eta)
-    p.add_argument("--fusion", choices=["closed", "loop"], default="closed", help="closed form (default) or the paper's loop")
-    if prompt_args:  # `eval` takes its prompts from the dataset
-        p.add_argument("--system-prompt", default=None, help="default: the paper's 'You are a helpful assistant.'")
-        p.add_argument("--max-context-tokens", type=int, default=None, help="cut the private context to this many tokens")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="costeer", description="CoSteer: a cloud LLM steered by a private on-device model.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
-    gen = sub.add_parser("generate", help="generate an answer")
-    gen.add_argument("--prompt", required=True, help="the public request (the cloud sees it)")
-    gen.add_argument("--context", action="append", default=[], metavar="FILE", help="private context file (repeatable)")
-    gen.add_argument("--context-text", default=None, help="private context given inline")
-    gen.add_argument("--method", default="costeer",
-                     help=f"one of {', '.join(METHODS)}, or cos:LAMBDA, mix:W (default costeer)")
-    gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
-    cloud = gen.add_argument_group("remote cloud (the device model stays here)")
+def _add_cloud_args(p: argparse.ArgumentParser) -> None:
+    """Where the cloud model runs when not here: `generate` and `proxy` take the same options."""
+    cloud = p.add_argument_group("remote cloud (the device model stays here)")
     cloud.add_argument("--cloud", metavar="URL", help="a `costeer serve` server (http://HOST:PORT), vLLM or any "
                        "OpenAI-compatible completions server (openai+http://HOST:PORT/v1), or llama.cpp's "
                        "llama-server (llama-server+http://HOST:PORT)")
@@ -131,6 +103,40 @@ def build_parser() -> argparse.ArgumentParser:
                             "tokens, D levels deep, where its likeliest token has probability >= P (default 0.5); "
                             "the device walks them and sends several tokens per round trip (same output, fewer "
                             "round trips; costeer serve only; 3,1 suits a CPU cloud)")
+
+
+def _add_decoding_args(p: argparse.ArgumentParser, prompt_args: bool = True) -> None:
+    d = SteeringParams()
+    p.add_argument("--max-new-tokens", type=_positive_int, default=256)
+    p.add_argument("--temperature", type=_finite_float, default=0.0, help="0 (default) decodes greedily")
+    p.add_argument("--top-p", type=_finite_float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--iterations", "-T", type=int, default=d.iterations, help="FTRL iterations T (default 20)")
+    p.add_argument("--alpha", type=_finite_float, default=d.alpha)
+    p.add_argument("--beta", type=_finite_float, default=d.beta)
+    p.add_argument("--lambda", dest="lam", type=_finite_float, default=d.lam)
+    p.add_argument("--eta", type=_finite_float, default=d.eta)
+    p.add_argument("--fusion", choices=["closed", "loop"], default="closed", help="closed form (default) or the paper's loop")
+    if prompt_args:  # `eval` takes its prompts from the dataset
+        p.add_argument("--system-prompt", default=None, help="default: the paper's 'You are a helpful assistant.'")
+        p.add_argument("--max-context-tokens", type=int, default=None, help="cut the private context to this many tokens")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="costeer", description="CoSteer: a cloud LLM steered by a private on-device model.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    gen = sub.add_parser("generate", help="generate an answer")
+    gen.add_argument("--prompt", required=True, help="the public request (the cloud sees it)")
+    gen.add_argument("--context", action="append", default=[], metavar="FILE",
+                     help="private context file, or a folder of .txt, .md and .json files (repeatable)")
+    gen.add_argument("--context-text", default=None, help="private context given inline")
+    gen.add_argument("--method", default="costeer",
+                     help=f"one of {', '.join(METHODS)}, or cos:LAMBDA, mix:W (default costeer)")
+    gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    _add_cloud_args(gen)
     _add_model_args(gen)
     _add_decoding_args(gen)
 
@@ -161,6 +167,17 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-batch", type=_positive_int, default=None,
                      help="tokens in one batched forward pass (default: the most that keeps every session's output "
                           "independent of the others', 3 on llama.cpp's CPU kernels; more is faster)")
+
+    proxy = sub.add_parser("proxy", help="an OpenAI-compatible chat endpoint on this device, personalized with "
+                           "the private context (the model field picks the method)")
+    proxy.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only: no key is asked)")
+    proxy.add_argument("--port", type=_positive_int, default=8008)
+    proxy.add_argument("--context", action="append", default=[], metavar="FILE",
+                       help="private context file, or a folder of .txt, .md and .json files (repeatable)")
+    proxy.add_argument("--context-text", default=None, help="private context given inline")
+    _add_cloud_args(proxy)
+    _add_model_args(proxy)
+    _add_decoding_args(proxy)  # the defaults of what a request leaves out; --max-new-tokens: of max_tokens
 
     models = sub.add_parser("models", help="assemble and verify the default models, print their paths")
     models.add_argument("--quiet", action="store_true")
@@ -197,19 +214,25 @@ def _steering(args: argparse.Namespace) -> SteeringParams:
     return SteeringParams(args.iterations, args.alpha, args.beta, args.lam, args.eta)
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
+def _costeer(args: argparse.Namespace):
+    """The CoSteer that `generate` and `proxy` run: model, backend and cloud options."""
     from .generator import CoSteer
+
+    return CoSteer(args.llm, args.slm, backend=args.backend, cloud=args.cloud,
+                   api_key=args.api_key or os.environ.get("COSTEER_API_KEY"), wire_log=args.wire_log,
+                   simulate_rtt_ms=args.simulate_rtt, cloud_top_k=args.cloud_top_k,
+                   cloud_model=args.cloud_model, cloud_max_k=args.cloud_max_k, lookahead=args.lookahead,
+                   cloud_timeout_s=args.cloud_timeout, cloud_retry_for_s=args.cloud_retry_for,
+                   send_private_context_to_cloud=args.send_private_context_to_cloud,
+                   context_cache=not args.no_context_cache)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
     from .prompts import PAPER_SYSTEM_PROMPT, load_context
 
     context = load_context(args.context, args.context_text)
     params = _steering(args)
-    cs = CoSteer(args.llm, args.slm, backend=args.backend, cloud=args.cloud,
-                 api_key=args.api_key or os.environ.get("COSTEER_API_KEY"), wire_log=args.wire_log,
-                 simulate_rtt_ms=args.simulate_rtt, cloud_top_k=args.cloud_top_k,
-                 cloud_model=args.cloud_model, cloud_max_k=args.cloud_max_k, lookahead=args.lookahead,
-                 cloud_timeout_s=args.cloud_timeout, cloud_retry_for_s=args.cloud_retry_for,
-                 send_private_context_to_cloud=args.send_private_context_to_cloud,
-                 context_cache=not args.no_context_cache)
+    cs = _costeer(args)
     stream = None if args.json else (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
     g = cs.generate(
         args.prompt,
@@ -286,6 +309,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_proxy(args: argparse.Namespace) -> int:
+    from .prompts import PAPER_SYSTEM_PROMPT, load_context
+    from .transport.proxy import ProxyDefaults, serve_proxy
+
+    context = load_context(args.context, args.context_text)
+    defaults = ProxyDefaults(max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                             top_k=args.top_k, seed=args.seed, stop=tuple(args.stop), params=_steering(args),
+                             fusion=args.fusion, max_context_tokens=args.max_context_tokens,
+                             system_prompt=args.system_prompt if args.system_prompt is not None else PAPER_SYSTEM_PROMPT)
+    cs = _costeer(args)
+    try:
+        cs.model("slm"), cs.model("llm")  # load (or connect) now: the first request should not wait for it
+        sources = len(args.context) + bool(args.context_text)
+        print(f"costeer: OpenAI-compatible endpoint on http://{args.host}:{args.port}/v1 (cloud: "
+              f"{cs.cloud_url or 'embedded'}; private context: {len(context):,} characters from {sources} "
+              f"source{'s' * (sources != 1)}); the model field picks the method, see /v1/models", file=sys.stderr)
+        serve_proxy(cs, context, defaults, args.host, args.port)
+    finally:
+        cs.close()
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from .default_models import DEFAULT_LLM, DEFAULT_SLM, ensure_model
 
@@ -347,7 +392,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         return {"generate": cmd_generate, "demo": cmd_demo, "models": cmd_models, "cache": cmd_cache, "serve": cmd_serve,
-                "eval": cmd_eval, "bench": cmd_bench}[args.command](args)
+                "proxy": cmd_proxy, "eval": cmd_eval, "bench": cmd_bench}[args.command](args)
     except UserError as exc:
         print(f"costeer: error: {exc}", file=sys.stderr)
         return 2

@@ -116,6 +116,11 @@ class CoSteer:
         # the device model's saved prefill of private prompts (exact; see context_cache.py)
         self.context_cache = ContextCache() if context_cache is True else context_cache or None
 
+    @property
+    def cloud_url(self) -> str | None:
+        """Where the cloud model runs when not here (None: embedded)."""
+        return self._cloud[0] if self._cloud else None
+
     def model(self, role: Role) -> LanguageModel | RemoteCloud:
         slot = self._slots[role]
         if slot.model is None:
@@ -157,7 +162,7 @@ class CoSteer:
 
     def generate(
         self,
-        prompt: str,
+        prompt: str | Sequence[ChatMessage],
         context: str = "",
         *,
         method: str = "costeer",
@@ -174,6 +179,8 @@ class CoSteer:
         on_text: Callable[[str], None] | None = None,
     ) -> Generation:
         """Answer `prompt` for the user whose private `context` only the device model reads.
+        `prompt` may be a conversation (system, user and assistant turns): the context goes
+        into its first user turn, and its own system message replaces `system_prompt`.
 
         A context that does not fit the device model's window (or `max_context_tokens`)
         is cut at its end, keeping its beginning, with a warning on stderr.
@@ -284,7 +291,7 @@ def _check_max_new_tokens(n: int) -> None:
 
 def _fit_context(
     model: LanguageModel,
-    prompt: str,
+    prompt: str | Sequence[ChatMessage],
     context: str,
     system_prompt: str | None,
     max_new_tokens: int,

@@ -15,6 +15,10 @@ request, inside the same user turn:
 Context first gives every request with the same context the same token prefix, so
 the device can reuse that prefix's prefill (`context_cache.py`); CoGenesis, the
 evaluation data, is laid out the same way (profile and history, then the task).
+
+A conversation (system, user and assistant turns) gets the context the same way, in
+its first user turn: a single request is the one-turn case, and every turn of a
+conversation with the same context keeps that prefix too.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from .backends.base import ChatMessage
 from .errors import UserError
@@ -61,11 +65,32 @@ class PromptPair:
         object.__setattr__(self, "private", PrivateChat(self.private))
 
 
-def load_context(files: Sequence[str | Path] = (), text: str | None = None) -> str:
-    """Concatenate context sources: files (plain text, Markdown or JSON) then inline text."""
-    sections: list[str] = []
+CONTEXT_SUFFIXES = (".txt", ".md", ".json")
+ROLES = ("system", "user", "assistant")
+
+
+def _context_files(files: Sequence[str | Path]) -> list[Path]:
+    """The files given, with a folder standing for its own .txt, .md and .json files
+    in name order (not its subfolders; hidden files skipped)."""
+    paths: list[Path] = []
     for f in files:
         path = Path(f)
+        if not path.is_dir():
+            paths.append(path)
+            continue
+        found = sorted(p for p in path.iterdir()
+                       if p.is_file() and p.suffix.lower() in CONTEXT_SUFFIXES and not p.name.startswith("."))
+        if not found:
+            raise UserError(f"context folder {path} holds no {', '.join(CONTEXT_SUFFIXES)} files")
+        paths.extend(found)
+    return paths
+
+
+def load_context(files: Sequence[str | Path] = (), text: str | None = None) -> str:
+    """Concatenate context sources: files (plain text, Markdown or JSON; a folder: its
+    files in name order) then inline text."""
+    sections: list[str] = []
+    for path in _context_files(files):
         if not path.is_file():
             raise UserError(f"context file not found: {path}")
         try:
@@ -121,11 +146,21 @@ def with_context(prompt: str, context: str) -> str:
     return f"{CONTEXT_INTRO}\n\n{context}\n\n{REQUEST_INTRO}\n{prompt}"
 
 
-def build_prompts(prompt: str, context: str = "", system_prompt: str | None = PAPER_SYSTEM_PROMPT) -> PromptPair:
-    if not prompt or not prompt.strip():
+def build_prompts(prompt: str | Sequence[Mapping[str, str]], context: str = "",
+                  system_prompt: str | None = PAPER_SYSTEM_PROMPT) -> PromptPair:
+    """`prompt`: the request, or a conversation of system, user and assistant turns.
+    A conversation with a system message of its own does not get `system_prompt`; the
+    private one holds the context in its first user turn (a request is the one-turn case)."""
+    turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
+    for turn in turns:
+        if turn.get("role") not in ROLES or not isinstance(turn.get("content"), str):
+            raise UserError(f"a message must have a role ({', '.join(ROLES)}) and text content")
+    users = [i for i, turn in enumerate(turns) if turn["role"] == "user"]
+    if not users or not any(turns[i]["content"].strip() for i in users):
         raise UserError("the prompt is empty")
-    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    return PromptPair(
-        public=PublicChat(system + [{"role": "user", "content": prompt}]),
-        private=PrivateChat(system + [{"role": "user", "content": with_context(prompt, context)}]),
-    )
+    if system_prompt and not any(turn["role"] == "system" for turn in turns):
+        turns.insert(0, {"role": "system", "content": system_prompt})
+        users = [i + 1 for i in users]
+    private = [dict(turn) for turn in turns]
+    private[users[0]]["content"] = with_context(private[users[0]]["content"], context)
+    return PromptPair(public=PublicChat(turns), private=PrivateChat(private))

@@ -11,9 +11,14 @@ from .distribution import top_k
 from .errors import UserError
 
 
+# Temperatures below this decode greedily, as vLLM's do (its _SAMPLING_EPS): dividing
+# logits by a denormal temperature overflows to inf - inf = NaN in the picker.
+GREEDY_BELOW = 1e-5
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
-    """temperature 0 means greedy (the default, deterministic)."""
+    """temperature 0 (below GREEDY_BELOW) means greedy (the default, deterministic)."""
 
     temperature: float = 0.0
     top_p: float = 1.0
@@ -30,7 +35,7 @@ class SamplingConfig:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
 
 class TokenPicker:
