@@ -247,10 +247,9 @@ class CoSteer:
             slot.model = None
 
 
-CLOUD_URL_KINDS = {
-    "openai+": "any OpenAI-compatible completions server, such as vLLM (openai+http://HOST:PORT/v1)",
-    "llama-server+": "llama.cpp's llama-server, through its native /completion route (llama-server+http://HOST:PORT)",
-}
+# URL prefixes of the clouds that are not `costeer serve`: vLLM or any OpenAI-compatible
+# completions server (openai+http://HOST:PORT/v1), llama.cpp's llama-server (its native route)
+CLOUD_URL_KINDS = ("openai+", "llama-server+")
 
 
 def _connect_cloud(url, api_key, wire_log, simulate_rtt_ms, model_name, max_k, lookahead, timeout_s, retry_for_s,
