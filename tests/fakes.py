@@ -36,21 +36,30 @@ class ClosedGroupError(RuntimeError):
 class NumpyModel(LanguageModel):
     supports_lookahead = True
 
+    pieces = [bytes([i]) for i in range(256)] + [s.encode() for s in SPECIALS] + list(EXTRA)
+    specials = {s: 256 + i for i, s in enumerate(SPECIALS)}
+    eos_ids = frozenset({IM_END, END_OF_TEXT})
+
     def __init__(self, seed: int, name: str | None = None, context_window: int = 4096, sharpness: float = 6.0) -> None:
         rng = np.random.default_rng(seed)
         self.name = name or f"numpy-rnn-{seed}"
-        self.vocab_size = VOCAB_SIZE
+        self.vocab_size = vocab = len(self.pieces)
         self.context_window = context_window
-        self.eos_token_ids = frozenset({IM_END, END_OF_TEXT})
-        self._embed = rng.standard_normal((VOCAB_SIZE, HIDDEN)).astype(np.float32)
+        self.eos_token_ids = self.eos_ids
+        self._embed = rng.standard_normal((vocab, HIDDEN)).astype(np.float32)
         self._recur = (rng.standard_normal((HIDDEN, HIDDEN)) / np.sqrt(HIDDEN)).astype(np.float32)
-        self._out = (rng.standard_normal((HIDDEN, VOCAB_SIZE)) * sharpness / np.sqrt(HIDDEN)).astype(np.float32)
-        self._pieces = [bytes([i]) for i in range(256)] + [s.encode() for s in SPECIALS] + list(EXTRA)
+        self._out = (rng.standard_normal((HIDDEN, vocab)) * sharpness / np.sqrt(HIDDEN)).astype(np.float32)
+        self._pieces = list(self.pieces)
         self.forward_passes = 0  # counts advance() calls over every group, for tests of work done
         self._lock = threading.Lock()
 
     # --- tokenizer -------------------------------------------------------------------
-    def tokenize(self, text: str) -> list[int]:
+    def special_token_ids(self) -> frozenset[int]:
+        return frozenset(self.specials.values())
+
+    def tokenize(self, text: str, special: bool = True) -> list[int]:
+        if not special:
+            return list(text.encode("utf-8"))
         ids: list[int] = []
         rest = text
         while rest:
@@ -69,6 +78,7 @@ class NumpyModel(LanguageModel):
     def render_chat(self, messages: Sequence[ChatMessage]) -> str:
         turns = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
         return turns + "<|im_start|>assistant\n"
+
 
     # --- the network -----------------------------------------------------------------
     def step_state(self, state: np.ndarray, token: int) -> np.ndarray:
@@ -93,6 +103,47 @@ class NumpyModel(LanguageModel):
     def count_pass(self) -> None:
         with self._lock:
             self.forward_passes += 1
+
+
+class OtherVocabularyModel(NumpyModel):
+    """A NumPy model with another tokenizer, laid out as SentencePiece ones are: its own
+    control tokens first, then word pieces (some spelled like the byte-level fake's
+    multi-byte tokens, most not), then byte fallback for all 256 bytes; greedy
+    longest-match tokenization. For steering across tokenizers."""
+
+    SPECIAL_TEXT = ("<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>")
+    WORDS = (b" the", b"the", b"ing", b" friend", b"frie", b"nd", b" note", b" my", b"My", b" name", b" is",
+             b"\n\n", b"er", b" a", b"\xe2\x80\x99", b"\xe2\x80\x99s", b"  ")
+    pieces = [s.encode() for s in SPECIAL_TEXT] + list(WORDS) + [bytes([i]) for i in range(256)]
+    specials = {s: i for i, s in enumerate(SPECIAL_TEXT)}
+    eos_ids = frozenset({1, 4})  # <eos>, <end_of_turn>
+
+    def __init__(self, seed: int, name: str | None = None, **kw) -> None:
+        super().__init__(seed, name or f"numpy-other-{seed}", **kw)
+        self._by_bytes = {p: i for i, p in reversed(list(enumerate(self.pieces))) if i >= len(self.SPECIAL_TEXT)}
+        self._longest = max(len(p) for p in self.pieces)
+
+    def tokenize(self, text: str, special: bool = True) -> list[int]:
+        ids: list[int] = []
+        names = [s for s in self.SPECIAL_TEXT if special]
+        rest = text
+        while rest:
+            cut = min(((rest.find(s), s) for s in names if s in rest), default=None)
+            plain, marker = (rest, None) if cut is None else (rest[: cut[0]], cut[1])
+            data = plain.encode("utf-8")
+            while data:
+                n = next(n for n in range(min(self._longest, len(data)), 0, -1) if data[:n] in self._by_bytes)
+                ids.append(self._by_bytes[data[:n]])
+                data = data[n:]
+            if marker is None:
+                break
+            ids.append(self.specials[marker])
+            rest = rest[cut[0] + len(marker):]
+        return ids
+
+    def render_chat(self, messages: Sequence[ChatMessage]) -> str:
+        turns = "".join(f"<start_of_turn>{m['role']}\n{m['content']}<end_of_turn>\n" for m in messages)
+        return "<bos>" + turns + "<start_of_turn>model\n"
 
 
 class NumpyStreams(StreamGroup):

@@ -275,10 +275,10 @@ def _warn_inexact(traffic: dict) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .backends import load_model
-    from .default_models import DEFAULT_LLM, ensure_model
+    from .default_models import DEFAULT_LLM, resolve_model_path
     from .transport.server import serve
 
-    model = load_model(args.llm or ensure_model(DEFAULT_LLM), args.backend)
+    model = load_model(resolve_model_path(args.llm, DEFAULT_LLM), args.backend)
     limits = ServerLimits(max_sessions=args.max_sessions, session_ttl_s=args.session_ttl, max_prompt_tokens=args.max_prompt_tokens,
                           max_new_tokens=args.max_new_tokens, max_kv_tokens=args.max_kv_tokens,
                           batch_slot_tokens=args.batch_slot_tokens)

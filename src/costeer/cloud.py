@@ -3,8 +3,9 @@
 Not a `LanguageModel`: the device cannot run it, render its template or read its
 logits at will. It opens a session on a public conversation, sends (part of) the
 next-token distribution, takes the chosen token, and, where it can, sends more
-at the same position when asked. The tokenizer is the device model's: CoSteer
-needs the two to share a vocabulary (checked where the API allows).
+at the same position when asked. The tokenizer is the device model's where the two
+share a vocabulary (checked where the API allows); a cloud that can send its
+vocabulary also works beside a device model of another tokenizer.
 
 The privacy rule lives in the types: `encode_chat` takes a `PublicChat` only, so a
 conversation holding the private context cannot reach a cloud by accident.
@@ -16,7 +17,7 @@ from abc import ABC, abstractmethod
 
 from .backends.base import LanguageModel
 from .distribution import NextToken
-from .errors import PrivacyError
+from .errors import PrivacyError, UserError
 from .prompts import PublicChat
 
 
@@ -58,9 +59,16 @@ class RemoteCloud(ABC):
 
     def __init__(self, tokenizer: LanguageModel) -> None:
         self.tokenizer = tokenizer
+        self._pieces: list[bytes] | None = None  # the cloud's own, once fetched (another tokenizer)
 
     def token_bytes(self, token_id: int) -> bytes:
-        return self.tokenizer.token_bytes(token_id)
+        return self._pieces[token_id] if self._pieces is not None else self.tokenizer.token_bytes(token_id)
+
+    def vocabulary(self) -> tuple[list[bytes], frozenset[int]]:
+        """The cloud's token bytes in id order and its control tokens, for a device model
+        of another tokenizer; from then on `token_bytes` spells the cloud's tokens."""
+        raise UserError(f"the cloud at {self.name} cannot send its vocabulary, so the device model must share its "
+                        "tokenizer; steering across tokenizers needs an embedded cloud or a costeer serve cloud")
 
     def encode_chat(self, chat: PublicChat) -> PublicChat:
         """The prompt `open_session` takes: the public chat itself, nothing else."""

@@ -34,6 +34,7 @@ class DecodeResult:
     elapsed_s: float
     traffic: dict | None = None  # remote groups' network counters, and certification
     context_cache_tokens: int = 0  # private prompt tokens restored from the context cache, not prefilled
+    alignment: dict | None = None  # a device model of another vocabulary: how it kept in step
 
 
 class TextAssembler:
@@ -236,6 +237,7 @@ def decode(
         traffic = _merge_traffic(groups.values())
         if traffic is not None and certification.steps:
             traffic.update(certification.as_dict())
+        alignment = next((a for a in (g.alignment() for g in groups.values() if isinstance(g, StreamGroup)) if a), None)
     finally:
         for group in groups.values():
             group.close()
@@ -251,4 +253,5 @@ def decode(
         time_to_first_token_s=first_token_s,
         elapsed_s=time.perf_counter() - start,
         context_cache_tokens=reused,
+        alignment=alignment,
     )

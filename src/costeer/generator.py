@@ -7,10 +7,11 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from .backends import LanguageModel, check_same_tokenizer, load_model
+from .backends import LanguageModel, load_model, same_tokenizer
+from .backends.aligned import AlignedModel
 from .backends.base import ChatMessage
 from .decoding import decode
-from .default_models import DEFAULT_LLM, DEFAULT_SLM, ChunkedModel, ensure_model
+from .default_models import DEFAULT_LLM, DEFAULT_SLM, ChunkedModel, resolve_model_path
 from .cloud import RemoteCloud
 from .context_cache import ContextCache
 from .errors import PrivacyError, UserError
@@ -40,6 +41,7 @@ class Generation:
     steering_coefficient: float | None = None
     traffic: dict | None = None  # with a remote cloud: bytes, round trips, certification
     context_cache_tokens: int = 0  # private prompt tokens reused from the context cache (0: prefilled)
+    alignment: dict | None = None  # a device model of another tokenizer: how it kept in step (backends/aligned.py)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -112,7 +114,7 @@ class CoSteer:
         self._cloud = (cloud, api_key, wire_log, simulate_rtt_ms, cloud_model, cloud_max_k, lookahead,
                        cloud_timeout_s, cloud_retry_for_s) if cloud else None
         self.send_private_context_to_cloud = send_private_context_to_cloud
-        self._tokenizers_checked = False
+        self._device_beside_cloud: LanguageModel | None = None  # the device model as the loop sees it (_models_for)
         # the device model's saved prefill of private prompts (exact; see context_cache.py)
         self.context_cache = ContextCache() if context_cache is True else context_cache or None
 
@@ -130,8 +132,7 @@ class CoSteer:
             elif isinstance(source, LanguageModel):
                 slot.model = source
             else:
-                path = ensure_model(slot.default, quiet=self.quiet) if source is None else source
-                slot.model = load_model(path, self.backend)
+                slot.model = load_model(resolve_model_path(source, slot.default, self.quiet), self.backend)
         return slot.model
 
     def _policy(self, method: str, params: SteeringParams | None, fusion: Fusion) -> Policy:
@@ -155,10 +156,23 @@ class CoSteer:
 
     def _models_for(self, policy: Policy) -> dict[Role, LanguageModel | RemoteCloud]:
         models = {role: self.model(role) for role in policy.roles}
-        if len(models) == 2 and not self._tokenizers_checked:
-            check_same_tokenizer(models["llm"], models["slm"])
-            self._tokenizers_checked = True
+        if len(models) == 2:
+            models["slm"] = self._aligned_device(models["llm"], models["slm"])
         return models
+
+    def _aligned_device(self, cloud: LanguageModel | RemoteCloud, device: LanguageModel) -> LanguageModel:
+        """The device model itself where it shares the cloud's tokenizer; else the device
+        model following the cloud's tokens and steering on the tokens the two share."""
+        if self._device_beside_cloud is None:
+            if same_tokenizer(cloud, device):
+                self._device_beside_cloud = device
+            else:
+                if isinstance(cloud, RemoteCloud):
+                    pieces, special = cloud.vocabulary()
+                else:
+                    pieces, special = cloud.vocabulary_fingerprint(), cloud.special_token_ids()
+                self._device_beside_cloud = AlignedModel(device, pieces, special, cloud.eos_token_ids)
+        return self._device_beside_cloud
 
     def generate(
         self,
@@ -238,6 +252,7 @@ class CoSteer:
             steering_coefficient=getattr(policy, "coefficient", None),
             traffic=result.traffic,
             context_cache_tokens=result.context_cache_tokens,
+            alignment=result.alignment,
         )
 
     def close(self) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 from ..errors import UserError
 from .base import ChatMessage, LanguageModel, StreamGroup
 
-__all__ = ["ChatMessage", "LanguageModel", "StreamGroup", "load_model", "check_same_tokenizer"]
+__all__ = ["ChatMessage", "LanguageModel", "StreamGroup", "load_model", "same_tokenizer"]
 
 
 def load_model(path: str | os.PathLike, backend: str = "auto") -> LanguageModel:
@@ -33,25 +33,7 @@ def load_model(path: str | os.PathLike, backend: str = "auto") -> LanguageModel:
     raise UserError(f"unknown backend {backend!r}: choose auto, llama.cpp or transformers")
 
 
-def check_same_tokenizer(a: LanguageModel, b: LanguageModel) -> None:
-    """CoSteer fuses distributions index by index, so both models must share the vocabulary."""
-    if a.vocab_size != b.vocab_size:
-        raise UserError(
-            f"{a.name} and {b.name} have different vocabularies ({a.vocab_size} vs {b.vocab_size} tokens); "
-            "CoSteer needs the cloud and device models to share a tokenizer"
-        )
-    if a.vocabulary_digest() == b.vocabulary_digest():
-        return
-    if not (a.local and b.local):
-        raise UserError(
-            f"{a.name} and {b.name} have different tokenizers (the token strings differ); "
-            "CoSteer needs the cloud and device models to share a tokenizer"
-        )
-    fa, fb = a.vocabulary_fingerprint(), b.vocabulary_fingerprint()
-    differing = sum(x != y for x, y in zip(fa, fb))
-    if differing:
-        first = next(i for i, (x, y) in enumerate(zip(fa, fb)) if x != y)
-        raise UserError(
-            f"{a.name} and {b.name} have different tokenizers ({differing} token strings differ, first at id {first}); "
-            "CoSteer needs the cloud and device models to share a tokenizer"
-        )
+def same_tokenizer(a: LanguageModel, b: LanguageModel) -> bool:
+    """Whether two models (or a model and a remote cloud) spell every token id alike:
+    then CoSteer fuses index by index, else on the tokens they share (aligned.py)."""
+    return a.vocab_size == b.vocab_size and a.vocabulary_digest() == b.vocabulary_digest()

@@ -42,6 +42,10 @@ class StreamGroup(ABC):
         """Network counters (none: local streams)."""
         return None
 
+    def alignment(self) -> dict | None:
+        """How a device group followed a cloud of another vocabulary (backends/aligned.py)."""
+        return None
+
     def next_tokens(self) -> list[NextToken]:
         """Each stream's next-token distribution, complete."""
         return [NextToken.local(row) for row in self.logits()]
@@ -64,6 +68,15 @@ class StreamGroup(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def vocabulary_digest(pieces: Sequence[bytes]) -> str:
+    """SHA-256 of the length-prefixed token bytes in id order."""
+    h = hashlib.sha256()
+    for piece in pieces:
+        h.update(len(piece).to_bytes(4, "little"))
+        h.update(piece)
+    return h.hexdigest()
 
 
 def check_window(model_name: str, window: int, prompt_tokens: int, max_new_tokens: int) -> None:
@@ -139,12 +152,18 @@ class LanguageModel(ABC):
     supports_lookahead = False
 
     @abstractmethod
-    def tokenize(self, text: str) -> list[int]:
-        """Token ids of text; special-token markup (ChatML tags) is parsed."""
+    def tokenize(self, text: str, special: bool = True) -> list[int]:
+        """Token ids of text; special-token markup (ChatML tags) is parsed unless
+        `special` is False (generated text: a literal "<|im_end|>" stays text)."""
 
     @abstractmethod
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes a token stands for, used to detokenize and to compare vocabularies."""
+
+    def special_token_ids(self) -> frozenset[int]:
+        """Control tokens (turn markers, padding, end of text): they stand for no text,
+        so no other vocabulary shares them."""
+        return self.eos_token_ids
 
     @abstractmethod
     def render_chat(self, messages: Sequence[ChatMessage]) -> str:
@@ -183,11 +202,7 @@ class LanguageModel(ABC):
         """SHA-256 of the length-prefixed token bytes: compares vocabularies across a network."""
         cached = getattr(self, "_vocabulary_digest", None)
         if cached is None:
-            h = hashlib.sha256()
-            for piece in self.vocabulary_fingerprint():
-                h.update(len(piece).to_bytes(4, "little"))
-                h.update(piece)
-            cached = self._vocabulary_digest = h.hexdigest()
+            cached = self._vocabulary_digest = vocabulary_digest(self.vocabulary_fingerprint())
         return cached
 
     def close(self) -> None:

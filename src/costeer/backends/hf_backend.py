@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from ..errors import UserError
+from ..vocabulary_map import SENTENCEPIECE_SPACE, piece_bytes
 from .base import check_window, ChatMessage, LanguageModel, StreamGroup
+from .chat_template import fallback_template, render_chat_template
 
 
 def _import_hf():
@@ -21,20 +22,6 @@ def _import_hf():
     except ImportError as exc:
         raise UserError("the transformers backend needs: pip install 'costeer[hf]'") from exc
     return torch, transformers
-
-
-@lru_cache(maxsize=1)
-def _byte_level_decoder() -> dict[str, int]:
-    """Inverse of the byte-to-printable-character map of byte-level BPE (GPT-2 style)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars = list(printable)
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return {chr(c): b for b, c in zip(printable, chars)}
 
 
 class TransformersModel(LanguageModel):
@@ -66,18 +53,24 @@ class TransformersModel(LanguageModel):
             ids = getattr(source, "eos_token_id", None)
             eos.update([ids] if isinstance(ids, int) else (ids or []))
         self.eos_token_ids = frozenset(eos)
-        self._byte_level = self._is_byte_level()
+        self._scheme = self._piece_scheme()
         self._special = set(self.tokenizer.all_special_tokens) | set(self.tokenizer.get_added_vocab())
 
-    def _is_byte_level(self) -> bool:
+    def _piece_scheme(self) -> str:
+        """How the vocabulary writes bytes (see vocabulary_map.piece_bytes)."""
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
         if backend is None:
-            return False
-        decoder = json.loads(backend.to_str()).get("decoder") or {}
-        return decoder.get("type") == "ByteLevel"
+            return "bytes"
+        decoder = json.dumps(json.loads(backend.to_str()).get("decoder") or {}, ensure_ascii=False)
+        if '"ByteLevel"' in decoder:
+            return "byte-level"
+        return "sentencepiece" if SENTENCEPIECE_SPACE in decoder else "bytes"
 
-    def tokenize(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+    def tokenize(self, text: str, special: bool = True) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False, split_special_tokens=not special)["input_ids"])
+
+    def special_token_ids(self) -> frozenset[int]:
+        return frozenset(self.tokenizer.all_special_ids) | frozenset(self.tokenizer.get_added_vocab().values())
 
     def token_bytes(self, token_id: int) -> bytes:
         token = self.tokenizer.convert_ids_to_tokens(int(token_id))
@@ -85,14 +78,12 @@ class TransformersModel(LanguageModel):
             return b""  # padding rows of the embedding beyond the tokenizer
         if token in self._special:
             return token.encode("utf-8")
-        if self._byte_level:
-            table = _byte_level_decoder()
-            return bytes(table[ch] for ch in token if ch in table)
-        return self.tokenizer.convert_tokens_to_string([token]).encode("utf-8")
+        return piece_bytes(token, self._scheme)
 
     def render_chat(self, messages: Sequence[ChatMessage]) -> str:
         if not self.tokenizer.chat_template:
-            raise UserError(f"{self.name} has no chat template (tokenizer_config.json: chat_template)")
+            template = fallback_template(getattr(self._model.config, "model_type", "") or "")
+            return render_chat_template(template, messages, self.tokenizer.bos_token or "", self.tokenizer.eos_token or "")
         return self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
 
     def open_streams(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> StreamGroup:

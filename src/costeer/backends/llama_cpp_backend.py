@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import UserError
 from .base import check_window, ChatMessage, LanguageModel, PrefixRestore, PrefixStateError, StreamGroup
-from .chat_template import render_chat_template
+from .chat_template import fallback_template, render_chat_template
 
 _PREFILL_CHUNK = 512
 # Prompts are prefilled in batches of this many tokens from position 0, and a saved
@@ -127,23 +127,35 @@ class LlamaCppModel(LanguageModel):
             t for t in range(self.vocab_size) if lib.llama_vocab_is_eog(self._vocab, t)
         )
         template = lib.llama_model_chat_template(self._model, None)
-        self._chat_template = template.decode("utf-8") if template else None
+        self._chat_template = template.decode("utf-8") if template else fallback_template(self._metadata("general.architecture"))
+        self._special_ids: frozenset[int] | None = None
         self._bos = self._special_text(lib.llama_vocab_bos(self._vocab))
         self._eos = self._special_text(lib.llama_vocab_eos(self._vocab))
+
+    def _metadata(self, key: str) -> str:
+        buf = ctypes.create_string_buffer(256)
+        n = self._lib.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", "replace") if n >= 0 else ""
 
     def _special_text(self, token_id: int) -> str:
         return self.token_bytes(token_id).decode("utf-8", "replace") if token_id >= 0 else ""
 
-    def tokenize(self, text: str) -> list[int]:
+    def tokenize(self, text: str, special: bool = True) -> list[int]:
         data = text.encode("utf-8")
         capacity = len(data) + 16
         buf = (self._lib.llama_token * capacity)()
-        n = self._lib.llama_tokenize(self._vocab, data, len(data), buf, capacity, False, True)
+        n = self._lib.llama_tokenize(self._vocab, data, len(data), buf, capacity, False, special)
         if n < 0:  # buffer too small: -n is the size needed
             capacity = -n
             buf = (self._lib.llama_token * capacity)()
-            n = self._lib.llama_tokenize(self._vocab, data, len(data), buf, capacity, False, True)
+            n = self._lib.llama_tokenize(self._vocab, data, len(data), buf, capacity, False, special)
         return list(buf[:n])
+
+    def special_token_ids(self) -> frozenset[int]:
+        if self._special_ids is None:
+            is_control = self._lib.llama_vocab_is_control
+            self._special_ids = frozenset(t for t in range(self.vocab_size) if is_control(self._vocab, t)) | self.eos_token_ids
+        return self._special_ids
 
     def token_bytes(self, token_id: int) -> bytes:
         cached = self._piece_cache.get(token_id)
@@ -159,8 +171,6 @@ class LlamaCppModel(LanguageModel):
         return piece
 
     def render_chat(self, messages: Sequence[ChatMessage]) -> str:
-        if not self._chat_template:
-            raise UserError(f"{self.name} has no chat template in its GGUF metadata")
         return render_chat_template(self._chat_template, messages, self._bos, self._eos)
 
     def open_streams(

@@ -8,12 +8,12 @@ from typing import Callable
 
 import numpy as np
 
-from ..backends.base import LanguageModel
+from ..backends.base import LanguageModel, vocabulary_digest
 from ..cloud import CloudSession, RemoteCloud
 from ..distribution import NextToken
 from ..errors import UserError
 from ..prompts import PublicChat
-from .protocol import API_PREFIX, FLOATS, IDS, Lookahead, decode_array
+from .protocol import API_PREFIX, FLOATS, IDS, Lookahead, Vocabulary, decode_array
 from .wire import CloudRefused, CloudUnreachable, WireClient
 
 RESUME_BACKOFF_S = (0.5, 4.0)  # first pause between tries to reopen a session, doubling up to the second
@@ -49,6 +49,22 @@ class ServedCloud(RemoteCloud):
 
     def vocabulary_digest(self) -> str:
         return self._digest
+
+    def vocabulary(self) -> tuple[list[bytes], frozenset[int]]:
+        try:
+            reply = Vocabulary.model_validate(self._wire.request("GET", f"{API_PREFIX}/vocabulary"))
+            pieces = reply.pieces()
+        except CloudRefused as exc:
+            if exc.status == 404:
+                raise UserError(f"the cloud at {self._wire.base_url} cannot send its vocabulary (an older costeer "
+                                "serve): use a device model with its tokenizer, or update the server") from None
+            raise
+        except ValueError as exc:
+            raise UserError(f"the cloud at {self._wire.base_url} sent a malformed vocabulary: {exc}") from None
+        if len(pieces) != self.vocab_size or vocabulary_digest(pieces) != self._digest:
+            raise UserError(f"the vocabulary the cloud at {self._wire.base_url} sent does not match its digest")
+        self._pieces = pieces
+        return pieces, frozenset(reply.special_ids)
 
     def check_same_model(self) -> None:
         """After a restart: refuse to resume on a server that came back with another model."""

@@ -99,6 +99,30 @@ class ModelInfo(BaseModel):
     features: list[str] = Field(default_factory=list, description="optional protocol parts this server has, e.g. lookahead")
 
 
+class Vocabulary(BaseModel):
+    """Every token's bytes, for a device model of another tokenizer (it steers on the
+    tokens the two vocabularies share and keeps its text in step)."""
+
+    lengths_b64: str = Field(description="each token's byte length in id order: int32 little-endian, base64")
+    pieces_b64: str = Field(description="all tokens' bytes, concatenated in id order, base64")
+    special_ids: list[int] = Field(description="control tokens: they stand for no text")
+    vocabulary_sha256: str = Field(description="as in /v1/model: the device checks the pieces against it")
+
+    @classmethod
+    def of(cls, pieces: list[bytes], special_ids: frozenset[int], digest: str) -> "Vocabulary":
+        lengths = np.array([len(p) for p in pieces], dtype=np.int64)
+        return cls(lengths_b64=encode_array(lengths, IDS), pieces_b64=base64.b64encode(b"".join(pieces)).decode("ascii"),
+                   special_ids=sorted(special_ids), vocabulary_sha256=digest)
+
+    def pieces(self) -> list[bytes]:
+        lengths = decode_array(self.lengths_b64, IDS)
+        data = base64.b64decode(self.pieces_b64)
+        ends = np.cumsum(lengths).tolist()
+        if len(data) != (ends[-1] if ends else 0):
+            raise ValueError("the vocabulary's pieces and lengths disagree")
+        return [data[end - n:end] for n, end in zip(lengths.tolist(), ends)]
+
+
 class ErrorBody(BaseModel):
     error: str = Field(description="machine-readable kind, e.g. unknown_session")
     message: str

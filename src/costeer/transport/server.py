@@ -39,7 +39,7 @@ from ..errors import UserError
 from .limits import ServerLimits
 from .scheduler import BatchedStreams, Scheduler, SchedulerClosed
 from .protocol import (API_PREFIX, FLOATS, IDS, MAX_LOOKAHEAD_NODES, Distribution, ErrorBody, Lookahead, ModelInfo,
-                       OpenSession, SessionOpened, Step, TreeNode, encode_array)
+                       OpenSession, SessionOpened, Step, TreeNode, Vocabulary, encode_array)
 
 
 log = logging.getLogger(__name__)
@@ -166,6 +166,8 @@ def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: Serve
         limits=limits.as_dict(),
         features=["lookahead"] if model.supports_lookahead else [],
     )
+
+    vocabulary_reply: list[Vocabulary] = []
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -295,6 +297,14 @@ def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: Serve
     @app.get(f"{API_PREFIX}/model", response_model=ModelInfo)
     def model_info(key: str | None = Depends(caller_key)) -> ModelInfo:
         return info
+
+    @app.get(f"{API_PREFIX}/vocabulary", response_model=Vocabulary)
+    def vocabulary(key: str | None = Depends(caller_key)) -> Vocabulary:
+        """Every token's bytes, for a device model of another tokenizer."""
+        if not vocabulary_reply:  # built once, on first request (a second or so for 150k tokens)
+            vocabulary_reply.append(Vocabulary.of(model.vocabulary_fingerprint(), model.special_token_ids(),
+                                                  info.vocabulary_sha256))
+        return vocabulary_reply[0]
 
     @app.post(f"{API_PREFIX}/sessions", response_model=SessionOpened, responses={401: {"model": ErrorBody}, 413: {"model": ErrorBody}, 429: {"model": ErrorBody}})
     def open_session(body: OpenSession, key: str | None = Depends(caller_key)) -> SessionOpened:
