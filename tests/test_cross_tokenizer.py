@@ -65,18 +65,34 @@ def test_shared_tokens_spell_the_same_bytes_and_controls_are_never_shared():
     assert m.device_id(257) is None  # <|im_end|>
 
 
+def test_a_cloud_token_gets_the_mass_of_every_device_token_it_begins():
+    cloud = [b"<s>", b" Th", b"add", b"eus", b" the", b"x"]
+    device = [b"<eos>", b" Thaddeus", b" Th", b" the", b" then", b"q"]
+    m = VocabularyMap.between(cloud, device, frozenset({0}), frozenset({0}))
+    assert m.shared == 2 and m.device_id(1) == 2 and m.device_id(4) == 3 and m.device_id(2) is None
+    assert m.covered == 2  # " Th" and " the"; "add", "eus", "x" begin no device token
+    logits = np.log(np.array([[0.1, 0.4, 0.1, 0.2, 0.1, 0.1]]))
+    row = m.project(logits)[0]
+    np.testing.assert_allclose(row[[1, 4]], np.log([0.5, 0.3]))  # " Th": " Thaddeus" + " Th"; " the": " the" + " then"
+    assert np.all(row[[0, 2, 3, 5]] == 0)
+
+
 @settings(max_examples=50, deadline=None)
-@given(st.integers(0, 2**31), st.integers(1, 3))
-def test_projected_rows_differ_by_the_local_delta_on_shared_tokens_and_by_nothing_elsewhere(seed, rows):
+@given(st.integers(0, 2**31))
+def test_projected_rows_differ_by_the_local_delta_on_covered_tokens_and_by_nothing_elsewhere(seed):
     m = aligned().map
     rng = np.random.default_rng(seed)
     logits = rng.normal(0, 4, size=(2, m.device_vocab_size)).astype(np.float32)
     with_ctx, without_ctx = m.project(logits)
     diff = with_ctx - without_ctx
-    true_delta = local_delta(logits[0], logits[1])
-    np.testing.assert_allclose(diff[m.cloud_ids], true_delta[m.device_ids], atol=1e-9)
-    outside = np.setdiff1d(np.arange(m.cloud_vocab_size), m.cloud_ids)
-    assert np.all(diff[outside] == 0)
+    p = np.exp(logits.astype(np.float64))
+    p /= p.sum(axis=1, keepdims=True)
+    begins = np.zeros((m.cloud_vocab_size, m.device_vocab_size))
+    begins[m.prefix_cloud, m.prefix_device] = 1
+    covered = begins.sum(axis=1) > 0
+    expected = np.log(begins[covered] @ p[0]) - np.log(begins[covered] @ p[1])
+    np.testing.assert_allclose(diff[covered], expected, atol=1e-9)
+    assert np.all(diff[~covered] == 0)
     # and what the fusion sees (log_softmax of each row) differs from that by one constant only
     seen = local_delta(with_ctx, without_ctx) - diff
     np.testing.assert_allclose(seen, seen[0], atol=1e-9)
@@ -170,9 +186,13 @@ def test_the_first_step_fuses_the_projected_delta(cross):
     z = cloud.logits_after(cloud.encode_chat(pair.public)).astype(np.float64)
     d_with = device.logits_after(device.encode_chat(pair.private))
     d_without = device.logits_after(device.encode_chat(pair.public))
-    delta = np.zeros_like(z)
     m = cross._device_beside_cloud.map
-    delta[m.cloud_ids] = local_delta(d_with, d_without)[m.device_ids]
+    begins = np.zeros((m.cloud_vocab_size, m.device_vocab_size))
+    begins[m.prefix_cloud, m.prefix_device] = 1
+    covered = begins.sum(axis=1) > 0
+    delta = np.zeros_like(z)
+    with_p, without_p = (np.exp(local_delta(d, np.zeros_like(d))) for d in (d_with, d_without))  # softmax
+    delta[covered] = np.log(begins[covered] @ with_p) - np.log(begins[covered] @ without_p)
     expected = int(np.argmax(z + SteeringParams().coefficient * delta))
     g = cross.generate(PROMPT, CONTEXT, method="costeer", max_new_tokens=1)
     assert (g.token_ids or [None])[0] == expected or (not g.token_ids and expected in cloud.eos_token_ids)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from costeer import SteeringParams, UserError
-from costeer.backends import check_same_tokenizer
+from costeer.backends import same_tokenizer
 from costeer.default_models import DEFAULT_LLM, DEFAULT_SLM, ensure_model
 
 from conftest import BIRTHDAY_PROMPT, facts_in
@@ -22,7 +22,7 @@ def test_default_models_are_assembled_and_verified():
 
 def test_default_pair_shares_a_tokenizer(default_costeer):
     llm, slm = default_costeer.model("llm"), default_costeer.model("slm")
-    check_same_tokenizer(llm, slm)
+    assert same_tokenizer(llm, slm)
     assert llm.vocab_size == 151_936
     assert 151645 in llm.eos_token_ids  # <|im_end|>
 

@@ -11,7 +11,7 @@ transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
 from costeer import CoSteer, UserError  # noqa: E402
-from costeer.backends import check_same_tokenizer, load_model  # noqa: E402
+from costeer.backends import load_model, same_tokenizer  # noqa: E402
 from costeer.fusion import log_softmax  # noqa: E402
 from tiny_hf import make_model_folder, make_tokenizer  # noqa: E402
 
@@ -57,25 +57,28 @@ def test_fused_step_is_the_closed_form_of_the_three_streams(tiny_pair):
     assert first == expected or (first is None and expected in llm.eos_token_ids)
 
 
-def test_different_tokenizers_are_refused_at_load_time(tmp_path, tiny_pair):
+def test_different_tokenizers_steer_on_the_tokens_they_share(tmp_path, tiny_pair):
     other = make_model_folder(tmp_path / "other", make_tokenizer(280), seed=3)
-    with pytest.raises(UserError, match="different vocabularies"):
-        check_same_tokenizer(load_model(tiny_pair[0]), load_model(other))
-    cs = CoSteer(tiny_pair[0], other, quiet=True)
-    with pytest.raises(UserError, match="share a tokenizer"):
-        cs.generate("Write a note.", "ctx", max_new_tokens=2)
+    llm, device = load_model(tiny_pair[0]), load_model(other)
+    assert not same_tokenizer(llm, device)
+    cs = CoSteer(llm, device, quiet=True, context_cache=False)
+    g = cs.generate("Write a note.", "I live in Oslo.", max_new_tokens=12)
+    assert g.text == llm.detokenize(g.token_ids)  # the cloud's tokens
+    assert g.alignment["shared_vocabulary"] >= 259  # the bytes and specials' texts aside, most merges agree
+    assert g.alignment["steps"] == g.new_tokens - (g.finish_reason != "eos")
 
 
 
-def test_same_size_but_different_token_strings_are_refused(tmp_path):
+def test_same_size_but_different_token_strings_are_not_taken_for_one_tokenizer(tmp_path):
     # 259 bytes and specials + 11 merges: both corpora have far more than 11 pairs to merge
     first = make_model_folder(tmp_path / "a", make_tokenizer(270), seed=5)
     other_corpus = ["Completely different words: zebra xylophone quantum marmalade."] * 50
     second = make_model_folder(tmp_path / "b", make_tokenizer(270, other_corpus), seed=6)
     a, b = load_model(first), load_model(second)
     assert a.vocab_size == b.vocab_size == 270
-    with pytest.raises(UserError, match="token strings differ"):
-        check_same_tokenizer(a, b)
+    assert not same_tokenizer(a, b)  # same size, other strings: aligned by text, not by id
+    g = CoSteer(a, b, quiet=True, context_cache=False).generate("Write a note.", "I like zebras.", max_new_tokens=8)
+    assert g.alignment is not None and g.text == a.detokenize(g.token_ids)
 
 
 def test_context_longer_than_the_window_is_cut_not_crashed(tiny_pair, capsys):

@@ -15,6 +15,9 @@ from .errors import UserError
 from .fusion import SteeringParams
 from .methods import DEFAULT_TOP_K, METHODS
 from .transport.limits import ServerLimits
+from .default_models import KNOWN_MODELS
+
+MODEL_NAMES = ", ".join(KNOWN_MODELS)
 
 EXAMPLE_DIR = Path(__file__).parent / "examples"
 DEMO_PROMPT = "Write a two-sentence invitation to my birthday party."
@@ -67,8 +70,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--llm", help="cloud model: a GGUF file or a Hugging Face folder (default: Qwen2.5-Coder-1.5B)")
-    p.add_argument("--slm", help="device model: a GGUF file or a Hugging Face folder (default: Qwen2.5-Coder-0.5B)")
+    p.add_argument("--llm", help=f"cloud model: a GGUF file, a Hugging Face folder, or a name ({MODEL_NAMES}; default: "
+                   "qwen2.5-coder-1.5b)")
+    p.add_argument("--slm", help=f"device model, any tokenizer: a GGUF file, a Hugging Face folder, or a name ({MODEL_NAMES}; "
+                   "default: qwen2.5-coder-0.5b)")
     p.add_argument("--backend", default="auto", choices=["auto", "llama.cpp", "transformers"])
     p.add_argument("--no-context-cache", action="store_true",
                    help="prefill the private context from scratch and save nothing (default: reuse the device's saved "
@@ -151,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=_positive_int, default=8750)
     srv.add_argument("--api-key", action="append", default=[],
                      help="require a key; repeatable, one per user (default: $COSTEER_API_KEY, comma-separated; none: open)")
-    srv.add_argument("--llm", help="the cloud model: a GGUF file or a Hugging Face folder (default: Qwen2.5-Coder-1.5B)")
+    srv.add_argument("--llm", help=f"the cloud model: a GGUF file, a Hugging Face folder, or a name ({MODEL_NAMES}; default: "
+                     "qwen2.5-coder-1.5b)")
     srv.add_argument("--backend", default="auto", choices=["auto", "llama.cpp", "transformers"])
     limits = ServerLimits()
     srv.add_argument("--max-sessions", type=_positive_int, default=limits.max_sessions)
@@ -179,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(proxy)
     _add_decoding_args(proxy)  # the defaults of what a request leaves out; --max-new-tokens: of max_tokens
 
-    models = sub.add_parser("models", help="assemble and verify the default models, print their paths")
+    models = sub.add_parser("models", help="assemble and verify the default models (and any named), print their paths")
+    models.add_argument("names", nargs="*", help=f"more models to assemble by name ({MODEL_NAMES})")
     models.add_argument("--quiet", action="store_true")
 
     cache = sub.add_parser("cache", help="the device's private-context cache: where it is and how big, or delete it")
@@ -257,6 +264,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"[{g.method}: {g.new_tokens} tokens in {g.elapsed_s:.1f} s, {g.tokens_per_second:.1f} tok/s]", file=sys.stderr)
         if g.traffic:
             print(f"[cloud traffic: {json.dumps(g.traffic)}]", file=sys.stderr)
+        if g.alignment:
+            a = g.alignment
+            print(f"[tokenizers differ: steered on {a['shared_vocabulary']:,} shared tokens; {a['retokenized_steps']} "
+                  f"of {a['steps']} cloud tokens outside them were re-spelled for the device, {a['deferred_steps']} "
+                  "waited for the rest of a character]", file=sys.stderr)
     _warn_inexact(g.traffic or {})
     return 0
 
@@ -334,8 +346,13 @@ def cmd_proxy(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     from .default_models import DEFAULT_LLM, DEFAULT_SLM, ensure_model
 
+    unknown = [name for name in args.names if name not in KNOWN_MODELS]
+    if unknown:
+        raise UserError(f"unknown model name {unknown[0]!r}: choose one of {MODEL_NAMES}")
     for role, model in (("llm", DEFAULT_LLM), ("slm", DEFAULT_SLM)):
         print(f"{role}\t{model.key}\t{ensure_model(model, quiet=args.quiet)}")
+    for name in args.names:
+        print(f"-\t{name}\t{ensure_model(KNOWN_MODELS[name], quiet=args.quiet)}")
     return 0
 
 

@@ -10,10 +10,12 @@ place that knows the markers, for vocabularies read as raw strings. Control
 tokens (end of turn, padding) stand for no text and are never shared.
 
 The device's distribution enters the fusion through the local delta
-log p_with - log p_without. On the cloud's vocabulary it is that difference for a
-shared token and 0 for a token the device cannot say in one piece: no evidence, no
-steering. `project` gives rows whose difference is exactly that, up to one
-constant per row pair, which the fusion ignores (log_softmax is shift-invariant).
+log p_with - log p_without. On the cloud's vocabulary, for a cloud token s it is
+that difference of the device's probability that its next token begins with s's
+bytes (its own token spelling s, or a longer one that starts so), and 0 for a token
+that begins no device token: no evidence, no steering. `project` gives rows whose
+difference is exactly that, up to one constant per row pair, which the fusion
+ignores (log_softmax is shift-invariant).
 """
 
 from __future__ import annotations
@@ -61,31 +63,54 @@ def piece_bytes(piece: str, scheme: str) -> bytes:
 
 @dataclass(frozen=True)
 class VocabularyMap:
-    """Cloud token ids and the device token ids that spell the same bytes."""
+    """Which device tokens each cloud token stands for.
+
+    `cloud_ids[i]` and `device_ids[i]` spell the same bytes (the intersection: the
+    alignment feeds such a token as the device's own). `prefix_cloud[j]` and
+    `prefix_device[j]` list every pair where the device token's bytes begin with the
+    cloud token's: the device's probability that its next text begins with a cloud
+    token is the sum over its pairs. A name that Gemma spells " Thaddeus" and Qwen
+    " Th" + "add" + "eus" then steers Qwen's " Th" with the mass of " Thaddeus"."""
 
     cloud_ids: np.ndarray  # int64, ascending
     device_ids: np.ndarray  # int64, device_ids[i] spells what cloud_ids[i] does
+    prefix_cloud: np.ndarray  # int64: pairs (cloud, device) where the device token extends the cloud's
+    prefix_device: np.ndarray
     cloud_vocab_size: int
     device_vocab_size: int
 
     @classmethod
     def between(cls, cloud_pieces: Sequence[bytes], device_pieces: Sequence[bytes],
                 cloud_special: frozenset[int] = frozenset(), device_special: frozenset[int] = frozenset()) -> "VocabularyMap":
-        """From each vocabulary's token bytes in id order. Where a vocabulary spells
-        one text with several ids, the lowest id stands for it."""
+        """From each vocabulary's token bytes in id order. Where the device spells one
+        text with several ids, the lowest stands for it in the intersection."""
         device_by_bytes: dict[bytes, int] = {}
         for i, piece in enumerate(device_pieces):
             if piece and i not in device_special:
                 device_by_bytes.setdefault(piece, i)
-        pairs = [(c, device_by_bytes[p]) for c, p in enumerate(cloud_pieces)
-                 if p and c not in cloud_special and p in device_by_bytes]
-        cloud_ids = np.array([c for c, _ in pairs], dtype=np.int64)
-        device_ids = np.array([d for _, d in pairs], dtype=np.int64)
-        return cls(cloud_ids, device_ids, len(cloud_pieces), len(device_pieces))
+        cloud_by_bytes: dict[bytes, list[int]] = {}
+        for c, piece in enumerate(cloud_pieces):
+            if piece and c not in cloud_special:
+                cloud_by_bytes.setdefault(piece, []).append(c)
+        pairs = sorted((c, device_by_bytes[p]) for p, ids in cloud_by_bytes.items() if p in device_by_bytes for c in ids)
+        prefix: list[tuple[int, int]] = []
+        for d, piece in enumerate(device_pieces):
+            if piece and d not in device_special:
+                for n in range(1, len(piece) + 1):
+                    prefix.extend((c, d) for c in cloud_by_bytes.get(piece[:n], ()))
+        exact = np.array(pairs, dtype=np.int64).reshape(-1, 2)
+        covering = np.array(prefix, dtype=np.int64).reshape(-1, 2)  # in device order: project reads p in order
+        return cls(exact[:, 0], exact[:, 1], covering[:, 0], covering[:, 1], len(cloud_pieces), len(device_pieces))
 
     @property
     def shared(self) -> int:
+        """Cloud tokens the device spells with one token of its own."""
         return len(self.cloud_ids)
+
+    @property
+    def covered(self) -> int:
+        """Cloud tokens that begin at least one device token: those that get a delta."""
+        return len(np.unique(self.prefix_cloud))
 
     def device_id(self, cloud_id: int) -> int | None:
         """The device token that spells cloud token `cloud_id`, or None."""
@@ -96,16 +121,32 @@ class VocabularyMap:
         return lookup.get(cloud_id)
 
     def project(self, device_logits: np.ndarray) -> np.ndarray:
-        """Device logits (n, device vocab) as rows over the cloud vocabulary: the
-        device's log-probability at each shared token, 0 at every other. The
-        difference of two rows is the local delta on shared tokens and 0 elsewhere,
-        up to a constant."""
-        rows = log_softmax(np.atleast_2d(device_logits))
+        """Device logits (n, device vocab) as rows over the cloud vocabulary: at each
+        covered cloud token, the log of the device's probability that its next token
+        begins with that token's bytes; 0 at every other. The difference of two rows is
+        the local delta on covered tokens and 0 elsewhere, up to a constant per row."""
+        rows = np.atleast_2d(np.asarray(device_logits, dtype=FUSION_DTYPE))
         out = np.zeros((rows.shape[0], self.cloud_vocab_size), dtype=FUSION_DTYPE)
-        out[:, self.cloud_ids] = rows[:, self.device_ids]
+        if not len(self.prefix_cloud):
+            return out
+        covered = self.__dict__.get("_covered")
+        if covered is None:
+            covered = np.flatnonzero(np.bincount(self.prefix_cloud, minlength=self.cloud_vocab_size))
+            object.__setattr__(self, "_covered", covered)
+        for row, target in zip(rows, out):
+            top = row.max()
+            p = np.exp(row - top)  # relative to the likeliest token: no overflow
+            lse = top + np.log(p.sum())
+            # one pass over the pairs, reading p in order (5x faster than a random gather here)
+            mass = np.bincount(self.prefix_cloud, weights=p[self.prefix_device], minlength=self.cloud_vocab_size)
+            with np.errstate(divide="ignore"):
+                target[covered] = np.maximum(np.log(mass[covered]) + top - lse, _LOG_FLOOR)  # underflow: unlikeliest
         return out
 
     @staticmethod
     def unsteered(n_rows: int, cloud_vocab_size: int) -> np.ndarray:
         """Rows whose delta is 0 everywhere: the device is not in step at this position."""
         return np.zeros((n_rows, cloud_vocab_size), dtype=FUSION_DTYPE)
+
+
+_LOG_FLOOR = -1e4
