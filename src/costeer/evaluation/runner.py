@@ -40,7 +40,7 @@ REQUIRED = {
     "matplotlib": "matplotlib",
 }
 GENERATION_FIELDS = ("new_tokens", "elapsed_s", "tokens_per_second", "time_to_first_token_s", "prefill_s",
-                     "finish_reason", "prompt_tokens", "steering_coefficient", "context_cache_tokens")
+                     "finish_reason", "prompt_tokens", "steering_coefficient", "context_cache_tokens", "alignment")
 
 
 @dataclass
