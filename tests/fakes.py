@@ -182,6 +182,16 @@ class NumpyStreams(StreamGroup):
         self._states = [self._model.step_state(s, int(token_id)) for s in self._states]
         self._model.count_pass()
 
+    def advance_many(self, token_ids: Sequence[int]) -> None:
+        """One "forward pass" for the lot, as a backend batches them."""
+        if self._closed:
+            raise ClosedGroupError("stream group used after close")
+        self._tree, self._walked = {}, ()
+        for t in token_ids:
+            self._states = [self._model.step_state(s, int(t)) for s in self._states]
+        if token_ids:
+            self._model.count_pass()
+
     def lookahead(self, width: int, depth: int, min_probability: float = 0.0) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
         if self._closed:
             raise ClosedGroupError("stream group used after close")

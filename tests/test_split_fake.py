@@ -21,7 +21,7 @@ from fakes import NumpyModel
 from servers import app_in_thread
 from split_fixtures import CANARY, CONTEXT, PROMPT, device, embedded, served  # noqa: F401  (fixtures)
 
-ALL_METHODS = sorted(METHODS) + ["mix:0.5", "cos:2"]
+ALL_METHODS = sorted(METHODS) + ["mix:0.5", "cos:2", "unsure:3", "bounded:1.5", "ada:0.6"]
 PRIVATE_IN_CLOUD = {"llm-context"}
 
 
@@ -184,7 +184,7 @@ def test_openai_cloud_listing_only_unmappable_tokens_is_a_clear_error(method):
 
 # --- vLLM's shapes and llama-server's native route: exact ------------------------------
 
-EXACT_METHODS = ["costeer", "llm", "mix:4", "costeer-plausible", "light"]
+EXACT_METHODS = ["costeer", "llm", "mix:4", "costeer-plausible", "light", "unsure:3", "bounded:1.5", "ada", "ada:0.6"]
 
 
 def engine_server(kind: str):

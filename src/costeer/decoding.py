@@ -118,6 +118,64 @@ def _open(model: LanguageModel | RemoteCloud, prompts: list, max_new_tokens: int
     return model.open_streams(prompts, max_new_tokens)
 
 
+class _StepDistributions(Sequence):
+    """Each stream's distribution at this step, read from its group on first access:
+    a step whose policy leaves the device streams unread costs no device pass."""
+
+    def __init__(self, stream_groups: list[tuple[StreamGroup | CloudSession, int]]) -> None:
+        self._where = stream_groups  # per stream: its group, its index in the group
+        self._read: dict[int, list] = {}
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        group, index = self._where[i]
+        if id(group) not in self._read:
+            self._read[id(group)] = group.next_tokens()
+        return self._read[id(group)][index]
+
+
+class _PausableGroup(StreamGroup):
+    """A device group that holds the tokens back while the policy has paused it, and
+    feeds them in one batch when it is read or resumed."""
+
+    def __init__(self, inner: StreamGroup, policy: Policy) -> None:
+        self._inner, self._policy = inner, policy
+        self._held: list[int] = []
+        self._prompt_lengths = inner.prompt_lengths
+        self.caught_up = 0  # tokens fed in catch-up batches
+
+    def _catch_up(self) -> None:
+        if self._held:
+            self._inner.advance_many(self._held)
+            self.caught_up += len(self._held)
+            self._held = []
+
+    def logits(self) -> np.ndarray:
+        self._catch_up()
+        return self._inner.logits()
+
+    def next_tokens(self):
+        self._catch_up()
+        return self._inner.next_tokens()
+
+    def advance(self, token_id: int) -> None:
+        if self._policy.device_paused:
+            self._held.append(token_id)
+        else:
+            self._catch_up()
+            self._inner.advance(token_id)
+
+    def alignment(self) -> dict | None:
+        return self._inner.alignment()
+
+    def close(self) -> None:
+        self._inner.close()
+
+
 def _decide_step(
     policy: Policy,
     by_role: dict[Role, list[int]],
@@ -128,13 +186,13 @@ def _decide_step(
 ) -> Pick:
     """The policy's pick for this step, asking the cloud again at the same position
     for as long as the policy says it must (a bounded number of times)."""
+    where: list = [None] * len(policy.streams)
+    for role, indices in by_role.items():
+        for n, i in enumerate(indices):
+            where[i] = (groups[role], n)
     asked: list[int | None] = []
     while True:
-        dists = [None] * len(policy.streams)
-        for role, indices in by_role.items():
-            for i, dist in zip(indices, groups[role].next_tokens()):
-                dists[i] = dist
-        decision = policy.decide(dists, sampling)
+        decision = policy.decide(_StepDistributions(where), sampling)
         if isinstance(decision, Pick):
             break
         if cloud is None or len(asked) >= MAX_REQUESTS_PER_STEP:
@@ -202,6 +260,10 @@ def decode(
                         failed = exc
             if failed is not None:
                 raise failed
+        if policy.pauses_device:
+            for role in by_role:
+                if not isinstance(groups[role], CloudSession) and role == "slm":
+                    groups[role] = _PausableGroup(groups[role], policy)
         prefill_s = time.perf_counter() - start
         prompt_lengths = [0] * len(policy.streams)
         for role, indices in by_role.items():
@@ -217,6 +279,7 @@ def decode(
         cloud = next((g for g in groups.values() if isinstance(g, CloudSession)), None)
         while len(tokens) < max_new_tokens:
             token = picker.pick(_decide_step(policy, by_role, groups, sampling, cloud, certification).scores)
+            policy.chose(token)
             if not tokens:
                 first_token_s = time.perf_counter() - start
             if token in eos:

@@ -49,6 +49,14 @@ class NextToken:
         """How many tokens' values are known."""
         return self.vocab_size if self.ids is None else len(self.ids)
 
+    def top_logprob(self) -> float:
+        """log p of the likeliest token: the same float embedded and over the wire (the
+        same float32 logit and lse), so policies that read it stay exact in split mode."""
+        if self.known == 0:
+            return -math.inf
+        best = self.logits.max() if self.ids is None else self.logits[0]
+        return float(best) - self.lse
+
     def top(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(ids, logits) of the k likeliest known tokens, likeliest first."""
         if self.ids is None:

@@ -42,6 +42,7 @@ class Generation:
     traffic: dict | None = None  # with a remote cloud: bytes, round trips, certification
     context_cache_tokens: int = 0  # private prompt tokens reused from the context cache (0: prefilled)
     alignment: dict | None = None  # a device model of another tokenizer: how it kept in step (backends/aligned.py)
+    paused_steps: int | None = None  # `ada`: steps picked by the cloud alone, the device not run
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -253,6 +254,7 @@ class CoSteer:
             traffic=result.traffic,
             context_cache_tokens=result.context_cache_tokens,
             alignment=result.alignment,
+            paused_steps=getattr(policy, "paused_steps", None),
         )
 
     def close(self) -> None:

@@ -58,6 +58,19 @@ class Policy(ABC):
         """The top-k a remote cloud is asked for with every step (None: the full vector)."""
         return None
 
+    def chose(self, token: int) -> None:
+        """The token picked at this step (stateful policies update here, once a step)."""
+
+    # True for a policy that may leave the device streams unread for a while
+    # (`device_paused`): the loop then feeds them the tokens in one batch when it
+    # reads them again, instead of one forward pass a token
+    pauses_device = False
+
+    @property
+    def device_paused(self) -> bool:
+        """Whether the next step may go without the device streams."""
+        return False
+
     @property
     def reads_private_context_in_cloud(self) -> bool:
         """True when the cloud model would be given the private context: refused over a
@@ -83,12 +96,16 @@ class SingleModel(Policy):
         return 1 if sampling.greedy else None  # greedy needs the argmax only
 
     def decide(self, dists: list[NextToken], sampling: SamplingConfig) -> Decision:
-        dist = dists[0]
-        if dist.complete:
-            return Pick(self.next_logprobs([dist.logits]))
-        if not sampling.greedy or not dist.exact_top or dist.known == 0:
-            return AskFor(None) if dist.can_widen else Pick(sparse_scores(dist.vocab_size, dist.ids, dist.logits), certified=False)
-        return Pick(sparse_scores(dist.vocab_size, *dist.top(1)))
+        return unsteered(dists[0], sampling)
+
+
+def unsteered(dist: NextToken, sampling: SamplingConfig) -> Decision:
+    """Pick from one model's distribution as it is: from its top-1 when greedy."""
+    if dist.complete:
+        return Pick(np.asarray(dist.logits, dtype=FUSION_DTYPE))
+    if not sampling.greedy or not dist.exact_top or dist.known == 0:
+        return AskFor(None) if dist.can_widen else Pick(sparse_scores(dist.vocab_size, dist.ids, dist.logits), certified=False)
+    return Pick(sparse_scores(dist.vocab_size, *dist.top(1)))
 
 
 class CoSteerPolicy(Policy):
@@ -108,19 +125,25 @@ class CoSteerPolicy(Policy):
         self.coefficient = params.coefficient if coefficient is None else coefficient
         self.first_k = first_k
 
-    def steering(self, with_ctx: np.ndarray, without_ctx: np.ndarray) -> np.ndarray:
+    def steering(self, with_ctx: np.ndarray, without_ctx: np.ndarray, weight: float | None = None) -> np.ndarray:
         """c * (z_with - z_without): c * delta up to a constant. Every fusion path uses
         this one expression, so remote and embedded scores are bit-identical."""
-        return self.coefficient * (np.asarray(with_ctx, dtype=FUSION_DTYPE) - np.asarray(without_ctx, dtype=FUSION_DTYPE))
+        c = self.coefficient if weight is None else weight
+        return c * (np.asarray(with_ctx, dtype=FUSION_DTYPE) - np.asarray(without_ctx, dtype=FUSION_DTYPE))
+
+    def step_steering(self, cloud: NextToken, with_ctx: NextToken, without_ctx: NextToken) -> np.ndarray:
+        """The steering term of this step (closed form); variants change the weight or
+        bound the term. Reads of the cloud go through what a top-k holds (top_logprob)."""
+        return self.steering(with_ctx.logits, without_ctx.logits)
 
     def first_cloud_k(self, sampling: SamplingConfig) -> int | None:
         return None if self.fusion == "loop" else self.first_k
 
     def decide(self, dists: list[NextToken], sampling: SamplingConfig) -> Decision:
-        cloud, with_ctx, without_ctx = dists
-        if cloud.complete or self.fusion == "loop":
+        if self.fusion == "loop":
             return super().decide(dists, sampling)
-        return certify(cloud, self.steering(with_ctx.logits, without_ctx.logits), sampling)
+        cloud, with_ctx, without_ctx = dists
+        return certify(cloud, self.step_steering(cloud, with_ctx, without_ctx), sampling)
 
     def next_logprobs(self, logits: list[np.ndarray]) -> np.ndarray:
         if self.fusion == "loop":
@@ -194,6 +217,76 @@ class FixedWeightMix(CoSteerPolicy):
         super().__init__(f"mix:{weight:.12g}", SteeringParams(), first_k=first_k, coefficient=weight)
 
 
+class ConfidenceWeighted(CoSteerPolicy):
+    """`unsure:W` (ours): weight W * (1 - p_max), p_max the cloud's top probability
+    at this step: full steering where the cloud hesitates, almost none where it is
+    sure. p_max comes from the cloud's top-1, so this is exact from a top-k."""
+
+    def __init__(self, weight: float, first_k: int = DEFAULT_TOP_K) -> None:
+        super().__init__(f"unsure:{weight:.12g}", SteeringParams(), first_k=first_k, coefficient=weight)
+
+    def step_steering(self, cloud: NextToken, with_ctx: NextToken, without_ctx: NextToken) -> np.ndarray:
+        p_max = float(np.exp(cloud.top_logprob()))
+        return self.steering(with_ctx.logits, without_ctx.logits, self.coefficient * (1.0 - p_max))
+
+
+class BoundedDelta(CoSteerPolicy):
+    """`bounded:B` (ours): the paper's c * delta, clipped to [-B, B] nats per token, so
+    one token whose probability the context multiplies a thousandfold (a rare word
+    from the profile) cannot take over the step. delta is the true log-probability
+    difference here (clipping is not shift-invariant)."""
+
+    def __init__(self, bound: float, first_k: int = DEFAULT_TOP_K) -> None:
+        if not bound > 0:
+            raise UserError(f"bounded:B needs B > 0, got {bound}")
+        super().__init__(f"bounded:{bound:.12g}", SteeringParams(), first_k=first_k)
+        self.bound = bound
+
+    def step_steering(self, cloud: NextToken, with_ctx: NextToken, without_ctx: NextToken) -> np.ndarray:
+        delta = local_delta(with_ctx.logits, without_ctx.logits)
+        return np.clip(self.coefficient * delta, -self.bound, self.bound)
+
+
+# AdaCoSteer: the authors' conf_patience. Confident: the cloud's top probability is at
+# least ADA_THRESHOLD; after ADA_PATIENCE confident steps in a row steering pauses.
+ADA_THRESHOLD, ADA_PATIENCE = 0.9, 3
+
+
+class AdaCoSteer(CoSteerPolicy):
+    """`ada` (after the authors' AdaCoSteer, made two-way): after `patience` steps in a
+    row where the cloud was confident (top probability >= `threshold`) steering
+    pauses, and the device streams are not run; it resumes at the first step where
+    the cloud is not confident, and the device then reads the tokens it missed in
+    one batch. In the authors' code the pause is one-way: fusion stays off for the
+    rest of the answer. The pause depends on the cloud's top-1 only: exact from a top-k."""
+
+    pauses_device = True
+
+    def __init__(self, params: SteeringParams, threshold: float = ADA_THRESHOLD, patience: int = ADA_PATIENCE,
+                 first_k: int = DEFAULT_TOP_K, name: str = "ada") -> None:
+        super().__init__(name, params, "closed", first_k)
+        self.log_threshold, self.patience = float(np.log(threshold)), patience
+        self._streak = 0  # confident steps in a row, up to the last one picked
+        self._confident = False  # this step's cloud, as decide saw it
+        self.paused_steps = 0
+
+    @property
+    def device_paused(self) -> bool:
+        return self._streak >= self.patience
+
+    def decide(self, dists: list[NextToken], sampling: SamplingConfig) -> Decision:
+        cloud = dists[0]
+        self._confident = cloud.top_logprob() >= self.log_threshold
+        if self.device_paused and self._confident:
+            return unsteered(cloud, sampling)  # dists[1:] never read: the device does not run
+        return super().decide(dists, sampling)
+
+    def chose(self, token: int) -> None:
+        if self.device_paused and self._confident:
+            self.paused_steps += 1
+        self._streak = self._streak + 1 if self._confident else 0
+
+
 def _parameter(method: str, text: str) -> float:
     try:
         value = float(text)
@@ -207,6 +300,10 @@ def _parameter(method: str, text: str) -> float:
 # Methods named `prefix:number`: the number is the policy's weight.
 PARAMETRIC_METHODS: dict[str, Callable[[float, int], Policy]] = {
     "mix": FixedWeightMix,
+    "unsure": ConfidenceWeighted,
+    "bounded": BoundedDelta,
+    "ada": lambda threshold, first_k: AdaCoSteer(SteeringParams(), _probability("ada", threshold), first_k=first_k,
+                                                 name=f"ada:{threshold:.12g}"),
     "cos": lambda lam, first_k: ContextSteering(lam),
 }
 
@@ -220,7 +317,14 @@ METHODS: dict[str, Callable[[SteeringParams, Fusion, int], Policy]] = {
     "slm": lambda p, f, k: SingleModel("slm", "slm", "public"),
     "slm-context": lambda p, f, k: SingleModel("slm-context", "slm", "private"),
     "cos": lambda p, f, k: ContextSteering(DEFAULT_COS_LAMBDA, name="cos"),
+    "ada": lambda p, f, k: AdaCoSteer(p, first_k=k),
 }
+
+
+def _probability(method: str, value: float) -> float:
+    if not 0 < value < 1:
+        raise UserError(f"{method}:P needs a probability strictly between 0 and 1, got {value}")
+    return value
 
 
 def make_policy(method: str, params: SteeringParams | None = None, fusion: Fusion = "closed",

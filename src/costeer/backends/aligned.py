@@ -81,14 +81,20 @@ class AlignedStreams(StreamGroup):
         return self._map.project(self._inner.logits())
 
     def advance(self, token_id: int) -> None:
+        self._inner.advance_many(self._follow(token_id))
+
+    def advance_many(self, token_ids: Sequence[int]) -> None:
+        self._inner.advance_many([d for t in token_ids for d in self._follow(t)])
+
+    def _follow(self, token_id: int) -> list[int]:
+        """The device tokens that take the device past cloud token `token_id` (counted)."""
         stats = self.stats
         stats.steps += 1
         piece = self._cloud_pieces[token_id]
         device_id = None if self.pending else self._map.device_id(token_id)
         if device_id is not None:
             stats.shared_steps += 1
-            self._feed([device_id])
-            return
+            return self._fed([device_id])
         data = self.pending + piece
         cut = _complete_utf8_prefix(data)
         self.pending = data[cut:]
@@ -96,7 +102,7 @@ class AlignedStreams(StreamGroup):
             stats.deferred_steps += 1
         else:
             stats.retokenized_steps += 1
-        self._feed(self._spell(data[:cut]))
+        return self._fed(self._spell(data[:cut]))
 
     def _spell(self, data: bytes) -> list[int]:
         """Device tokens that spell `data` exactly: its text re-tokenized as plain text,
@@ -118,11 +124,10 @@ class AlignedStreams(StreamGroup):
                     ids.append(self._byte_ids[byte])
         return ids
 
-    def _feed(self, ids: list[int]) -> None:
-        for t in ids:
-            self._inner.advance(t)
+    def _fed(self, ids: list[int]) -> list[int]:
         self.fed.extend(ids)
         self.stats.device_tokens += len(ids)
+        return ids
 
     def alignment(self) -> dict | None:
         return self.stats.as_dict()

@@ -33,6 +33,11 @@ class StreamGroup(ABC):
     def advance(self, token_id: int) -> None:
         """Append one token to every stream, feeding only that token (KV cache)."""
 
+    def advance_many(self, token_ids: Sequence[int]) -> None:
+        """`advance` each token in turn; backends may feed them in one pass."""
+        for t in token_ids:
+            self.advance(t)
+
     @property
     def prompt_lengths(self) -> list[int]:
         """Tokens in each stream's prompt."""

@@ -370,3 +370,20 @@ class _LlamaCppStreams(LlamaContext, StreamGroup):
         for s in range(n):
             self._copy_logits(s, s)
             self._positions[s] += 1
+
+    def advance_many(self, token_ids: Sequence[int]) -> None:
+        """Several tokens in one forward pass per block (a paused device catching up)."""
+        if len(token_ids) <= 1:
+            for t in token_ids:
+                self.advance(t)
+            return
+        n = len(self._positions)
+        block = max(1, _PREFILL_CHUNK // n)
+        for start in range(0, len(token_ids), block):
+            chunk = token_ids[start:start + block]
+            self._fill([(t, self._positions[s] + i, s, i == len(chunk) - 1)
+                        for s in range(n) for i, t in enumerate(chunk)])
+            self._decode()
+            for s in range(n):
+                self._copy_logits((s + 1) * len(chunk) - 1, s)
+                self._positions[s] += len(chunk)

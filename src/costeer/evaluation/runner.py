@@ -40,7 +40,8 @@ REQUIRED = {
     "matplotlib": "matplotlib",
 }
 GENERATION_FIELDS = ("new_tokens", "elapsed_s", "tokens_per_second", "time_to_first_token_s", "prefill_s",
-                     "finish_reason", "prompt_tokens", "steering_coefficient", "context_cache_tokens", "alignment")
+                     "finish_reason", "prompt_tokens", "steering_coefficient", "context_cache_tokens", "alignment",
+                     "paused_steps")
 
 
 @dataclass
