@@ -94,3 +94,21 @@ def test_user_mistakes_fail_before_any_model_runs(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match="is a file"):
         run_eval(EvalSettings("preference:concise", tmp_path / "file", ["llm"]))
+
+
+def test_a_report_names_its_dataset_relative_to_here_and_old_absolute_runs_resume(tmp_path, tiny_costeer, monkeypatch):
+    data = write_split(tmp_path / "data", n=2)
+    out = tmp_path / "out"
+    monkeypatch.chdir(tmp_path)
+    settings = dict(dataset=str(data), out="out", methods=["llm"], max_new_tokens=4)  # the dataset: an absolute path
+    run_eval(EvalSettings(**settings, limit=1), tiny_costeer)
+    run = json.loads((out / RUN_FILE).read_text())
+    assert run["config"]["dataset"] == "data/ctx_dev.json"
+    # a folder written before this fix recorded the absolute path: it resumes, and says it the new way
+    run["config"]["dataset"] = str(data)
+    run["commands"] = [c.replace("data/ctx_dev.json", str(data)) for c in run["commands"]]
+    (out / RUN_FILE).write_text(json.dumps(run))
+    report = run_eval(EvalSettings(**settings), tiny_costeer).read_text()
+    assert str(tmp_path) not in report and str(tmp_path) not in (out / RUN_FILE).read_text()
+    assert "# CoSteer evaluation: `data/ctx_dev.json`" in report
+    assert len(keys(out / RESULTS)) == 2

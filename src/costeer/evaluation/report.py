@@ -99,7 +99,7 @@ def write_report(out: Path, rows: list[dict], dataset: Dataset, run: RunInfo) ->
         + ("unseeded" if config["seed"] is None else f"seed {config['seed']} + example index")
     )
     lines = [
-        f"# CoSteer evaluation: `{dataset.name}`",
+        f"# CoSteer evaluation: `{run.config['dataset']}`",
         "",
         f"{len(ids)} example{'' if len(ids) == 1 else 's'}, {len(methods)} methods ({', '.join(f'`{m}`' for m in methods)}), "
         f"{len(rows)} answers; up to {config['max_new_tokens']} new tokens, {sampling} decoding. "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shlex
 import sys
 from dataclasses import dataclass, field, replace
@@ -100,6 +101,19 @@ class EvalSettings:
         return shlex.join(["costeer", "eval", *args])
 
 
+def shown_dataset(name: str) -> str:
+    """How a report names its dataset: preference:KIND, or the file's path relative to
+    the working directory (the repository), so reports read the same on any machine."""
+    return name if name.startswith("preference:") else os.path.relpath(name)
+
+
+def _same_dataset(a: str, b: str) -> bool:
+    """Two recorded names of one dataset (older runs recorded absolute paths)."""
+    def canonical(x: str) -> str:
+        return x if x.startswith("preference:") else os.path.realpath(x)
+    return canonical(a) == canonical(b)
+
+
 def check_eval_extra() -> None:
     missing = [pip for module, pip in REQUIRED.items() if importlib.util.find_spec(module) is None]
     if missing:
@@ -123,9 +137,13 @@ def _record_run(out: Path, settings: EvalSettings, fingerprint: dict, has_work: 
             old, commands = previous["config"], list(previous["commands"])
         except (json.JSONDecodeError, KeyError, TypeError):
             raise UserError(f"{path} is damaged; delete it only if every row in {RESULTS} came from this command") from None
-        changed = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in fingerprint.items() if old.get(k) != v]
+        changed = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in fingerprint.items()
+                   if old.get(k) != v and not (k == "dataset" and _same_dataset(str(old.get(k)), v))]
         if changed:
             raise UserError(f"{out} holds results made with other settings ({'; '.join(changed)}): use another --out")
+        if old.get("dataset") != fingerprint["dataset"]:  # an older run's absolute path: say it as we do now
+            commands = [c.replace(shlex.quote(str(old.get("dataset"))), shlex.quote(fingerprint["dataset"]))
+                        for c in commands]
     if has_work or not commands:
         commands.append(settings.as_command())
     path.write_text(json.dumps({"config": fingerprint, "commands": commands}, indent=2) + "\n", encoding="utf-8")
@@ -139,8 +157,10 @@ def run_eval(settings: EvalSettings, costeer=None) -> Path:
     if not dataset.examples:
         raise UserError(f"dataset {dataset.name} has no examples")
     SamplingConfig(settings.temperature, settings.top_p, settings.top_k, settings.seed)  # bad values fail before models load
-    # canonical names, so a rerun that spells the path or a weight differently still matches
-    settings = replace(settings, dataset=dataset.name, methods=canonical_methods(settings.methods, settings.params))
+    # canonical names, so a rerun that spells the path or a weight differently still matches; the
+    # dataset is recorded relative to here (the repository), never as this machine's absolute path
+    settings = replace(settings, dataset=shown_dataset(dataset.name),
+                       methods=canonical_methods(settings.methods, settings.params))
     examples = list(enumerate(dataset.examples))[: settings.limit]
     out = Path(settings.out)
     if out.exists() and not out.is_dir():
