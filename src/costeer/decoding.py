@@ -146,12 +146,10 @@ class _PausableGroup(StreamGroup):
         self._inner, self._policy = inner, policy
         self._held: list[int] = []
         self._prompt_lengths = inner.prompt_lengths
-        self.caught_up = 0  # tokens fed in catch-up batches
 
     def _catch_up(self) -> None:
         if self._held:
             self._inner.advance_many(self._held)
-            self.caught_up += len(self._held)
             self._held = []
 
     def logits(self) -> np.ndarray:
@@ -260,10 +258,8 @@ def decode(
                         failed = exc
             if failed is not None:
                 raise failed
-        if policy.pauses_device:
-            for role in by_role:
-                if not isinstance(groups[role], CloudSession) and role == "slm":
-                    groups[role] = _PausableGroup(groups[role], policy)
+        if policy.pauses_device and "slm" in groups and not isinstance(groups["slm"], CloudSession):
+            groups["slm"] = _PausableGroup(groups["slm"], policy)
         prefill_s = time.perf_counter() - start
         prompt_lengths = [0] * len(policy.streams)
         for role, indices in by_role.items():
