@@ -47,8 +47,8 @@ def _complete_utf8_prefix(data: bytes) -> int:
     invalid byte counts as a character: it decodes to U+FFFD either way)."""
     for back in range(1, min(4, len(data)) + 1):
         lead = data[-back]
-        if lead < 0x80:  # ASCII: complete
-            return len(data) if back == 1 else len(data) - back + 1
+        if lead < 0x80:  # ASCII, then perhaps stray continuation bytes that nothing can complete
+            return len(data)
         if lead >= 0xC0:  # a lead byte: how many bytes its character needs
             need = 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4
             return len(data) if back >= need else len(data) - back
