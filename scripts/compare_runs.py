@@ -1,0 +1,68 @@
+"""Paired comparison of methods across `costeer eval` runs, on the examples they share.
+
+One run compares its own methods (report.md); this compares across runs, for example
+CoSteer with a Gemma device model in one run against CoSteer with the Qwen device
+model in another, on the same CoGenesis rows:
+
+    python scripts/compare_runs.py reports/cogenesis-dev40-gemma-device:costeer \\
+        reports/cogenesis-dev150:costeer reports/cogenesis-dev150:llm
+
+Each argument is RUN_DIR:METHOD (give a label with RUN_DIR:METHOD=LABEL). The first is
+compared with every other: mean difference per metric, its 95% paired-bootstrap CI,
+and the p-value, as in the reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from costeer.evaluation.metrics import REFERENCE_METRICS
+from costeer.evaluation.stats import bootstrap_mean, paired_bootstrap
+
+
+def load(spec: str) -> tuple[str, dict[str, dict]]:
+    where, _, label = spec.partition("=")
+    run, _, method = where.rpartition(":")
+    path = Path(run) / "results.jsonl"
+    if not run or not method or not path.is_file():
+        sys.exit(f"compare_runs: expected RUN_DIR:METHOD with RUN_DIR/results.jsonl, got {spec!r}")
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return label or f"{Path(run).name}:{method}", {r["id"]: r for r in rows if r["method"] == method}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", help="RUN_DIR:METHOD[=LABEL]; the first against each other")
+    args = parser.parse_args(argv)
+    runs = [load(spec) for spec in args.runs]
+    ids = sorted(set.intersection(*(set(rows) for _, rows in runs)))
+    if not ids:
+        sys.exit("compare_runs: the runs share no examples")
+    metrics = [m.key for m in REFERENCE_METRICS]
+    print(f"{len(ids)} examples in common\n")
+    print("| run | " + " | ".join(metrics) + " | tok/s |")
+    print("|---|" + "---|" * (len(metrics) + 1))
+    for label, rows in runs:
+        cells = []
+        for key in [*metrics, "tokens_per_second"]:
+            e = bootstrap_mean([rows[i][key] for i in ids])
+            cells.append(f"{e.mean:.3f} [{e.low:.3f}, {e.high:.3f}]")
+        print(f"| {label} | " + " | ".join(cells) + " |")
+    first_label, first = runs[0]
+    print(f"\n{first_label} minus each (95% paired-bootstrap CI, p):\n")
+    print("| against | " + " | ".join(metrics) + " |")
+    print("|---|" + "---|" * len(metrics))
+    for label, rows in runs[1:]:
+        cells = []
+        for key in metrics:
+            c = paired_bootstrap([first[i][key] for i in ids], [rows[i][key] for i in ids])
+            cells.append(f"{c.mean_diff:+.3f} [{c.low:+.3f}, {c.high:+.3f}] p={c.p_value:.3f}")
+        print(f"| {label} | " + " | ".join(cells) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
