@@ -1,0 +1,75 @@
+"""Rank candidate methods for `--method auto` by the rule fixed before the numbers were
+looked at: the mean, over ROUGE-L, METEOR and semantic similarity, of each metric's
+mean paired difference against `llm`, on the dev examples every run shares.
+
+    python scripts/choose_auto.py --baseline reports/cogenesis-dev25-levers:llm \\
+        reports/cogenesis-dev25-levers reports/cogenesis-dev150:costeer reports/cogenesis-dev150:light
+
+A RUN_DIR alone means every method in it but `llm` and `llm-context` (the privacy-violating
+bound is reported, never chosen); RUN_DIR:METHOD picks one. Prints a Markdown table,
+best first, with each metric's paired difference and 95% CI; the first row is the pick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from costeer.evaluation.stats import paired_bootstrap
+
+RULE_METRICS = ("rougeL", "meteor", "semantic")
+NOT_CANDIDATES = {"llm", "llm-context"}
+
+
+def rows_of(run: Path) -> list[dict]:
+    path = run / "results.jsonl"
+    if not path.is_file():
+        sys.exit(f"choose_auto: no {path}")
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def candidates(spec: str) -> dict[str, dict[str, dict]]:
+    run, method = spec.rsplit(":", 1) if ":" in spec and not Path(spec).is_dir() else (spec, "")
+    rows = rows_of(Path(run))
+    methods = [method] if method else sorted({r["method"] for r in rows} - NOT_CANDIDATES)
+    return {m: {r["id"]: r for r in rows if r["method"] == m} for m in methods}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--baseline", required=True, help="RUN_DIR:llm")
+    ap.add_argument("--reference", help="RUN_DIR:llm-context, shown for comparison (never chosen)")
+    ap.add_argument("runs", nargs="+")
+    args = ap.parse_args()
+    run, _, method = args.baseline.rpartition(":")
+    base = {r["id"]: r for r in rows_of(Path(run)) if r["method"] == method}
+    pool: dict[str, dict[str, dict]] = {}
+    for spec in args.runs:
+        pool.update(candidates(spec))
+    shown = dict(pool)
+    if args.reference:
+        ref_run, _, ref_method = args.reference.rpartition(":")
+        shown[f"({ref_method})"] = {r["id"]: r for r in rows_of(Path(ref_run)) if r["method"] == ref_method}
+    ids = sorted(set(base).intersection(*(set(v) for v in shown.values())))
+    if not ids:
+        sys.exit("choose_auto: the runs share no examples with the baseline")
+    table = []
+    for name, rows in shown.items():
+        diffs = [paired_bootstrap([rows[i][k] for i in ids], [base[i][k] for i in ids]) for k in RULE_METRICS]
+        table.append((sum(d.mean_diff for d in diffs) / len(diffs), name, diffs))
+    table.sort(key=lambda t: (t[1].startswith("("), -t[0]))
+    print(f"{len(ids)} dev examples shared by every run; rule: mean of the paired differences against llm in "
+          f"{', '.join(RULE_METRICS)}\n")
+    print("| rank | method | rule score | " + " | ".join(f"{k} vs llm [95% CI]" for k in RULE_METRICS) + " |")
+    print("|---|---|---|" + "---|" * len(RULE_METRICS))
+    for rank, (score, name, diffs) in enumerate(table, 1):
+        cells = [f"{d.mean_diff:+.4f} [{d.low:+.4f}, {d.high:+.4f}]" for d in diffs]
+        label = "-" if name.startswith("(") else str(rank)
+        print(f"| {label} | `{name}` | {score:+.4f} | " + " | ".join(cells) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
