@@ -86,3 +86,13 @@ def test_levers_refuse_meaningless_parameters():
     for bad in ("bounded:0", "bounded:-1", "ada:1", "ada:0", "ada:1.5"):
         with pytest.raises(UserError):
             make_policy(bad)
+
+
+def test_auto_is_the_method_chosen_on_dev_under_its_own_name():
+    from costeer.methods import AUTO_METHOD
+
+    cs = pair()
+    auto = cs.generate(PROMPT, CONTEXTS[0], method="auto", max_new_tokens=24)
+    chosen = cs.generate(PROMPT, CONTEXTS[0], method=AUTO_METHOD, max_new_tokens=24)
+    assert auto.method == "auto" and auto.token_ids == chosen.token_ids
+    assert auto.steering_coefficient == chosen.steering_coefficient

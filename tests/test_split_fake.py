@@ -184,7 +184,7 @@ def test_openai_cloud_listing_only_unmappable_tokens_is_a_clear_error(method):
 
 # --- vLLM's shapes and llama-server's native route: exact ------------------------------
 
-EXACT_METHODS = ["costeer", "llm", "mix:4", "costeer-plausible", "light", "unsure:3", "bounded:1.5", "ada", "ada:0.6"]
+EXACT_METHODS = ["costeer", "llm", "mix:4", "costeer-plausible", "light", "unsure:3", "bounded:1.5", "ada", "ada:0.6", "auto"]
 
 
 def engine_server(kind: str):

@@ -139,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="private context file, or a folder of .txt, .md and .json files (repeatable)")
     gen.add_argument("--context-text", default=None, help="private context given inline")
     gen.add_argument("--method", default="costeer",
-                     help=f"one of {', '.join(METHODS)}, or cos:LAMBDA, mix:W (default costeer)")
+                     help=f"one of {', '.join(METHODS)}, or cos:LAMBDA, mix:W, unsure:W, bounded:B, ada:P "
+                          "(default costeer, the paper's; auto is the recommended one)")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     _add_cloud_args(gen)
     _add_model_args(gen)

@@ -321,6 +321,21 @@ METHODS: dict[str, Callable[[SteeringParams, Fusion, int], Policy]] = {
 }
 
 
+# `auto`: the project's recommended personalization method, chosen on CoGenesis dev only,
+# by a rule fixed before the numbers (scripts/choose_auto.py): the best mean paired gain
+# over `llm` in ROUGE-L, METEOR and semantic similarity. README: "Choosing `auto`".
+AUTO_METHOD = "mix:1"
+
+
+def _auto(params: SteeringParams, fusion: Fusion, first_k: int) -> Policy:
+    policy = make_policy(AUTO_METHOD, params, fusion, first_k)
+    policy.name = "auto"
+    return policy
+
+
+METHODS["auto"] = _auto
+
+
 def _probability(method: str, value: float) -> float:
     if not 0 < value < 1:
         raise UserError(f"{method}:P needs a probability strictly between 0 and 1, got {value}")
