@@ -43,14 +43,14 @@ def main() -> int:
     ap.add_argument("--reference", help="RUN_DIR:llm-context, shown for comparison (never chosen)")
     ap.add_argument("runs", nargs="+")
     args = ap.parse_args()
-    run, _, method = args.baseline.rpartition(":")
+    run, _, method = args.baseline.partition(":")
     base = {r["id"]: r for r in rows_of(Path(run)) if r["method"] == method}
     pool: dict[str, dict[str, dict]] = {}
     for spec in args.runs:
         pool.update(candidates(spec))
     shown = dict(pool)
     if args.reference:
-        ref_run, _, ref_method = args.reference.rpartition(":")
+        ref_run, _, ref_method = args.reference.partition(":")
         shown[f"({ref_method})"] = {r["id"]: r for r in rows_of(Path(ref_run)) if r["method"] == ref_method}
     ids = sorted(set(base).intersection(*(set(v) for v in shown.values())))
     if not ids:

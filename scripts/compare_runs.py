@@ -25,7 +25,7 @@ from costeer.evaluation.stats import bootstrap_mean, paired_bootstrap
 
 def load(spec: str) -> tuple[str, dict[str, dict]]:
     where, _, label = spec.partition("=")
-    run, _, method = where.rpartition(":")
+    run, _, method = where.partition(":")  # methods may hold a colon (mix:1), paths here do not
     path = Path(run) / "results.jsonl"
     if not run or not method or not path.is_file():
         sys.exit(f"compare_runs: expected RUN_DIR:METHOD with RUN_DIR/results.jsonl, got {spec!r}")
