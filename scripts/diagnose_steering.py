@@ -1,8 +1,9 @@
 """Where the paper's steering weight goes wrong on CoGenesis, per answer and per token.
 
     python scripts/diagnose_steering.py --run reports/cogenesis-dev150 [--steps 12]
+    python scripts/diagnose_steering.py reports/cogenesis-dev16-levers:llm=llm reports/layout-no-history:costeer
 
-Per answer (from a `costeer eval` run that has `llm` and `costeer` on the same rows):
+Per answer (one `costeer eval` run's methods, or RUN_DIR:METHOD answers from several runs):
   - copying: the share of an answer's word 4-grams found in the private context but
     not in the public request (text the cloud could only get from the device);
   - length: words, and how often the answer ran to the token limit;
@@ -26,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from costeer.evaluation.datasets import load_dataset
+from compare_runs import load  # this folder is on sys.path when run as a script
 
 WORD = re.compile(r"\w+", re.UNICODE)
 
@@ -47,32 +49,34 @@ def spearman(a: list[float], b: list[float]) -> float:
     return float(np.corrcoef(ra, rb)[0, 1]) if len(a) > 2 else float("nan")
 
 
-def per_answer(run: Path, dataset_spec: str, methods: list[str]) -> None:
-    rows = [json.loads(line) for line in (run / "results.jsonl").read_text(encoding="utf-8").splitlines() if line]
-    by = {(r["id"], r["method"]): r for r in rows}
+def per_answer(answers: list[tuple[str, dict[str, dict]]], dataset_spec: str) -> None:
+    """`answers`: (label, {row id: eval row}) per method; compared on the rows all share.
+    Copying is measured against `dataset_spec`'s private prompt, so runs on a variant
+    of the data (scripts/layout_variants.py) are judged against the original context."""
     data = {e.id: e for e in load_dataset(dataset_spec).examples}
-    ids = [i for i in data if all((i, m) in by for m in methods)]
-    print(f"## Per answer ({len(ids)} rows of {run})\n")
+    ids = [i for i in data if all(i in rows for _, rows in answers)]
+    print(f"## Per answer ({len(ids)} rows)\n")
     print("| method | 4-gram copy from the context | words | hit the token limit | ROUGE-L |")
     print("|---|---|---|---|---|")
     copies: dict[str, list[float]] = {}
-    for m in methods:
-        copies[m] = [copy_rate(by[i, m]["text"], data[i].private[-1]["content"], data[i].public[-1]["content"])
-                     for i in ids]
-        words = [by[i, m]["words"] for i in ids]
-        limit = np.mean([by[i, m]["finish_reason"] == "length" for i in ids])
-        print(f"| {m} | {np.mean(copies[m]):.3f} | {np.mean(words):.0f} | {limit:.0%} | "
-              f"{np.mean([by[i, m]['rougeL'] for i in ids]):.3f} |")
-    if "llm" in methods:
+    for label, rows in answers:
+        copies[label] = [copy_rate(rows[i]["text"], data[i].private[-1]["content"], data[i].public[-1]["content"])
+                         for i in ids]
+        words = [rows[i]["words"] for i in ids]
+        limit = np.mean([rows[i]["finish_reason"] == "length" for i in ids])
+        print(f"| {label} | {np.mean(copies[label]):.3f} | {np.mean(words):.0f} | {limit:.0%} | "
+              f"{np.mean([rows[i]['rougeL'] for i in ids]):.3f} |")
+    base = dict(answers).get("llm")
+    if base is not None:
         print("\nSpearman's rho over answers, ROUGE-L gain over `llm` against:\n")
         print("| method | its copy rate | its length change |")
         print("|---|---|---|")
-        for m in methods:
-            if m == "llm":
+        for label, rows in answers:
+            if label == "llm":
                 continue
-            gain = [by[i, m]["rougeL"] - by[i, "llm"]["rougeL"] for i in ids]
-            longer = [by[i, m]["words"] - by[i, "llm"]["words"] for i in ids]
-            print(f"| {m} | {spearman(gain, copies[m]):+.2f} | {spearman(gain, longer):+.2f} |")
+            gain = [rows[i]["rougeL"] - base[i]["rougeL"] for i in ids]
+            longer = [rows[i]["words"] - base[i]["words"] for i in ids]
+            print(f"| {label} | {spearman(gain, copies[label]):+.2f} | {spearman(gain, longer):+.2f} |")
 
 
 def per_token(dataset_spec: str, n_rows: int, max_new_tokens: int) -> None:
@@ -119,13 +123,17 @@ def per_token(dataset_spec: str, n_rows: int, max_new_tokens: int) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", type=Path, required=True, help="a costeer eval folder with llm and costeer")
+    ap.add_argument("answers", nargs="*", help="RUN_DIR:METHOD[=LABEL] (as in compare_runs.py); label `llm` is the baseline")
+    ap.add_argument("--run", type=Path, help="a costeer eval folder: its --methods")
     ap.add_argument("--dataset", default="../shared/data/cogenesis")
     ap.add_argument("--methods", default="llm,costeer,light,llm-context")
     ap.add_argument("--steps", type=int, default=0, help="also decode this many rows, recording every step")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     args = ap.parse_args()
-    per_answer(args.run, args.dataset, args.methods.split(","))
+    specs = [*(f"{args.run}:{m}={m}" for m in args.methods.split(",") if args.run), *args.answers]
+    if not specs:
+        ap.error("give --run or RUN_DIR:METHOD answers")
+    per_answer([load(spec) for spec in specs], args.dataset)
     if args.steps:
         per_token(args.dataset, args.steps, args.max_new_tokens)
     return 0
