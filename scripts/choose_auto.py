@@ -31,7 +31,8 @@ def rows_of(run: Path) -> list[dict]:
 
 
 def candidates(spec: str) -> dict[str, dict[str, dict]]:
-    run, method = spec.rsplit(":", 1) if ":" in spec and not Path(spec).is_dir() else (spec, "")
+    # methods may hold a colon (mix:1), run folders here do not
+    run, method = (spec, "") if Path(spec).is_dir() else spec.split(":", 1) if ":" in spec else (spec, "")
     rows = rows_of(Path(run))
     methods = [method] if method else sorted({r["method"] for r in rows} - NOT_CANDIDATES)
     return {m: {r["id"]: r for r in rows if r["method"] == m} for m in methods}
