@@ -9,7 +9,8 @@ model in another, on the same CoGenesis rows:
 
 Each argument is RUN_DIR:METHOD (give a label with RUN_DIR:METHOD=LABEL). The first is
 compared with every other: mean difference per metric, its 95% paired-bootstrap CI,
-and the p-value, as in the reports.
+and the p-value, as in the reports. `--exclude RUN_DIR:METHOD` leaves out the examples
+that method answered: the rows a choice was made on, to judge it on the others.
 """
 
 from __future__ import annotations
@@ -36,13 +37,16 @@ def load(spec: str) -> tuple[str, dict[str, dict]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="RUN_DIR:METHOD[=LABEL]; the first against each other")
+    parser.add_argument("--exclude", metavar="RUN_DIR:METHOD", action="append", default=[],
+                        help="leave out the examples this method answered (say, the rows a choice was made on)")
     args = parser.parse_args(argv)
     runs = [load(spec) for spec in args.runs]
-    ids = sorted(set.intersection(*(set(rows) for _, rows in runs)))
+    left_out = set().union(*(set(load(spec)[1]) for spec in args.exclude))
+    ids = sorted(set.intersection(*(set(rows) for _, rows in runs)) - left_out)
     if not ids:
         sys.exit("compare_runs: the runs share no examples")
     metrics = [m.key for m in REFERENCE_METRICS]
-    print(f"{len(ids)} examples in common\n")
+    print(f"{len(ids)} examples in common" + (f", {len(left_out)} left out" if left_out else "") + "\n")
     print("| run | " + " | ".join(metrics) + " | tok/s |")
     print("|---|" + "---|" * (len(metrics) + 1))
     for label, rows in runs:
