@@ -20,7 +20,6 @@ Prints Markdown tables.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from pathlib import Path
 
