@@ -17,6 +17,7 @@ import json
 import sys
 from pathlib import Path
 
+from compare_runs import load  # RUN_DIR:METHOD[=LABEL]; this folder is on sys.path when run as a script
 from costeer.evaluation.stats import paired_bootstrap
 
 RULE_METRICS = ("rougeL", "meteor", "semantic")
@@ -30,11 +31,15 @@ def rows_of(run: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def method_of(spec: str) -> str:
+    return spec.partition("=")[0].partition(":")[2]
+
+
 def candidates(spec: str) -> dict[str, dict[str, dict]]:
-    # methods may hold a colon (mix:1), run folders here do not
-    run, method = (spec, "") if Path(spec).is_dir() else spec.split(":", 1) if ":" in spec else (spec, "")
-    rows = rows_of(Path(run))
-    methods = [method] if method else sorted({r["method"] for r in rows} - NOT_CANDIDATES)
+    if not Path(spec).is_dir():
+        return {method_of(spec): load(spec)[1]}
+    rows = rows_of(Path(spec))
+    methods = sorted({r["method"] for r in rows} - NOT_CANDIDATES)
     return {m: {r["id"]: r for r in rows if r["method"] == m} for m in methods}
 
 
@@ -44,15 +49,13 @@ def main() -> int:
     ap.add_argument("--reference", help="RUN_DIR:llm-context, shown for comparison (never chosen)")
     ap.add_argument("runs", nargs="+")
     args = ap.parse_args()
-    run, _, method = args.baseline.partition(":")
-    base = {r["id"]: r for r in rows_of(Path(run)) if r["method"] == method}
+    _, base = load(args.baseline)
     pool: dict[str, dict[str, dict]] = {}
     for spec in args.runs:
         pool.update(candidates(spec))
     shown = dict(pool)
     if args.reference:
-        ref_run, _, ref_method = args.reference.partition(":")
-        shown[f"({ref_method})"] = {r["id"]: r for r in rows_of(Path(ref_run)) if r["method"] == ref_method}
+        shown[f"({method_of(args.reference)})"] = load(args.reference)[1]
     ids = sorted(set(base).intersection(*(set(v) for v in shown.values())))
     if not ids:
         sys.exit("choose_auto: the runs share no examples with the baseline")
