@@ -26,6 +26,7 @@ import sys
 
 from costeer import CoSteer, SteeringParams
 from costeer.bench import BenchConfig, decode_ms, load_tasks, rotating
+from costeer.contention import warn_if_contended
 from costeer.decoding import decode
 from costeer.methods import CoSteerPolicy, StreamSpec
 from costeer.sampling import SamplingConfig, TokenPicker
@@ -57,6 +58,7 @@ def main() -> int:
     ap.add_argument("--variants", default="llm,costeer,costeer-loop,paper-style,light")
     args = ap.parse_args()
     variants = args.variants.split(",")
+    warn_if_contended("benchmarks/speed.py")
     cs = CoSteer(context_cache=False)  # every prefill cold: the prefill column compares variants
     cs.model("llm"), cs.model("slm")
     tasks = load_tasks(BenchConfig())[: args.prompts]

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-
+from .contention import warn_if_contended
 
 DEVICE_CPU, CLOUD_CPU = 0, 1
 DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "cogenesis"
@@ -308,6 +308,7 @@ def run_bench(config: BenchConfig) -> dict:
     from .context_cache import ContextCache
     from .generator import CoSteer
 
+    warn_if_contended("bench")
     started = time.perf_counter()
     tasks = load_tasks(config)
     _progress(f"{len(tasks)} tasks available; loading the default models")

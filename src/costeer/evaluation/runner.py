@@ -19,6 +19,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from ..contention import warn_if_contended
 from ..default_models import DEFAULT_LLM, DEFAULT_SLM
 from ..errors import UserError
 from ..fusion import SteeringParams
@@ -171,6 +172,7 @@ def run_eval(settings: EvalSettings, costeer=None) -> Path:
         run = _record_run(out, settings, settings.fingerprint(), bool(todo))
         total = len(examples) * len(settings.methods)
         if todo:
+            warn_if_contended("eval")
             _generate(settings, todo, total, store, costeer)
         print(f"costeer eval: {total - len(todo)} of {total} answers were already in {out / RESULTS}; "
               f"wrote {len(todo)}", file=sys.stderr)
