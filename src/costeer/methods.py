@@ -323,7 +323,8 @@ METHODS: dict[str, Callable[[SteeringParams, Fusion, int], Policy]] = {
 
 # `auto`: the project's recommended personalization method, chosen on CoGenesis dev only,
 # by a rule fixed before the numbers (scripts/choose_auto.py): the best mean paired gain
-# over `llm` in ROUGE-L, METEOR and semantic similarity. README: "Choosing `auto`".
+# over `llm` in ROUGE-L, METEOR and semantic similarity. Evidence and every candidate: the
+# README section "Why the paper's weight does not beat the cloud alone, and `--method auto`".
 AUTO_METHOD = "mix:1"
 
 
