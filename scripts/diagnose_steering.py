@@ -20,7 +20,9 @@ Prints Markdown tables.
 from __future__ import annotations
 
 import argparse
+import json
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +56,10 @@ def per_answer(answers: list[tuple[str, dict[str, dict]]], dataset_spec: str) ->
     of the data (scripts/layout_variants.py) are judged against the original context."""
     data = {e.id: e for e in load_dataset(dataset_spec).examples}
     ids = [i for i in data if all(i in rows for _, rows in answers)]
+    if not ids:
+        empty = [label for label, rows in answers if not rows.keys() & data.keys()]
+        sys.exit(f"diagnose_steering: no row of {dataset_spec} is answered by every method"
+                 + (f"; none at all by {', '.join(empty)}" if empty else ""))
     print(f"## Per answer ({len(ids)} rows)\n")
     print("| method | 4-gram copy from the context | words | hit the token limit | ROUGE-L |")
     print("|---|---|---|---|---|")
@@ -120,16 +126,26 @@ def per_token(dataset_spec: str, n_rows: int, max_new_tokens: int) -> None:
           f"{(flip & (cd > 3)).sum()} chose a token the context made e^3 = 20x likelier or more.")
 
 
+def methods_of(run: Path) -> list[str]:
+    """A `costeer eval` folder's methods, in the order they first appear in its results."""
+    path = run / "results.jsonl"
+    if not path.is_file():
+        sys.exit(f"diagnose_steering: {run} holds no results.jsonl")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return list(dict.fromkeys(json.loads(line)["method"] for line in lines if line.strip()))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("answers", nargs="*", help="RUN_DIR:METHOD[=LABEL] (as in compare_runs.py); label `llm` is the baseline")
     ap.add_argument("--run", type=Path, help="a costeer eval folder: its --methods")
     ap.add_argument("--dataset", default="../shared/data/cogenesis")
-    ap.add_argument("--methods", default="llm,costeer,light,llm-context")
+    ap.add_argument("--methods", help="with --run: which of its methods (default: all, as they first appear)")
     ap.add_argument("--steps", type=int, default=0, help="also decode this many rows, recording every step")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     args = ap.parse_args()
-    specs = [*(f"{args.run}:{m}={m}" for m in args.methods.split(",") if args.run), *args.answers]
+    run_methods = (args.methods.split(",") if args.methods else methods_of(args.run)) if args.run else []
+    specs = [*(f"{args.run}:{m}={m}" for m in run_methods), *args.answers]
     if not specs:
         ap.error("give --run or RUN_DIR:METHOD answers")
     per_answer([load(spec) for spec in specs], args.dataset)
