@@ -13,22 +13,14 @@ best first, with each metric's paired difference and 95% CI; the first row is th
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from compare_runs import load  # RUN_DIR:METHOD[=LABEL]; this folder is on sys.path when run as a script
+from compare_runs import load, rows_of  # this folder is on sys.path when run as a script
 from costeer.evaluation.stats import paired_bootstrap
 
 RULE_METRICS = ("rougeL", "meteor", "semantic")
 NOT_CANDIDATES = {"llm", "llm-context"}
-
-
-def rows_of(run: Path) -> list[dict]:
-    path = run / "results.jsonl"
-    if not path.is_file():
-        sys.exit(f"choose_auto: no {path}")
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def method_of(spec: str) -> str:

@@ -16,12 +16,20 @@ that method answered: the rows a choice was made on, to judge it on the others.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from costeer.evaluation.metrics import REFERENCE_METRICS
 from costeer.evaluation.stats import bootstrap_mean, paired_bootstrap
+from costeer.evaluation.store import read_rows
+
+
+def rows_of(run: Path) -> list[dict]:
+    """A `costeer eval` folder's rows, read as the eval itself reads them (a torn last line dropped)."""
+    path = run / "results.jsonl"
+    if not path.is_file():
+        sys.exit(f"no {path}: expected a `costeer eval` folder")
+    return read_rows(path)[0]
 
 
 def load(spec: str) -> tuple[str, dict[str, dict]]:
@@ -30,7 +38,7 @@ def load(spec: str) -> tuple[str, dict[str, dict]]:
     path = Path(run) / "results.jsonl"
     if not run or not method or not path.is_file():
         sys.exit(f"compare_runs: expected RUN_DIR:METHOD with RUN_DIR/results.jsonl, got {spec!r}")
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = rows_of(Path(run))
     return label or f"{Path(run).name}:{method}", {r["id"]: r for r in rows if r["method"] == method}
 
 

@@ -20,7 +20,6 @@ Prints Markdown tables.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from pathlib import Path
@@ -28,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from costeer.evaluation.datasets import load_dataset
-from compare_runs import load  # this folder is on sys.path when run as a script
+from compare_runs import load, rows_of  # this folder is on sys.path when run as a script
 
 WORD = re.compile(r"\w+", re.UNICODE)
 
@@ -128,11 +127,7 @@ def per_token(dataset_spec: str, n_rows: int, max_new_tokens: int) -> None:
 
 def methods_of(run: Path) -> list[str]:
     """A `costeer eval` folder's methods, in the order they first appear in its results."""
-    path = run / "results.jsonl"
-    if not path.is_file():
-        sys.exit(f"diagnose_steering: {run} holds no results.jsonl")
-    lines = path.read_text(encoding="utf-8").splitlines()
-    return list(dict.fromkeys(json.loads(line)["method"] for line in lines if line.strip()))
+    return list(dict.fromkeys(row["method"] for row in rows_of(run)))
 
 
 def main() -> int:
