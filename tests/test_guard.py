@@ -41,7 +41,8 @@ class Echo:
                 break
         self.calls.append({"path": scope["path"], "key": scope["state"].get("api_key"), "body": body})
         payload = str(len(body)).encode()
-        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", b"text/plain"), (b"content-length", str(len(payload)).encode())]})
         await send({"type": "http.response.body", "body": payload})
 
 
@@ -152,7 +153,7 @@ def test_check_keys_accepts_exactly_printable_ascii_of_16_or_more(key):
     try:
         assert check_keys([key]) == (key,) and ok
     except UserError as exc:
-        assert not ok and key not in str(exc)  # the message never quotes the key
+        assert not ok and (len(key) < 4 or key not in str(exc))  # the message never quotes the key
 
 
 @pytest.mark.parametrize("host, loopback", [("127.0.0.1", True), ("127.8.0.1", True), ("localhost", True),
@@ -194,6 +195,18 @@ def _raw(port: int, data: bytes, timeout: float = 5.0) -> bytes:
         return out
 
 
+def _response(s: socket.socket) -> bytes:
+    """One whole response with a Content-Length from a keep-alive connection."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += s.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    while len(body) < length:
+        body += s.recv(65536)
+    return data
+
+
 def _closed_without_reply(s: socket.socket) -> bool:
     try:
         return s.recv(100) == b""
@@ -216,9 +229,11 @@ def test_a_chunked_body_is_cut_off_at_the_cap_over_http():
 def test_a_body_that_trickles_past_the_deadline_gets_408():
     app, echo = guarded(body_timeout_s=0.5)
     with _InThread(app) as srv, socket.create_connection(("127.0.0.1", srv.port), timeout=5) as s:
-        s.sendall(b"POST /v1/x HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 50\r\n\r\n{")
         start = time.monotonic()
-        reply = s.recv(65536)
+        s.sendall(b"POST /v1/x HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 50\r\n\r\n{")
+        reply = b""
+        while chunk := s.recv(65536):  # the refusal closes the connection
+            reply += chunk
         assert reply.startswith(b"HTTP/1.1 408") and b"body_timeout" in reply
         assert 0.4 < time.monotonic() - start < 3 and echo.calls == []
 
@@ -253,5 +268,5 @@ def test_a_keep_alive_connection_gets_a_fresh_deadline_for_its_next_head():
             s.sendall(b"GET / HTTP/1.1\r\n")
             time.sleep(0.4)
             s.sendall(b"Host: 127.0.0.1\r\n\r\n")
-            assert s.recv(65536).startswith(b"HTTP/1.1 200")
+            assert _response(s).startswith(b"HTTP/1.1 200")
         assert len(echo.calls) == 3
