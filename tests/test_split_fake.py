@@ -14,6 +14,7 @@ from costeer import CoSteer, UserError
 from costeer.cli import main
 from costeer.errors import PrivacyError
 from costeer.methods import METHODS
+from costeer.prompts import INLINE_TEXT_WARNING
 from costeer.transport.server import create_app
 from fake_servers import (VLLM_DEFAULT, VLLM_UNCAPPED, OpenAIQuirks, RequestLog, llama_server_app, openai_app,
                           short_changing)
@@ -111,7 +112,9 @@ def test_cli_refuses_llm_context_to_a_remote_cloud_in_one_line(capsys):
         code = main(["generate", "--method", "llm-context", "--cloud", url, "--prompt", PROMPT,
                      "--context-text", CONTEXT])
         err = capsys.readouterr().err
-        assert code == 2 and err.count("\n") == 1 and "privacy rule" in err and CANARY not in err
+        # the refusal in one line, after --context-text's one-line warning that others can read it
+        assert code == 2 and err.count("\n") == 2 and err.splitlines()[0] == INLINE_TEXT_WARNING
+        assert "privacy rule" in err.splitlines()[1] and CANARY not in err
         assert log.bodies == []
         for cloud in (f"openai+{url}/v1",):
             assert main(["generate", "--method", "llm-context", "--cloud", cloud, "--prompt", PROMPT]) == 2

@@ -22,8 +22,12 @@ with the header {format, backend, model, n_tokens, state_bytes, sha256 of tokens
 and state}. Nothing in an entry is trusted: a file that is truncated, foreign (another
 model or backend) or corrupt (digest), or a state the backend refuses, is deleted
 and the prompt is prefilled cold (and saved afresh). Writes are atomic (a temporary
-file, then `os.replace`). The folder is bounded in bytes; the least recently used
-entries go first. Messages name files and sizes only, never their content.
+file named with the writer's pid, then `os.replace`); temporary files a killed
+writer left are swept once they are an hour old and their writer is gone. The folder
+is bounded in bytes; the least recently used entries go first. Only files and folders
+named as the cache names its own (and entries that start with MAGIC) are ever
+evicted or cleared: a cache folder pointed at the wrong place loses nothing else.
+Messages name files and sizes only, never their content.
 """
 
 from __future__ import annotations
@@ -31,9 +35,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import stat
 import struct
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -41,13 +48,18 @@ from typing import Sequence
 import numpy as np
 
 from .backends.base import LanguageModel, PrefixRestore, PrefixStateError, StreamGroup
-from .default_models import cache_dir
+from .default_models import DIGESTS_FILE, DigestMemo, cache_dir
 from .errors import UserError
 
 FORMAT_VERSION = 1
 MAGIC = b"COSTEER\x01"
 SUFFIX = ".ctx"
-DIGESTS_FILE = "model-digests.json"
+# The names the cache gives its own files: a store folder (model digest, state version),
+# an entry (digest of its tokens), a temporary file (writer's pid, mkstemp's 8 characters)
+_STORE_NAME = re.compile(r"[0-9a-f]{64}-[0-9a-f]{16}")
+_ENTRY_NAME = re.compile(r"[0-9a-f]{32}" + re.escape(SUFFIX))
+_TEMP_NAME = re.compile(r"\.tmp-(?:(\d+)-)?[a-z0-9_]{8}")
+STALE_TEMP_S = 3600  # a write takes seconds: an hour-old temporary file is a killed writer's
 DEFAULT_MAX_BYTES = 2 << 30
 # Shorter shared prefixes are not worth a file read (and are not a context).
 MIN_SHARED_TOKENS = 64
@@ -202,11 +214,14 @@ class ContextCache:
         return CacheInfo(self.folder, len(files), sum(size for _, size, _ in files))
 
     def clear(self) -> CacheInfo:
-        """Delete every entry (and the cache's own files and folders); what was freed.
-        Nothing else in the folder is touched."""
+        """Delete every entry, the cache's temporary files, its digest memo and its store
+        folders once empty; what was freed. Nothing not named as the cache names its own
+        is touched (the cache folder itself is kept)."""
         entries = total = 0
-        ours = [(p, True) for p in self.folder.glob(f"*/*{SUFFIX}")]
-        ours += [(p, False) for p in (*self.folder.glob(".tmp-*"), *self.folder.glob("*/.tmp-*"), self.folder / DIGESTS_FILE)]
+        stores = self._store_folders()
+        ours = [(path, True) for path, _, _ in self._all_entries()]
+        ours += [(p, False) for folder in (self.folder, *stores) for p in self._temp_files(folder)]
+        ours.append((self.folder / DIGESTS_FILE, False))
         for path, entry in ours:
             try:
                 size = path.stat().st_size
@@ -215,9 +230,9 @@ class ContextCache:
                 continue
             total += size
             entries += entry
-        for folder in (*(p for p in self.folder.glob("*") if p.is_dir()), self.folder):
+        for folder in stores:
             try:
-                folder.rmdir()  # only if empty
+                folder.rmdir()  # only if empty: a foreign file inside keeps it
             except OSError:
                 pass
         self._stores.clear()
@@ -235,31 +250,16 @@ class ContextCache:
             version = hashlib.sha256(f"{model.state_version}; format {FORMAT_VERSION}".encode()).hexdigest()[:16]
             store = self._stores[key] = _Store(self.folder / f"{digest}-{version}", digest, model.state_version,
                                                max(1, model.prefix_state_block))
+            for folder in (self.folder, store.folder):  # once per model and process: what killed writers left
+                self._sweep_stale_temps(folder)
         return store
 
     def _model_digest(self, path: Path, st: os.stat_result) -> str:
         """SHA-256 of the model file, hashed once per (path, size, mtime, inode)."""
         self._make_dir(self.folder)
-        memo_path = self.folder / DIGESTS_FILE
-        try:
-            memo = json.loads(memo_path.read_text(encoding="utf-8"))
-            if not isinstance(memo, dict):
-                memo = {}
-        except (OSError, ValueError):
-            memo = {}
-        key = str(path)
-        stamp = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
-        known = memo.get(key)
-        if isinstance(known, dict) and all(known.get(k) == v for k, v in stamp.items()) \
-                and isinstance(known.get("sha256"), str) and len(known["sha256"]) == 64:
-            return known["sha256"]
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 22):
-                h.update(chunk)
-        memo[key] = {**stamp, "sha256": h.hexdigest()}
-        self._write_atomic(memo_path, [json.dumps(memo, indent=1).encode()])
-        return memo[key]["sha256"]
+        memo = DigestMemo(self.folder / DIGESTS_FILE,
+                          write=lambda memo_path, data: self._write_atomic(memo_path, [data]))
+        return memo.sha256(path, st)
 
     def _entries(self, store: _Store) -> list[_Entry]:
         if not store.folder.is_dir():
@@ -337,19 +337,54 @@ class ContextCache:
             if plan.replaces is not None and plan.replaces.path != path:
                 self._discard(plan.replaces.path)
         if wrote:
+            self._sweep_stale_temps(store.folder)
             self._evict()
 
+    def _store_folders(self) -> list[Path]:
+        """The cache's own store folders: named by a model digest and a state version."""
+        if not self.folder.is_dir():
+            return []
+        return [p for p in self.folder.iterdir() if _STORE_NAME.fullmatch(p.name) and p.is_dir() and not p.is_symlink()]
+
     def _all_entries(self) -> list[tuple[Path, int, int]]:
-        """(path, size, mtime_ns) of every entry, of every model."""
+        """(path, size, mtime_ns) of every entry, of every model: files named as entries
+        are, in store folders, that start with MAGIC."""
         found = []
-        if self.folder.is_dir():
-            for path in self.folder.glob(f"*/*{SUFFIX}"):
+        for folder in self._store_folders():
+            for path in folder.iterdir():
+                if not _ENTRY_NAME.fullmatch(path.name):
+                    continue
                 try:
-                    st = path.stat()
-                except FileNotFoundError:
+                    st = os.stat(path, follow_symlinks=False)
+                    if not stat.S_ISREG(st.st_mode):
+                        continue
+                    with open(path, "rb") as f:
+                        if f.read(len(MAGIC)) != MAGIC:
+                            continue
+                except OSError:  # deleted meanwhile (another process), or unreadable: not ours to judge
                     continue
                 found.append((path, st.st_size, st.st_mtime_ns))
         return found
+
+    @staticmethod
+    def _temp_files(folder: Path) -> list[Path]:
+        try:
+            return [p for p in folder.iterdir() if _TEMP_NAME.fullmatch(p.name)]
+        except OSError:
+            return []
+
+    def _sweep_stale_temps(self, folder: Path) -> None:
+        """Delete the temporary files of writers that were killed mid-write (they hold
+        private-derived state and would stay forever): an hour old, their writer gone."""
+        now = time.time()
+        for path in self._temp_files(folder):
+            try:
+                age = now - path.stat().st_mtime
+            except OSError:
+                continue
+            writer = _TEMP_NAME.fullmatch(path.name).group(1)
+            if age >= STALE_TEMP_S and not (writer and _process_alive(int(writer))):
+                self._discard(path)
 
     def _evict(self) -> None:
         """Delete least recently used entries until the cache fits its bound."""
@@ -369,7 +404,8 @@ class ContextCache:
                 os.chmod(folder, 0o700)
 
     def _write_atomic(self, path: Path, parts: list[bytes]) -> None:
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)  # mode 0600
+        # mode 0600; the pid tells a sweep whether the writer may still be at work
+        fd, tmp = tempfile.mkstemp(prefix=f".tmp-{os.getpid()}-", dir=path.parent)
         try:
             with os.fdopen(fd, "wb") as f:
                 for part in parts:
@@ -393,3 +429,17 @@ class ContextCache:
         if not self._warned:
             print(f"costeer: private-context cache {what}", file=sys.stderr)
             self._warned = True
+
+
+def _process_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: asks only whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    except (OverflowError, OSError):
+        return False
+    return True

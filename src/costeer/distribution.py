@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
+
+from .errors import UserError
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,16 @@ class NextToken:
         if self.ids is None:
             return top_k(self.logits, k)
         return self.ids[:k], self.logits[:k]
+
+
+def check_token_ids(ids: np.ndarray | Sequence[int], vocab_size: int, sender: str) -> None:
+    """Refuse token ids a server sent that are not in the vocabulary, before any is used:
+    numpy would silently read a negative id as one counted from the vocabulary's end."""
+    array = np.asarray(ids)  # ints too large for int64 become objects, still compared exactly
+    outside = (array < 0) | (array >= vocab_size) if array.size else np.zeros(0, dtype=bool)
+    if outside.any():
+        raise UserError(f"{sender} sent token id {array[outside][0]}, outside the vocabulary (0 to {vocab_size - 1}); "
+                        "nothing of that reply was used")
 
 
 def sparse_scores(vocab_size: int, ids: np.ndarray, values: np.ndarray) -> np.ndarray:

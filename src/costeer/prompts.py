@@ -24,9 +24,10 @@ conversation with the same context keeps that prefix too.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import BinaryIO, Mapping, Sequence
 
 from .backends.base import ChatMessage
 from .errors import UserError
@@ -69,11 +70,21 @@ CONTEXT_SUFFIXES = (".txt", ".md", ".json")
 ROLES = ("system", "user", "assistant")
 
 
-def _context_files(files: Sequence[str | Path]) -> list[Path]:
+STDIN = "-"  # `--context -`: the context comes on stdin, so it never appears in a command line
+INLINE_TEXT_WARNING = ("costeer: warning: --context-text puts the private context on the command line, where other "
+                       "local users can read it (ps, /proc/PID/cmdline); prefer --context FILE or --context - (stdin)")
+
+
+def _context_files(files: Sequence[str | Path]) -> list[Path | None]:
     """The files given, with a folder standing for its own .txt, .md and .json files
-    in name order (not its subfolders; hidden files skipped)."""
-    paths: list[Path] = []
+    in name order (not its subfolders; hidden files skipped); None stands for stdin."""
+    paths: list[Path | None] = []
     for f in files:
+        if str(f) == STDIN:
+            if None in paths:
+                raise UserError("--context - (stdin) can be given once only")
+            paths.append(None)
+            continue
         path = Path(f)
         if not path.is_dir():
             paths.append(path)
@@ -86,21 +97,49 @@ def _context_files(files: Sequence[str | Path]) -> list[Path]:
     return paths
 
 
-def load_context(files: Sequence[str | Path] = (), text: str | None = None) -> str:
+def _read_stdin(stdin: BinaryIO) -> bytes:
+    """Stdin's bytes, refused past the file limit without reading more than one byte beyond it."""
+    try:
+        data = stdin.read(MAX_CONTEXT_FILE_BYTES + 1)
+    except OSError as exc:
+        raise UserError(f"cannot read the context from stdin: {exc.strerror}") from None
+    if len(data) > MAX_CONTEXT_FILE_BYTES:
+        raise UserError(f"the context on stdin is over {MAX_CONTEXT_FILE_BYTES:,} bytes, the limit "
+                        "(a private context is notes and a profile, not a corpus)")
+    return data
+
+
+def _read_context_file(path: Path) -> bytes:
+    if not path.is_file():
+        raise UserError(f"context file not found: {path}")
+    try:
+        size = path.stat().st_size
+        if size > MAX_CONTEXT_FILE_BYTES:  # before reading it all into memory
+            raise UserError(f"context file {path} is {size:,} bytes; the limit is {MAX_CONTEXT_FILE_BYTES:,} "
+                            "(a private context is notes and a profile, not a corpus)")
+        return path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"cannot read context file {path}: {exc.strerror}") from None
+
+
+def load_context(files: Sequence[str | Path] = (), text: str | None = None, *,
+                 text_from_command_line: bool = False, stdin: BinaryIO | None = None) -> str:
     """Concatenate context sources: files (plain text, Markdown or JSON; a folder: its
-    files in name order) then inline text."""
+    files in name order; "-": stdin, read as plain text) then inline text.
+
+    `text_from_command_line`: `text` came from argv, so warn (one line on stderr) that
+    other local users can read it. `stdin`: where "-" reads from (default sys.stdin's bytes)."""
+    if text is not None and text_from_command_line:
+        print(INLINE_TEXT_WARNING, file=sys.stderr)
     sections: list[str] = []
     for path in _context_files(files):
-        if not path.is_file():
-            raise UserError(f"context file not found: {path}")
-        try:
-            size = path.stat().st_size
-            if size > MAX_CONTEXT_FILE_BYTES:  # before reading it all into memory
-                raise UserError(f"context file {path} is {size:,} bytes; the limit is {MAX_CONTEXT_FILE_BYTES:,} "
-                                "(a private context is notes and a profile, not a corpus)")
-            data = path.read_bytes()
-        except OSError as exc:
-            raise UserError(f"cannot read context file {path}: {exc.strerror}") from None
+        if path is None:
+            if stdin is None and sys.stdin is None:  # started with stdin closed
+                raise UserError("--context - reads stdin, but this process has none")
+            data = _read_stdin(stdin if stdin is not None else sys.stdin.buffer)
+            path = Path("<stdin>")  # names the source in messages, like a file's path
+        else:
+            data = _read_context_file(path)
         try:
             raw = data.decode("utf-8")
         except UnicodeDecodeError:

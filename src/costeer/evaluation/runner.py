@@ -14,6 +14,7 @@ import json
 import os
 import shlex
 import sys
+import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from .store import ResultsStore
 
 RESULTS = "results.jsonl"
 RUN_FILE = "run.json"
+RUN_FILE_TEMP = (f".{RUN_FILE}.", ".tmp")  # prefix and suffix of a run.json being written
 # import name -> PyPI name, for the message when the eval extra is missing
 REQUIRED = {
     "rouge_score": "rouge-score",
@@ -147,8 +149,28 @@ def _record_run(out: Path, settings: EvalSettings, fingerprint: dict, has_work: 
                         for c in commands]
     if has_work or not commands:
         commands.append(settings.as_command())
-    path.write_text(json.dumps({"config": fingerprint, "commands": commands}, indent=2) + "\n", encoding="utf-8")
+    _write_atomic(path, (json.dumps({"config": fingerprint, "commands": commands}, indent=2) + "\n").encode("utf-8"))
     return RunInfo(fingerprint, commands)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write `path` whole or not at all: a temporary file beside it, synced, then renamed
+    over it, so a run killed mid-write leaves the previous run.json, never a torn one that
+    blocks the resume. Called under the results lock, so any temporary file already there
+    is a killed run's, and is removed."""
+    prefix, suffix = RUN_FILE_TEMP
+    for leftover in path.parent.glob(f"{prefix}*{suffix}"):
+        leftover.unlink(missing_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def run_eval(settings: EvalSettings, costeer=None) -> Path:

@@ -10,11 +10,11 @@ import numpy as np
 
 from ..backends.base import LanguageModel, vocabulary_digest
 from ..cloud import CloudSession, RemoteCloud
-from ..distribution import NextToken
+from ..distribution import NextToken, check_token_ids
 from ..errors import UserError
 from ..prompts import PublicChat
 from .protocol import API_PREFIX, FLOATS, IDS, Lookahead, Vocabulary, decode_array
-from .wire import CloudRefused, CloudUnreachable, WireClient
+from .wire import CloudRefused, CloudUnreachable, WireClient, printable
 
 RESUME_BACKOFF_S = (0.5, 4.0)  # first pause between tries to reopen a session, doubling up to the second
 
@@ -34,14 +34,21 @@ class ServedCloud(RemoteCloud):
         super().__init__(tokenizer)
         self._wire = wire
         info = wire.request("GET", f"{API_PREFIX}/model")
-        self._identity = (info["name"], info["vocabulary_sha256"])
-        self.max_tokens_per_step = int(info.get("limits", {}).get("max_tokens_per_step", 256))
+        try:
+            self._identity = (info["name"], info["vocabulary_sha256"])
+            self.max_tokens_per_step = int(info.get("limits", {}).get("max_tokens_per_step", 256))
+            self.vocab_size = int(info["vocab_size"])
+            self.context_window = int(info["context_window"])
+            self.eos_token_ids = frozenset(int(t) for t in info["eos_token_ids"])
+            self._digest = str(info["vocabulary_sha256"])
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise UserError(f"the server at {wire.base_url} is not a costeer serve: its /v1/model answer "
+                            "is malformed") from None
+        if self.vocab_size < 1:
+            raise UserError(f"the cloud at {wire.base_url} reports a vocabulary of {self.vocab_size} tokens")
+        check_token_ids(sorted(self.eos_token_ids), self.vocab_size, f"the cloud at {wire.base_url}")
         self.retry_for_s = retry_for_s
-        self.name = f"{info['name']} at {wire.base_url}"
-        self.vocab_size = int(info["vocab_size"])
-        self.context_window = int(info["context_window"])
-        self.eos_token_ids = frozenset(info["eos_token_ids"])
-        self._digest = info["vocabulary_sha256"]
+        self.name = f"{printable(str(info['name']))} at {wire.base_url}"
         if lookahead is not None and "lookahead" not in info.get("features", []):
             raise UserError(f"the cloud at {wire.base_url} does not offer lookahead (an older costeer serve, or a "
                             "backend without lookahead trees); run without --lookahead")
@@ -60,7 +67,8 @@ class ServedCloud(RemoteCloud):
                                 "serve): use a device model with its tokenizer, or update the server") from None
             raise
         except ValueError as exc:
-            raise UserError(f"the cloud at {self._wire.base_url} sent a malformed vocabulary: {exc}") from None
+            raise UserError(f"the cloud at {self._wire.base_url} sent a malformed vocabulary: "
+                            f"{printable(str(exc))}") from None
         if len(pieces) != self.vocab_size or vocabulary_digest(pieces) != self._digest:
             raise UserError(f"the vocabulary the cloud at {self._wire.base_url} sent does not match its digest")
         self._pieces = pieces
@@ -70,8 +78,9 @@ class ServedCloud(RemoteCloud):
         """After a restart: refuse to resume on a server that came back with another model."""
         info = self._wire.request("GET", f"{API_PREFIX}/model")
         if (info["name"], info["vocabulary_sha256"]) != self._identity:
-            raise UserError(f"the cloud at {self._wire.base_url} came back with another model ({info['name']}, "
-                            f"not {self._identity[0]}); this generation cannot continue on it")
+            raise UserError(f"the cloud at {self._wire.base_url} came back with another model "
+                            f"({printable(str(info['name']))}, not {printable(str(self._identity[0]))}); "
+                            "this generation cannot continue on it")
 
     def open_session(self, chat: PublicChat, max_new_tokens: int, first_k: int | None) -> CloudSession:
         # a tree node holds a top-k: methods that need the full vector every step go without
@@ -129,11 +138,22 @@ class ServedSession(CloudSession):
         self._store(opened["distribution"], self._first_k)
 
     def _top(self, dist: dict, asked: int | None) -> NextToken:
-        lse = float(dist["lse"])
-        if dist.get("full_logits_b64"):
-            return NextToken(decode_array(dist["full_logits_b64"], FLOATS).astype(np.float32), lse, self.vocab_size)
-        ids = decode_array(dist["top_ids_b64"], IDS).astype(np.int64)
-        logits = decode_array(dist["top_logits_b64"], FLOATS).astype(np.float32)
+        """A distribution the server sent, checked before any of it is used."""
+        try:
+            lse = float(dist["lse"])
+            if dist.get("full_logits_b64"):
+                logits = decode_array(dist["full_logits_b64"], FLOATS).astype(np.float32)
+                if len(logits) != self.vocab_size:
+                    raise ValueError(f"{len(logits)} logits for a vocabulary of {self.vocab_size}")
+                return NextToken(logits, lse, self.vocab_size)
+            ids = decode_array(dist["top_ids_b64"], IDS).astype(np.int64)
+            logits = decode_array(dist["top_logits_b64"], FLOATS).astype(np.float32)
+            if len(ids) != len(logits):
+                raise ValueError(f"{len(ids)} token ids for {len(logits)} logits")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UserError(f"the cloud at {self._wire.base_url} sent a malformed distribution "
+                            f"({printable(str(exc))})") from None
+        check_token_ids(ids, self.vocab_size, f"the cloud at {self._wire.base_url}")
         if asked is None or len(ids) < asked:
             self._capped = True  # never ask this server for more than it sends
         return NextToken(logits, lse, self.vocab_size, ids=ids, can_widen=not self._capped)
@@ -141,7 +161,16 @@ class ServedSession(CloudSession):
     def _store(self, dist: dict, asked: int | None) -> None:
         self._view = self._top(dist, asked)
         if dist.get("tree") is not None:
-            self._tree = {tuple(node["path"]): self._top(node, self._tree_k) for node in dist["tree"]}
+            self._tree = {self._tree_path(node): self._top(node, self._tree_k) for node in dist["tree"]}
+
+    def _tree_path(self, node: object) -> tuple[int, ...]:
+        """A tree node's path of token ids, checked like every id the server sends."""
+        path = node.get("path") if isinstance(node, dict) else None
+        if not isinstance(path, list) or not all(type(t) is int for t in path):
+            raise UserError(f"the cloud at {self._wire.base_url} sent a lookahead tree node without a path "
+                            "of token ids")
+        check_token_ids(path, self.vocab_size, f"the cloud at {self._wire.base_url}")
+        return tuple(path)
 
     def _step(self, tokens: list[int], k: int | None) -> None:
         """Append tokens; the reply is the distribution there (and a new tree, if any)."""
@@ -170,7 +199,7 @@ class ServedSession(CloudSession):
             if line is None:
                 self._end_stream()
                 break
-            got = tuple(line["path"])
+            got = self._tree_path(line)
             self._tree[got] = self._top(line, self._tree_k)
             if len(got) >= len(path) and got != path:
                 break

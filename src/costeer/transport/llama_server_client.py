@@ -11,9 +11,10 @@ token's forward pass. The probabilities are the model's before sampling
 from __future__ import annotations
 
 from ..backends.base import LanguageModel
+from ..distribution import check_token_ids
 from ..errors import UserError
 from .openai_client import TopEntries, TopLogprobsCloud
-from .wire import CloudRefused, WireClient
+from .wire import CloudRefused, WireClient, printable
 
 
 class LlamaServerCloud(TopLogprobsCloud):
@@ -26,7 +27,7 @@ class LlamaServerCloud(TopLogprobsCloud):
         n_ctx = (props.get("default_generation_settings") or {}).get("n_ctx")
         if isinstance(n_ctx, int) and n_ctx > 0:
             self.context_window = min(self.context_window, n_ctx)
-        self.name = f"{model} at {wire.base_url}"
+        self.name = f"{printable(model)} at {wire.base_url}"
         self.check_tokenizer()
 
     def tokenize(self, text: str) -> list[int] | None:
@@ -57,8 +58,9 @@ class LlamaServerCloud(TopLogprobsCloud):
         for entry in top:
             token = entry.get("id") if isinstance(entry, dict) else None
             logprob = entry.get("logprob") if isinstance(entry, dict) else None
-            if (not isinstance(token, int) or not 0 <= token < self.vocab_size
-                    or not isinstance(logprob, (int, float)) or not logprob <= 0):
+            if isinstance(token, int):
+                check_token_ids([token], self.vocab_size, f"llama-server at {self._wire.base_url}")
+            if not isinstance(token, int) or not isinstance(logprob, (int, float)) or not logprob <= 0:
                 unmapped += 1
             else:
                 pairs.append((float(logprob), token))

@@ -30,10 +30,10 @@ import numpy as np
 
 from ..backends.base import LanguageModel
 from ..cloud import CloudSession, RemoteCloud
-from ..distribution import NextToken
+from ..distribution import NextToken, check_token_ids
 from ..errors import UserError
 from ..prompts import PublicChat
-from .wire import CloudRefused, CloudUnreachable, WireClient
+from .wire import CloudRefused, CloudUnreachable, WireClient, printable
 
 DEFAULT_MAX_K = 20  # vLLM's default --max-logprobs: the cap assumed when a refusal names none
 # Probabilities come from a float32 softmax summed one term at a time (llama-server) or
@@ -45,6 +45,7 @@ PRINTED_LOGPROB_SLACK = 2.0**-23
 # Text with merges, bytes and several scripts, tokenized on both sides at connect.
 TOKENIZER_PROBE = "CoSteer checks tokenizers: naïve café, 東京, 🎉 — x**2 + y_1 >= 10\n\tdef f(): return 'ok'"
 _CAP_IN_REFUSAL = re.compile(r"(?:max(?:imum)?(?: allowed)?|at most|<=)\D{0,20}(\d+)", re.IGNORECASE)
+_ID_KEY = re.compile(r"token_id:(-?\d+)")  # vLLM's key for an entry named by id
 
 
 @dataclass
@@ -164,7 +165,7 @@ class OpenAICloud(TopLogprobsCloud):
             listed = (wire.request("GET", "/models") or {}).get("data") or [{}]
             model_name = listed[0].get("id", "default") if isinstance(listed[0], dict) else "default"
         self.model_name = model_name
-        self.name = f"{model_name} at {wire.base_url}"
+        self.name = f"{printable(str(model_name))} at {wire.base_url}"
         self.prompt_as_text = False  # learned on the first refusal of token ids
         self.asked_with_ids = False  # a token-id prompt has been accepted once
         self.entries_by_id: bool | None = None  # the server keys entries as token_id:N (vLLM)
@@ -242,11 +243,14 @@ class OpenAICloud(TopLogprobsCloud):
         return TopEntries(pairs, len(top), unmapped)
 
     def _token_id(self, key: str | int) -> int | None:
-        """An entry's id: given (llama-server), as "token_id:N" (vLLM), or looked up by text."""
-        if isinstance(key, int) or key.startswith("token_id:") and key[9:].isdigit():
+        """An entry's id: given (llama-server), as "token_id:N" (vLLM), or looked up by text.
+        An id outside the vocabulary is an error, never used."""
+        by_id = _ID_KEY.fullmatch(key) if isinstance(key, str) else None
+        if isinstance(key, int) or by_id:
             self.entries_by_id = True
-            token = key if isinstance(key, int) else int(key[9:])
-            return token if 0 <= token < self.vocab_size else None
+            token = key if isinstance(key, int) else int(by_id.group(1))
+            check_token_ids([token], self.vocab_size, f"the cloud at {self._wire.base_url}")
+            return token
         self.entries_by_id = False
         return self.token_for_text(key)
 

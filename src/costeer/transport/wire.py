@@ -1,18 +1,54 @@
 """The device's HTTP connection to a cloud: keep-alive, byte counts, an optional
-JSON-lines log of every message both ways, and optional simulated latency."""
+JSON-lines log of every message both ways, and optional simulated latency.
+
+The server is not trusted: a reply is read in pieces and refused past a byte cap
+(never held whole first), and server text is stripped of terminal control
+characters before it reaches a message or a terminal (`printable`)."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import os
 import queue
+import re
+import stat
+import sys
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import httpx
 
 from ..errors import UserError
+
+# Far above any honest reply (the full float32 vector of a 151,936-token vocabulary is
+# 0.8 MB in base64, a 64-node lookahead tree of top-1024 nodes 0.7 MB), far below
+# what would hurt a device.
+DEFAULT_MAX_REPLY_BYTES = 64 << 20
+# CSI and OSC escape sequences whole, other two-byte ESC sequences, then any C0 control
+# but tab and newline, DEL and C1 (\x9b alone is a CSI on some terminals)
+_CONTROL = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]?|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[@-_]?"
+                      r"|[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """Server-supplied text with terminal control characters and escape sequences removed,
+    so a hostile server cannot recolour, hide or rewrite what the user's terminal shows."""
+    return _CONTROL.sub("", text)
+
+
+def is_loopback(host: str) -> bool:
+    """localhost, 127.0.0.0/8 or ::1: traffic that never leaves this machine."""
+    host = host.strip("[]").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass
@@ -45,14 +81,32 @@ class CloudUnreachable(UserError):
         self.reason = reason
 
 
+class ReplyTooLarge(UserError):
+    """The cloud sent more than the byte cap for one reply; reading stopped there."""
+
+
 class WireLog:
-    """Every message as one JSON line; the API key (a header) is never written."""
+    """Every message as one JSON line; the API key (a header) is never written.
+
+    The log holds the public prompt and every token chosen, which the private context
+    steered: it is created 0600 whatever the umask, and an existing log that group or
+    others can read is tightened to 0600 (with a one-line notice)."""
 
     def __init__(self, path: str | Path) -> None:
         try:
-            self._file = open(path, "a", encoding="utf-8")
+            fd = os.open(path, os.O_CREAT | os.O_APPEND | os.O_WRONLY, 0o600)
         except OSError as exc:
             raise UserError(f"cannot write the wire log {path}: {exc.strerror}") from None
+        try:
+            mode = stat.S_IMODE(os.fstat(fd).st_mode)
+            if mode & 0o077:
+                os.fchmod(fd, 0o600)
+                print(f"costeer: the wire log {path} was readable by others ({mode:04o}); it is now 0600",
+                      file=sys.stderr)
+        except OSError as exc:  # not ours to change: say so, and log anyway
+            print(f"costeer: warning: the wire log {path} is readable by others and cannot be made private: "
+                  f"{exc.strerror}", file=sys.stderr)
+        self._file = os.fdopen(fd, "a", encoding="utf-8")
         self._lock = threading.Lock()
 
     def write(self, record: dict) -> None:
@@ -75,40 +129,64 @@ class WireClient:
         wire_log: str | Path | None = None,
         simulate_rtt_ms: float = 0.0,
         timeout_s: float = 300.0,
+        max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES,
     ) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.base_url = base_url.rstrip("/")
         self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout_s)
+        url = self._http.base_url
+        if api_key and url.scheme == "http" and not is_loopback(url.host):
+            print(f"costeer: warning: the API key goes to {url.host} over plain http://, readable by anyone on the "
+                  "network path; use https://", file=sys.stderr)
         self.timeout_s = timeout_s
+        self.max_reply_bytes = max_reply_bytes
         self._log = WireLog(wire_log) if wire_log else None
         self._half_rtt_s = max(0.0, simulate_rtt_ms) / 2000.0
         self.counters = WireCounters()
         self._lock = threading.Lock()
 
     def request(self, method: str, path: str, payload: dict | None = None) -> dict | None:
-        response = self._send(method, path, payload, stream=False)
+        response = self._send(method, path, payload)
+        body = self._read_capped(method, path, response)
         if self._half_rtt_s:
             time.sleep(self._half_rtt_s)
-        data = self._answer(path, response)
-        self._raise_for_status(method, path, response, data)
+        data = self._answer(path, response.status_code, body)
+        self._raise_for_status(method, path, response, body, data)
         return data
 
     def stream(self, method: str, path: str, payload: dict) -> "LineStream":
         """A request whose answer comes as JSON lines, each read as soon as it arrives
         (and, with a simulated RTT, delivered half of it after it arrived)."""
-        response = self._send(method, path, payload, stream=True)
+        response = self._send(method, path, payload)
         if response.status_code >= 400:
-            try:
-                response.read()
-            except httpx.HTTPError as exc:
-                raise self._unreachable(method, path, exc) from None
-            finally:
-                response.close()
-            self._raise_for_status(method, path, response, self._answer(path, response))
-        return LineStream(self, response, path)
+            body = self._read_capped(method, path, response)
+            self._raise_for_status(method, path, response, body, self._answer(path, response.status_code, body))
+        return LineStream(self, response, method, path)
 
-    def _send(self, method: str, path: str, payload: dict | None, stream: bool) -> httpx.Response:
-        """Log, wait half the simulated RTT, send, count; the answer's body is not read when streaming."""
+    def _too_large(self, method: str, path: str) -> ReplyTooLarge:
+        return ReplyTooLarge(f"the cloud at {self.base_url} sent more than {self.max_reply_bytes:,} bytes in reply "
+                             f"to {method} {path}; reading stopped there (a misbehaving or hostile server)")
+
+    def _read_capped(self, method: str, path: str, response: httpx.Response) -> bytes:
+        """The whole body of a streamed response, refused (and the connection closed) the
+        moment it passes the cap: a hostile server cannot make the device hold gigabytes."""
+        try:
+            declared = response.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > self.max_reply_bytes:
+                raise self._too_large(method, path)
+            chunks = []
+            for chunk in _capped(response.iter_bytes(), self.max_reply_bytes):
+                chunks.append(chunk)
+            return b"".join(chunks)
+        except _OverCap:
+            raise self._too_large(method, path) from None
+        except httpx.HTTPError as exc:
+            raise self._unreachable(method, path, exc) from None
+        finally:
+            response.close()
+
+    def _send(self, method: str, path: str, payload: dict | None) -> httpx.Response:
+        """Log, wait half the simulated RTT, send, count; the answer's body is left unread."""
         body = json.dumps(payload).encode() if payload is not None else b""
         if self._log:
             self._log.write({"ts": time.time(), "direction": "device->cloud", "method": method, "path": path,
@@ -118,7 +196,7 @@ class WireClient:
         try:
             request = self._http.build_request(method, path, content=body or None,
                                                headers={"Content-Type": "application/json"} if body else None)
-            response = self._http.send(request, stream=stream)
+            response = self._http.send(request, stream=True)  # read by the caller, within the cap
         except httpx.HTTPError as exc:
             raise self._unreachable(method, path, exc) from None
         with self._lock:
@@ -126,24 +204,24 @@ class WireClient:
             self.counters.round_trips += 1
         return response
 
-    def _answer(self, path: str, response: httpx.Response) -> dict | None:
+    def _answer(self, path: str, status: int, body: bytes) -> dict | None:
         """A read answer's JSON (or the start of its text), counted and logged."""
         with self._lock:
-            self.counters.bytes_from_cloud += len(response.content)
+            self.counters.bytes_from_cloud += len(body)
         try:
-            data = response.json() if response.content else None
+            data = json.loads(body) if body else None
         except ValueError:
-            data = {"text": response.text[:500]}
+            data = {"text": body[:500].decode("utf-8", errors="replace")}
         if self._log:
-            self._log.write({"ts": time.time(), "direction": "cloud->device", "path": path, "status": response.status_code,
-                             "bytes": len(response.content), "body": data})
+            self._log.write({"ts": time.time(), "direction": "cloud->device", "path": path, "status": status,
+                             "bytes": len(body), "body": data})
         return data
 
-    def _raise_for_status(self, method: str, path: str, response: httpx.Response, data: object) -> None:
+    def _raise_for_status(self, method: str, path: str, response: httpx.Response, body: bytes, data: object) -> None:
         if response.status_code == 401:
             raise CloudRefused(f"the cloud at {self.base_url} needs a valid API key (--api-key or COSTEER_API_KEY)", 401)
         if response.status_code >= 400:
-            message = _error_message(data) or response.text[:200]
+            message = _error_message(data) or printable(body[:200].decode("utf-8", errors="replace"))
             kind = data.get("error") if isinstance(data, dict) and isinstance(data.get("error"), str) else None
             try:
                 retry_after = float(response.headers["retry-after"])
@@ -160,7 +238,8 @@ class WireClient:
             reason = "connection refused" if "refused" in str(exc).lower() else "cannot connect"
         else:
             reason = "connection dropped"
-        return CloudUnreachable(f"cannot reach the cloud at {self.base_url}: {exc.__class__.__name__}: {exc}", reason)
+        return CloudUnreachable(f"cannot reach the cloud at {self.base_url}: {exc.__class__.__name__}: "
+                                f"{printable(str(exc))}", reason)
 
     def _received(self, path: str, line: bytes, record: object) -> None:
         with self._lock:
@@ -179,17 +258,28 @@ class LineStream:
     """The JSON lines of one streamed answer. A thread reads them off the socket as
     they come, so a line's arrival time is known even if the device asks for it later."""
 
-    def __init__(self, wire: WireClient, response: httpx.Response, path: str) -> None:
-        self._wire, self._response, self._path = wire, response, path
+    def __init__(self, wire: WireClient, response: httpx.Response, method: str, path: str) -> None:
+        self._wire, self._response, self._method, self._path = wire, response, method, path
         self._lines: queue.Queue = queue.Queue()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
     def _read(self) -> None:
+        pending = bytearray()
         try:
-            for line in self._response.iter_lines():
-                if line:
-                    self._lines.put((time.monotonic(), line))
+            # the cap counts the whole answer, every line together
+            for chunk in _capped(self._response.iter_bytes(), self._wire.max_reply_bytes):
+                pending += chunk
+                while (end := pending.find(b"\n")) >= 0:
+                    line = bytes(pending[:end]).strip()
+                    del pending[:end + 1]
+                    if line:
+                        self._lines.put((time.monotonic(), line))
+            if pending.strip():
+                self._lines.put((time.monotonic(), bytes(pending).strip()))
+        except _OverCap:
+            self._response.close()
+            self._lines.put((time.monotonic(), self._wire._too_large(self._method, self._path)))
         except Exception as exc:  # the answer broke off, or close() ended it
             self._lines.put((time.monotonic(), exc))
         finally:
@@ -206,6 +296,9 @@ class LineStream:
             self._lines.put(None)  # stays complete for later calls
             return None
         arrived, line = item
+        if isinstance(line, ReplyTooLarge):
+            self._lines.put(item)  # stays failed for later calls
+            raise line
         if isinstance(line, Exception):
             raise CloudUnreachable(f"the cloud's answer on {self._path} broke off: {line.__class__.__name__}",
                                    "connection dropped")
@@ -216,7 +309,7 @@ class LineStream:
             record = json.loads(line)
         except ValueError:
             raise UserError(f"the cloud at {self._wire.base_url} sent a line that is not JSON on {self._path}") from None
-        self._wire._received(self._path, line.encode() if isinstance(line, str) else line, record)
+        self._wire._received(self._path, line, record)
         return record
 
     def close(self) -> None:
@@ -224,11 +317,27 @@ class LineStream:
         self._reader.join(timeout=5)
 
 
+class _OverCap(Exception):
+    pass
+
+
+def _capped(chunks: Iterator[bytes], limit: int) -> Iterator[bytes]:
+    """`chunks`, raising _OverCap as soon as their total passes `limit` bytes."""
+    total = 0
+    for chunk in chunks:
+        total += len(chunk)
+        if total > limit:
+            raise _OverCap
+        yield chunk
+
+
 def _error_message(data: object) -> str | None:
-    """The message of costeer's, FastAPI's or OpenAI's error bodies, first line only."""
+    """The message of costeer's, FastAPI's or OpenAI's error bodies, first line only,
+    without control characters."""
     if not isinstance(data, dict):
         return None
     found = data.get("message") or data.get("detail") or data.get("error")
     if isinstance(found, dict):
         found = found.get("message")
-    return str(found).splitlines()[0][:300] if found else None
+    lines = str(found).splitlines() if found else []
+    return printable(lines[0])[:300] if lines else None
