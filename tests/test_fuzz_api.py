@@ -17,7 +17,7 @@ from schemathesis.checks import not_a_server_error  # noqa: E402
 from costeer.transport.server import create_app  # noqa: E402
 from fakes import NumpyModel  # noqa: E402
 
-KEY = "fuzz-key"
+KEY = "fuzz-key-0123456789abcdef"
 APP = create_app(NumpyModel(1), api_keys=[KEY])
 schema = schemathesis.openapi.from_asgi("/openapi.json", APP)
 

@@ -30,7 +30,7 @@ from costeer.transport.processes import stop
 from servers import free_port
 from split_fixtures import CANARY, CONTEXT, PROMPT
 
-KEY = "canary-test-key"
+KEY = "canary-test-key-0123456789"
 # Where the private context's words would show: the canary, and a fact from the profile.
 SECRETS = (CANARY, "Ingrid")
 

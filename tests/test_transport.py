@@ -11,7 +11,7 @@ from costeer import CoSteer
 from conftest import BIRTHDAY_PROMPT
 from servers import costeer_serve, free_port
 
-KEY, OTHER_KEY = "test-key-1", "test-key-2"
+KEY, OTHER_KEY = "test-key-1-0123456789", "test-key-2-0123456789"
 CANARY = "canary-Zq81-Wx"
 
 
@@ -237,7 +237,8 @@ def test_ctrl_c_on_generate_closes_its_session_on_the_server(cloud_url, profile_
     import time
 
     def sessions() -> int:
-        return httpx.get(f"{cloud_url}/healthz").json()["sessions"]
+        # the figures are for key holders: without a key /healthz says only {"ok": true}
+        return httpx.get(f"{cloud_url}/healthz", headers={"Authorization": f"Bearer {KEY}"}).json()["sessions"]
 
     before = sessions()
     context = tmp_path / "profile.md"

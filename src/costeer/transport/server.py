@@ -6,9 +6,15 @@ a session lives in a slot of one shared cache and the steps of all sessions go
 through one forward pass together; a session with a lookahead tree, or too long for
 a slot, gets a cache of its own, worked on between batches.
 
-Idle sessions expire; the number of sessions, the KV cells they hold together,
-prompt size and tokens are capped; every refusal is a 4xx JSON body naming the
-problem, and an unexpected failure a 500 body that names nothing private.
+Idle sessions expire, and every session after session_max_age_s however busy; the
+number of sessions (in all and per API key), the KV cells they hold together, prompt
+size and tokens are capped; every refusal is a 4xx JSON body naming the problem, and
+an unexpected failure a 500 body that names nothing private.
+
+Before the app reads a byte of a body, a guard (guard.py) checks the Host, the Origin,
+the key and the declared size; it then reads the body against a size cap and a
+deadline. Only /healthz (and the public schema) answer without a key, and /healthz then
+says no more than {"ok": true}.
 
 Lifecycle: an open reserves its slot and KV cells before the prefill; a session's
 streams are closed (by DELETE, expiry, a failed step or shutdown) only while
@@ -18,8 +24,10 @@ no request ever runs on freed model state.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hmac
+import json
 import logging
 import math
 import secrets
@@ -37,7 +45,7 @@ from ..backends.base import LanguageModel, StreamGroup, check_window
 from ..distribution import NextToken
 from ..errors import UserError
 from .limits import ServerLimits
-from .scheduler import BatchedStreams, Scheduler, SchedulerClosed
+from .scheduler import BatchedStreams, Scheduler, SchedulerClosed, SchedulerDown, describe_failure
 from .protocol import (API_PREFIX, FLOATS, IDS, MAX_LOOKAHEAD_NODES, Distribution, ErrorBody, Lookahead, ModelInfo,
                        OpenSession, SessionOpened, Step, TreeNode, Vocabulary, encode_array)
 
@@ -55,6 +63,62 @@ def _unknown_session() -> ApiError:
     return ApiError(404, "unknown_session", "no such session (closed, expired, or never opened)")
 
 
+def _error_body(status: int, kind: str, message: str) -> dict[str, str]:
+    """The guard's refusals in the app's own shape (ErrorBody)."""
+    return ErrorBody(error=kind, message=message).model_dump()
+
+
+class _ContainFailures:
+    """An exception escaping the app becomes the 500 body, and the log gets its type and
+    where it was raised, not its text (which may quote a prompt): Starlette's own
+    catch-all passes the exception on to uvicorn, which logs it whole."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as exc:  # noqa: BLE001  (any failure: a clean 500, never a traceback in a log)
+            route = getattr(scope.get("route"), "path", "?")  # the template: a path may carry anything
+            log.error("%s %s failed: %s", scope.get("method"), route, describe_failure(exc))
+            if started:  # a stream already under way: uvicorn closes the connection
+                return
+            body = json.dumps(_error_body(500, "internal_error", "the server failed on this request")).encode()
+            await send({"type": "http.response.start", "status": 500,
+                        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+
+
+# Paths served without a key: the health probe of a load balancer, and the API's schema
+# (public: the same for every server, and the serve banner points to it).
+OPEN_PATHS = frozenset({"/healthz", "/openapi.json"})
+
+
+def check_exposure(host: str, api_keys: Sequence[str], insecure: bool) -> str | None:
+    """Refuse to serve an open (keyless) server beyond this machine unless insecure is
+    given; then the warning to print. A keyless server's only defence is that no one
+    else can connect."""
+    from .guard import is_loopback
+
+    if api_keys or is_loopback(host):
+        return None
+    if not insecure:
+        raise UserError(f"--host {host} lets other machines connect, and there is no API key: give one with "
+                        "--api-key or $COSTEER_API_KEY, or pass --insecure to serve it open to anyone who can reach it")
+    return (f"WARNING: serving on {host} with no API key (--insecure): anyone who can reach this port can "
+            "use the model and fill its sessions")
+
+
 @dataclass
 class _Session:
     id: str
@@ -66,7 +130,8 @@ class _Session:
     kv_tokens: int  # KV cells reserved for it: prompt, max_new_tokens and its lookahead tree
     slot: int | None  # its slot in the shared cache; None: a cache of its own
     lookahead: Lookahead | None = None
-    last_used: float = field(default_factory=time.monotonic)
+    last_used: float = field(default_factory=time.monotonic)  # when a step last appended tokens (looks do not count)
+    created: float = field(default_factory=time.monotonic)  # for session_max_age_s
     active: int = 0  # requests using it now (guarded by sessions_lock): a session in use is not idle
     closed: bool = False  # set, with the group closed, only while holding `lock`
     steps: int = 0  # requests that moved it: a streaming tree stops once a newer one came
@@ -75,6 +140,9 @@ class _Session:
     # the lock, so it neither waits for nor stops a tree being computed
     views: dict[tuple[int, ...], np.ndarray] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # held by the step request computing on it; a second one is refused (409) at once
+    # rather than holding a worker thread while it waits
+    stepping: threading.Lock = field(default_factory=threading.Lock)
 
 
 @dataclass
@@ -85,6 +153,7 @@ class _Usage:
     kv_tokens: int = 0  # reserved by every session
     private_kv_tokens: int = 0  # reserved by sessions with caches of their own
     free_slots: list[int] = field(default_factory=list)
+    per_key: collections.Counter = field(default_factory=collections.Counter)  # sessions by API key
 
 
 def distribution_reply(view: NextToken, position: int, top_k: int | None) -> Distribution:
@@ -117,10 +186,15 @@ def tree_node(path: tuple[int, ...], logits, top_k: int) -> TreeNode:
 
 
 def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: ServerLimits = ServerLimits(),
-               max_batch: int | None = None) -> FastAPI:
+               max_batch: int | None = None, *, host: str = "127.0.0.1", body_timeout_s: float = 30.0) -> FastAPI:
     """`api_keys` empty: open to anyone who can connect (bind to loopback then).
     `max_batch`: tokens in one batched forward pass (default: the most that keeps every
-    session's numbers independent of the others'; more is faster)."""
+    session's numbers independent of the others'; more is faster).
+    `host`: the address it is bound to; a keyless server on loopback answers only
+    requests naming a loopback host or it (a web page that rebinds its own name to
+    127.0.0.1 cannot reach it). `body_timeout_s`: the time a request body may take."""
+    api_keys = tuple(api_keys)
+    per_key_cap = limits.per_key_cap(len(api_keys))
     sessions: dict[str, _Session] = {}
     # the shared cache holds max_sessions slots and is allocated now; sessions with
     # caches of their own share what is left of the KV budget
@@ -138,7 +212,10 @@ def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: Serve
         return work() if isinstance(group, BatchedStreams) else scheduler.run(work)
 
     def close_group(group: StreamGroup) -> None:
-        group.close() if isinstance(group, BatchedStreams) else scheduler.run(group.close)
+        try:
+            group.close() if isinstance(group, BatchedStreams) else scheduler.run(group.close)
+        except SchedulerDown:
+            pass  # nothing runs on the compute thread any more: the cache goes with the process
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -155,15 +232,17 @@ def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: Serve
         version="1",
         description="Hosts the cloud LLM for CoSteer. It sees the public prompt and the chosen tokens only.",
         lifespan=lifespan,
+        docs_url=None, redoc_url=None,  # pages for a browser (scripts from a CDN): no browser is served
     )
     app.state.scheduler = scheduler  # serve() frees its engine once the server is done
+    _guard(app, api_keys, limits, host, body_timeout_s)
     info = ModelInfo(
         name=model.name,
         vocab_size=model.vocab_size,
         context_window=model.context_window,
         eos_token_ids=sorted(model.eos_token_ids),
         vocabulary_sha256=model.vocabulary_digest(),
-        limits=limits.as_dict(),
+        limits=limits.as_dict(len(api_keys)),
         features=["lookahead"] if model.supports_lookahead else [],
     )
 
@@ -179,10 +258,9 @@ def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: Serve
         return JSONResponse(status_code=503, content=ErrorBody(error="shutting_down", message=str(exc)).model_dump(),
                             headers={"Retry-After": "5"})
 
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        # the details go to the server's log only: an exception's text may quote a prompt or a path
-        return JSONResponse(status_code=500, content=ErrorBody(error="internal_error", message="the server failed on this request").model_dump())
+    @app.exception_handler(SchedulerDown)
+    async def _down(_: Request, exc: SchedulerDown) -> JSONResponse:
+        return JSONResponse(status_code=503, content=ErrorBody(error="unavailable", message=str(exc)).model_dump())
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -193,15 +271,11 @@ def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: Serve
         return JSONResponse(status_code=422, content=ErrorBody(error=kind, message=message).model_dump())
 
     def caller_key(request: Request) -> str | None:
-        if not api_keys:
-            return None
-        header = request.headers.get("authorization", "")
-        given = header[7:].encode() if header.lower().startswith("bearer ") else b""
-        # compare against every key so the time taken does not depend on which matched
-        matches = [k for k in api_keys if hmac.compare_digest(given, k.encode())]
-        if not given or not matches:
+        """The key the guard matched; it refused the request, unread, if none did."""
+        key = getattr(request.state, "api_key", None)
+        if api_keys and key is None:  # only if the guard were taken away: still no way in
             raise ApiError(401, "unauthorized", "a valid API key is required (Authorization: Bearer KEY)")
-        return matches[0]
+        return key
 
     def close_locked(session: _Session) -> bool:
         """Close the session's streams and free its reservation; the caller holds session.lock.
@@ -216,17 +290,21 @@ def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: Serve
             with sessions_lock:
                 if sessions.get(session.id) is session:
                     del sessions[session.id]
-            release(session.kv_tokens, session.slot)
+            release(session.kv_tokens, session.slot, session.key)
         return True
 
     def retire(session: _Session) -> bool:
         with session.lock:  # waits for a step that is computing on it
             return close_locked(session)
 
+    def too_old(session: _Session, now: float) -> bool:
+        return now - session.created > limits.session_max_age_s
+
     def expire_idle() -> None:
         now = time.monotonic()
         with sessions_lock:
-            expired = [s for s in sessions.values() if s.active == 0 and now - s.last_used > limits.session_ttl_s]
+            expired = [s for s in sessions.values()
+                       if s.active == 0 and (now - s.last_used > limits.session_ttl_s or too_old(s, now))]
             for s in expired:
                 del sessions[s.id]  # no request can find it from here on
         for s in expired:
@@ -234,20 +312,28 @@ def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: Serve
 
     @contextlib.contextmanager
     def using(session_id: str, key: str | None) -> Iterator[_Session]:
-        """The caller's session, marked in use (so it does not expire) for the request's duration."""
+        """The caller's session, marked in use (so it does not expire) for the request's duration.
+        Only a step that appends tokens renews its idle time: a device looking at it in a
+        loop does not keep its KV cells from others."""
         expire_idle()
         with sessions_lock:
             session = sessions.get(session_id)
             # another key's session is reported as unknown: its existence is not disclosed
             if session is None or (session.key is not None and not hmac.compare_digest(session.key, key or "")):
                 raise _unknown_session()
-            session.active += 1
+            aged = too_old(session, time.monotonic())
+            if aged:  # past its lifetime while in use: closed now, as if expired
+                del sessions[session.id]
+            else:
+                session.active += 1
+        if aged:
+            retire(session)
+            raise _unknown_session()
         try:
             yield session
         finally:
             with sessions_lock:
                 session.active -= 1
-                session.last_used = time.monotonic()
 
     def fits_slot(kv_needed: int, lookahead: Lookahead | None) -> bool:
         return engine is not None and lookahead is None and kv_needed + 1 <= engine.slot_tokens
@@ -265,10 +351,22 @@ def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: Serve
                 return str(max(1, math.ceil(s.last_used + limits.session_ttl_s - now)))
         return str(max(1, limits.session_ttl_s))  # held by sessions in use or still opening
 
-    def reserve(kv_needed: int, wants_slot: bool) -> int | None:
+    def key_retry_after_s(key: str) -> str:
+        """Seconds until the first of this key's idle sessions expires (a hint)."""
+        now = time.monotonic()
+        ends = [min(s.last_used + limits.session_ttl_s, s.created + limits.session_max_age_s)
+                for s in sessions.values() if s.key == key and s.active == 0]
+        return str(max(1, math.ceil(min(ends) - now))) if ends else str(max(1, limits.session_ttl_s))
+
+    def reserve(kv_needed: int, wants_slot: bool, key: str | None) -> int | None:
         """Take a session, and a slot of the shared cache or kv_needed cells of the private
         budget, or refuse with 429; atomic, so concurrent opens cannot overshoot. The slot, if any."""
         with sessions_lock:
+            # one key's cap first: a key at its cap is told so, whatever the others hold
+            if key is not None and usage.per_key[key] >= per_key_cap:
+                raise ApiError(429, "too_many_sessions_for_key", f"this API key holds its maximum of {per_key_cap} "
+                               "sessions (--max-sessions-per-key); close one or retry later",
+                               {"Retry-After": key_retry_after_s(key)})
             if usage.sessions >= limits.max_sessions:
                 raise ApiError(429, "too_many_sessions", f"the server holds its maximum of {limits.max_sessions} sessions; close one or retry later",
                                {"Retry-After": retry_after_s(kv_needed, wants_slot)})
@@ -283,12 +381,18 @@ def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: Serve
                 usage.private_kv_tokens += kv_needed
             usage.sessions += 1
             usage.kv_tokens += kv_needed
+            if key is not None:
+                usage.per_key[key] += 1
             return slot
 
-    def release(kv_needed: int, slot: int | None) -> None:
+    def release(kv_needed: int, slot: int | None, key: str | None) -> None:
         with sessions_lock:
             usage.sessions -= 1
             usage.kv_tokens -= kv_needed
+            if key is not None:
+                usage.per_key[key] -= 1
+                if not usage.per_key[key]:
+                    del usage.per_key[key]
             if slot is None:
                 usage.private_kv_tokens -= kv_needed
             else:
@@ -337,7 +441,7 @@ def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: Serve
         if not slotted and kv_needed > private_kv_budget:  # could never be admitted: not worth a retry
             raise ApiError(413, "prompt_too_large", f"prompt of {len(ids)} tokens plus {body.max_new_tokens} new tokens exceeds "
                            f"the server's KV budget of {private_kv_budget} for a session of this size")
-        slot = reserve(kv_needed, slotted)
+        slot = reserve(kv_needed, slotted, key)
         session: _Session | None = None
         try:
             if slot is not None:
@@ -360,7 +464,7 @@ def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: Serve
                 sessions[session.id] = session
         finally:
             if session is None:  # the prefill failed: give the reservation back
-                release(kv_needed, slot)
+                release(kv_needed, slot, key)
         return SessionOpened(session_id=session.id, prompt_tokens=len(ids), distribution=first)
 
     @app.post(f"{API_PREFIX}/sessions/{{session_id}}/step", response_model=Distribution, responses={404: {"model": ErrorBody}, 422: {"model": ErrorBody}})
@@ -379,35 +483,50 @@ def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: Serve
                 return distribution_reply(NextToken.local(logits), session.position + len(body.path), body.top_k)
             if body.path:
                 raise ApiError(422, "invalid_request", "path goes with a look (no tokens), not with tokens to append")
-            with session.lock:
-                if session.closed:  # deleted or expired while this request waited for the lock
-                    raise _unknown_session()
-                if len(body.tokens) > session.budget:
-                    raise ApiError(422, "session_budget_exhausted", f"the session may append {session.budget} more tokens, not {len(body.tokens)}")
-                session.steps += 1
-                tree = session.lookahead if body.lookahead else None
-                with failing_closes(session):
-                    stop_tree(session)
+            if not session.stepping.acquire(blocking=False):
+                raise ApiError(409, "session_busy", "the session is computing another step; send the next one "
+                               "once that one has answered")
+            try:
+                return append_step(session, body)
+            finally:
+                session.stepping.release()
 
-                    def append() -> Distribution:
-                        for token in body.tokens:
-                            session.group.advance(token)
-                            session.position += 1
-                            session.budget -= 1
-                        session.views = {}
-                        return _distribution(session.group, session.position, body.top_k, None if body.stream else tree,
-                                             session.views)
-                    reply = on_compute(session.group, append)
-                if not (body.stream and tree):
-                    return reply
-                session.tree = session.group.lookahead(tree.width, tree.depth, tree.min_probability)  # computed as the stream goes
-                return StreamingResponse(stream_tree(session, reply, tree.top_k, session.steps), media_type="application/x-ndjson")
+    def append_step(session: _Session, body: Step) -> Distribution | StreamingResponse:
+        """Append the step's tokens; under session.stepping. The session's lock is waited
+        for: a stream may hold it for one tree node, a close to free the streams."""
+        with session.lock:
+            if session.closed:  # deleted or expired while this request waited for the lock
+                raise _unknown_session()
+            if len(body.tokens) > session.budget:
+                raise ApiError(422, "session_budget_exhausted", f"the session may append {session.budget} more tokens, not {len(body.tokens)}")
+            session.steps += 1
+            tree = session.lookahead if body.lookahead else None
+            with failing_closes(session):
+                stop_tree(session)
+
+                def append() -> Distribution:
+                    for token in body.tokens:
+                        session.group.advance(token)
+                        session.position += 1
+                        session.budget -= 1
+                    session.views = {}
+                    return _distribution(session.group, session.position, body.top_k, None if body.stream else tree,
+                                         session.views)
+                reply = on_compute(session.group, append)
+            session.last_used = time.monotonic()  # only appending renews a session's idle time
+            if not (body.stream and tree):
+                return reply
+            session.tree = session.group.lookahead(tree.width, tree.depth, tree.min_probability)  # computed as the stream goes
+            return StreamingResponse(stream_tree(session, reply, tree.top_k, session.steps), media_type="application/x-ndjson")
 
     def stop_tree(session: _Session) -> None:
         """End a lookahead still being computed, so the group drops its partial work; under session.lock."""
         if session.tree is not None:
             tree, session.tree = session.tree, None
-            scheduler.run(tree.close)
+            try:
+                scheduler.run(tree.close)
+            except SchedulerDown:
+                pass  # nothing computes any more: the partial tree goes with the process
 
     @contextlib.contextmanager
     def failing_closes(session: _Session) -> Iterator[None]:
@@ -416,8 +535,8 @@ def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: Serve
             yield
         except SchedulerClosed:
             raise  # the server is going down: a 503, not a failure of this session
-        except Exception:
-            log.exception("step failed; session closed")
+        except Exception as exc:
+            log.error("step failed; session closed: %s", describe_failure(exc))
             close_locked(session)
             raise ApiError(500, "internal_error", "the step failed on the server; the session is closed") from None
 
@@ -436,8 +555,8 @@ def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: Serve
                         session.tree = None
                         return
                     path, logits = node
-                except Exception:
-                    log.exception("lookahead failed; session closed")
+                except Exception as exc:
+                    log.error("lookahead failed; session closed: %s", describe_failure(exc))
                     session.tree = None
                     close_locked(session)
                     return
@@ -450,8 +569,15 @@ def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: Serve
             if not retire(session):  # a concurrent DELETE (or a failed step) closed it first
                 raise _unknown_session()
 
-    @app.get("/healthz")
-    def health() -> dict[str, object]:
+    @app.get("/healthz", response_model=None)
+    def health(request: Request) -> dict[str, object] | JSONResponse:
+        """{"ok": true} to anyone (a load balancer's probe); the figures to a key holder
+        only, or to anyone on a keyless server. 503 {"ok": false} once nothing can be
+        computed any more."""
+        if not scheduler.healthy:
+            return JSONResponse(status_code=503, content={"ok": False})
+        if api_keys and getattr(request.state, "api_key", None) is None:
+            return {"ok": True}
         with sessions_lock:
             return {"ok": True, "sessions": len(sessions), "kv_tokens": usage.kv_tokens,
                     "max_sessions": limits.max_sessions, "max_kv_tokens": limits.max_kv_tokens,
@@ -462,12 +588,37 @@ def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: Serve
     return app
 
 
-def serve(model: LanguageModel, host: str, port: int, api_keys: Sequence[str], limits: ServerLimits,
-          max_batch: int | None = None) -> None:
-    import uvicorn
+def _guard(app: FastAPI, api_keys: tuple[str, ...], limits: ServerLimits, host: str, body_timeout_s: float) -> None:
+    """Put the guard in front of the app: key, Host, Origin, content type and size are
+    checked before the app reads any byte of a body (FastAPI reads a whole body before
+    its first line of code runs)."""
+    from .guard import Guard, GuardPolicy, is_loopback, loopback_hosts
 
-    app = create_app(model, api_keys, limits, max_batch)
+    if api_keys:
+        hosts = None  # a key is the defence: the server may be reached under any name
+    elif is_loopback(host):
+        hosts = loopback_hosts() | {host.lower().strip("[]")}  # against DNS rebinding from a web page
+    else:
+        hosts = None  # open to the network already (--insecure): a Host check adds nothing
+    policy = GuardPolicy(api_keys=api_keys, open_paths=OPEN_PATHS, allowed_hosts=hosts, allowed_origins=frozenset(),
+                         require_json=True, max_body_bytes=limits.max_body_bytes, body_timeout_s=body_timeout_s)
+    app.add_middleware(_ContainFailures)
+    app.add_middleware(Guard, policy=policy, render=_error_body)  # added last: outside the other, first to run
+    app.state.guard_policy = policy
+
+
+def serve(model: LanguageModel, host: str, port: int, api_keys: Sequence[str], limits: ServerLimits,
+          max_batch: int | None = None, *, insecure: bool = False, header_timeout_s: float = 10.0,
+          max_connections: int = 1000) -> None:
+    """Serve until interrupted. Requests' heads must arrive within header_timeout_s
+    (slow clients cannot hold connections), and a shutdown waits a bounded time."""
+    from .guard import check_keys, serve_app
+
+    keys = check_keys(api_keys) if api_keys else ()
+    check_exposure(host, keys, insecure)
+    app = create_app(model, keys, limits, max_batch, host=host)
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning")
+        serve_app(app, host, port, header_timeout_s=header_timeout_s, keep_alive_s=5.0,
+                  max_connections=max_connections, shutdown_timeout_s=5.0)
     finally:
-        app.state.scheduler.close()
+        app.state.scheduler.close(timeout_s=5.0)
