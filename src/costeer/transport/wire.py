@@ -7,7 +7,6 @@ characters before it reaches a message or a terminal (`printable`)."""
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import queue
@@ -23,6 +22,7 @@ from typing import Iterator
 import httpx
 
 from ..errors import UserError
+from .guard import is_loopback
 
 # Far above any honest reply (the full float32 vector of a 151,936-token vocabulary is
 # 0.8 MB in base64, a 64-node lookahead tree of top-1024 nodes 0.7 MB), far below
@@ -38,17 +38,6 @@ def printable(text: str) -> str:
     """Server-supplied text with terminal control characters and escape sequences removed,
     so a hostile server cannot recolour, hide or rewrite what the user's terminal shows."""
     return _CONTROL.sub("", text)
-
-
-def is_loopback(host: str) -> bool:
-    """localhost, 127.0.0.0/8 or ::1: traffic that never leaves this machine."""
-    host = host.strip("[]").lower()
-    if host == "localhost" or host.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 @dataclass
