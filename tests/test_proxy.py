@@ -1,11 +1,14 @@
 """`costeer proxy` on the seeded NumPy models: the official `openai` SDK (and raw HTTP for
 the wire format) against the proxy on loopback, in a thread of this process. Same text
 as `CoSteer.generate`, the SSE format, usage, methods as models, OpenAI-shaped errors,
-a remote cloud that never sees the context, and clients that go away mid-stream."""
+a remote cloud that never sees the context, and clients that go away mid-stream. Every
+request carries the proxy's key (test_proxy_security.py: what happens without it)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -17,7 +20,7 @@ import pytest
 from costeer import CoSteer
 from costeer.methods import METHODS
 from costeer.prompts import CONTEXT_INTRO, PAPER_SYSTEM_PROMPT, REQUEST_INTRO
-from costeer.transport.proxy import ProxyDefaults, create_proxy_app
+from costeer.transport.proxy import MethodAllowList, ProxyAccess, ProxyDefaults, create_proxy_app
 from costeer.transport.server import create_app
 from fakes import NumpyModel
 from servers import app_in_thread, free_port
@@ -27,6 +30,10 @@ openai = pytest.importorskip("openai")
 CANARY = "canary-Pr0xy-7731"
 CONTEXT = f"My name is Ingrid and I live in Tromso. {CANARY}"
 PROMPT = "Write a note for my friend."
+KEY = "proxy-test-key-0123456789"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+# the published methods, and the parametric ones some tests ask for
+METHODS_SERVED = MethodAllowList.parse(",".join([*METHODS, "mix", "cos:*"]))
 
 
 class Endless(NumpyModel):
@@ -61,16 +68,25 @@ def reference() -> CoSteer:
     return embedded()
 
 
+@contextlib.contextmanager
+def serving(cs: CoSteer, defaults: ProxyDefaults = ProxyDefaults(), context: str = CONTEXT, **access):
+    """The proxy on loopback with the test key (and `access`'s other options): (url, app)."""
+    port = free_port()
+    access.setdefault("methods", METHODS_SERVED)
+    app = create_proxy_app(cs, context, defaults, access=ProxyAccess(api_key=KEY, port=port, **access))
+    with app_in_thread(app, port) as url:
+        yield url, app
+
+
 @pytest.fixture(scope="module")
 def proxy():
     cs = embedded()
-    app = create_proxy_app(cs, CONTEXT)
-    with app_in_thread(app) as url:
+    with serving(cs) as (url, app):
         yield url, app, cs
 
 
 def client(url: str) -> "openai.OpenAI":
-    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=60)
 
 
 def ask(url: str, **request) -> "openai.types.chat.ChatCompletion":
@@ -81,11 +97,11 @@ def ask(url: str, **request) -> "openai.types.chat.ChatCompletion":
 
 def test_models_are_the_methods_in_openai_list_shape(proxy):
     url, _, _ = proxy
-    body = httpx.get(f"{url}/v1/models").json()
+    body = httpx.get(f"{url}/v1/models", headers=AUTH).json()
     assert body["object"] == "list" and [m["id"] for m in body["data"]] == list(METHODS)
     assert all(m["object"] == "model" and m["owned_by"] == "costeer" and isinstance(m["created"], int) for m in body["data"])
     assert [m.id for m in client(url).models.list()] == list(METHODS)
-    assert client(url).models.retrieve("mix:0.5").id == "mix:0.5"  # parametric methods are models too
+    assert client(url).models.retrieve("mix:0.50").id == "mix:0.5"  # parametric methods are models too
     with pytest.raises(openai.NotFoundError):
         client(url).models.retrieve("gpt-4o")
 
@@ -115,7 +131,7 @@ def test_the_public_prompt_count_does_not_depend_on_the_method(proxy):
 
 
 def sse_lines(url: str, request: dict) -> list[str]:
-    with httpx.stream("POST", f"{url}/v1/chat/completions", json=request, timeout=60) as response:
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=request, headers=AUTH, timeout=60) as response:
         assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
         return [line for line in response.iter_lines() if line]
 
@@ -208,7 +224,7 @@ def test_max_completion_tokens_wins_over_max_tokens_and_the_default_applies(prox
     url, _, _ = proxy
     assert ask(url, max_tokens=3, max_completion_tokens=5).usage.completion_tokens == 5
     cs = embedded()
-    with app_in_thread(create_proxy_app(cs, CONTEXT, ProxyDefaults(max_tokens=7))) as small:
+    with serving(cs, ProxyDefaults(max_tokens=7)) as (small, _):
         assert ask(small).usage.completion_tokens == 7
 
 
@@ -216,7 +232,7 @@ def test_unknown_fields_are_ignored(proxy):
     url, _, _ = proxy
     response = httpx.post(f"{url}/v1/chat/completions", json={
         "model": "llm", "messages": [{"role": "user", "content": "hi", "name": "ada"}], "max_tokens": 3,
-        "frequency_penalty": 0.5, "user": "someone", "logit_bias": {"1": 2}, "n": 1, "stream": False})
+        "frequency_penalty": 0.5, "user": "someone", "logit_bias": {"1": 2}, "n": 1, "stream": False}, headers=AUTH)
     assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 3
 
 
@@ -252,7 +268,7 @@ def user(content: object = "hi") -> list[dict]:
 ])
 def test_invalid_requests_are_400s_in_openai_error_shape(proxy, body, param):
     url, _, _ = proxy
-    response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+    response = httpx.post(f"{url}/v1/chat/completions", json=body, headers=AUTH, timeout=60)
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
@@ -262,7 +278,7 @@ def test_invalid_requests_are_400s_in_openai_error_shape(proxy, body, param):
 
 def test_a_body_that_is_not_json_is_a_400(proxy):
     url, _, _ = proxy
-    response = httpx.post(f"{url}/v1/chat/completions", content=b"{nope", headers={"content-type": "application/json"})
+    response = httpx.post(f"{url}/v1/chat/completions", content=b"{nope", headers={**AUTH, "content-type": "application/json"})
     assert response.status_code == 400 and response.json()["error"]["message"] == "the body is not valid JSON"
 
 
@@ -272,19 +288,21 @@ def test_an_unknown_model_is_a_404_naming_the_methods(proxy):
         ask(url, model="gpt-4o")
     error = caught.value.body
     assert error["code"] == "model_not_found" and error["param"] == "model"
-    assert all(name in error["message"] for name in METHODS) and "mix:NUMBER" in error["message"]
-    assert httpx.post(f"{url}/v1/chat/completions", json={"model": "mix:abc", "messages": user()}).status_code == 404
+    assert all(name in error["message"] for name in METHODS) and "mix:NUMBER with -8 <= NUMBER <= 8" in error["message"]
+    bad = httpx.post(f"{url}/v1/chat/completions", json={"model": "mix:abc", "messages": user()}, headers=AUTH)
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "model_not_allowed"  # mix is served, abc no number
 
 
 def test_an_empty_model_name_means_costeer(proxy):
     url, _, _ = proxy
-    response = httpx.post(f"{url}/v1/chat/completions", json={"model": "", "messages": user(), "max_tokens": 4})
+    response = httpx.post(f"{url}/v1/chat/completions", json={"model": "", "messages": user(), "max_tokens": 4},
+                          headers=AUTH)
     assert response.status_code == 200 and response.json()["model"] == "costeer"
 
 
 def test_unknown_routes_answer_in_openai_error_shape(proxy):
     url, _, _ = proxy
-    response = httpx.post(f"{url}/v1/completions", json={"prompt": "hi"})
+    response = httpx.post(f"{url}/v1/completions", json={"prompt": "hi"}, headers=AUTH)
     assert response.status_code == 404 and set(response.json()["error"]) == {"message", "type", "param", "code"}
 
 
@@ -317,8 +335,7 @@ def passes(cs: CoSteer) -> int:
 
 def test_a_client_that_leaves_mid_stream_stops_the_generation_and_the_next_answer_is_right(reference):
     cs = embedded(slow=True)  # about 8 ms a token: 2,000 tokens would take 16 s
-    app = create_proxy_app(cs, CONTEXT)
-    with app_in_thread(app) as url:
+    with serving(cs) as (url, app):
         before = passes(cs)
         stream = ask(url, max_tokens=2000, stream=True)
         received = [next(stream) for _ in range(4)]
@@ -336,12 +353,12 @@ def test_a_client_that_leaves_mid_stream_stops_the_generation_and_the_next_answe
 
 def test_a_queued_request_whose_client_left_is_skipped():
     cs = embedded(slow=True)
-    app = create_proxy_app(cs, CONTEXT)
-    with app_in_thread(app) as url:
+    with serving(cs) as (url, app):
         first = ask(url, max_tokens=2000, stream=True)
         next(first)  # generating now: the next request waits in the queue
         with pytest.raises(httpx.ReadTimeout):  # the client gives up while queued
-            httpx.post(f"{url}/v1/chat/completions", json={"messages": user(), "max_tokens": 5}, timeout=0.5)
+            httpx.post(f"{url}/v1/chat/completions", json={"messages": user(), "max_tokens": 5}, headers=AUTH,
+                       timeout=0.5)
         time.sleep(0.5)  # the proxy notices the client has gone
         first.close()
         wait_for(lambda: app.state.stats.cancelled == 2)
@@ -357,8 +374,7 @@ def remote_cloud(tmp_path):
         wire = tmp_path / "wire.jsonl"
         cs = CoSteer(slm=SlowModel(2, "numpy-device", delay_s=0.002), cloud=cloud_url, wire_log=wire, cloud_top_k=4,
                      context_cache=False)
-        app = create_proxy_app(cs, CONTEXT)
-        with app_in_thread(app) as url:
+        with serving(cs) as (url, app):
             yield url, app, cloud_url, wire
         cs.close()
 
@@ -391,11 +407,12 @@ def test_a_client_that_leaves_closes_the_remote_session_too(remote_cloud):
 def test_a_cloud_that_cannot_be_reached_is_a_503_that_quotes_nothing_private(caplog):
     cs = CoSteer(slm=NumpyModel(2, "numpy-device"), cloud=f"http://127.0.0.1:{free_port()}", cloud_timeout_s=2,
                  cloud_retry_for_s=0, context_cache=False)
-    with app_in_thread(create_proxy_app(cs, CONTEXT)) as url:
+    with serving(cs) as (url, _):
         with pytest.raises(openai.InternalServerError) as caught:
             ask(url, max_tokens=5)
         # streaming, a failure before the first token is a plain error status too, not a stream
-        streamed = httpx.post(f"{url}/v1/chat/completions", json={"messages": user(), "max_tokens": 5, "stream": True})
+        streamed = httpx.post(f"{url}/v1/chat/completions", json={"messages": user(), "max_tokens": 5, "stream": True},
+                              headers=AUTH)
     error = caught.value.body
     assert caught.value.status_code == 503 and error["code"] == "cloud_unavailable"
     assert "cannot reach the cloud" in error["message"] and "\n" not in error["message"]
@@ -404,25 +421,35 @@ def test_a_cloud_that_cannot_be_reached_is_a_503_that_quotes_nothing_private(cap
 
 
 def test_a_cloud_that_refuses_is_a_502():
-    served = create_app(NumpyModel(1, "numpy-cloud"), api_keys=["the-right-key"])
+    served = create_app(NumpyModel(1, "numpy-cloud"), api_keys=["the-right-cloud-key"])
     with app_in_thread(served) as cloud_url:
-        cs = CoSteer(slm=NumpyModel(2, "numpy-device"), cloud=cloud_url, api_key="a-wrong-key", context_cache=False)
-        with app_in_thread(create_proxy_app(cs, CONTEXT)) as url:
-            response = httpx.post(f"{url}/v1/chat/completions", json={"messages": user(), "max_tokens": 5})
+        cs = CoSteer(slm=NumpyModel(2, "numpy-device"), cloud=cloud_url, api_key="a-wrong-cloud-key", context_cache=False)
+        with serving(cs) as (url, _):
+            response = httpx.post(f"{url}/v1/chat/completions", json={"messages": user(), "max_tokens": 5}, headers=AUTH)
     assert response.status_code == 502 and response.json()["error"]["code"] == "cloud_error"
     assert "API key" in response.json()["error"]["message"] and CANARY not in response.text
 
 
-def costeer_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "costeer.cli", *args], capture_output=True, text=True, timeout=120)
+def costeer_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "costeer.cli", *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **(env or {})})
 
 
 @pytest.mark.parametrize("args, message", [
     (["proxy", "--context", "/nonexistent/profile.md"], "context file not found"),
     (["proxy", "--temperature", "-1"], "temperature"),
     (["proxy", "--port", "0"], "--port"),
+    (["proxy", "--host", "0.0.0.0", "--no-key"], "--no-key is allowed only with a loopback --host"),
+    (["proxy", "--api-key", "short"], "the proxy's API key has 5 characters; use at least 16"),
+    (["proxy", "--api-key", "a key with spaces in it"], "printable ASCII without spaces"),
+    (["proxy", "--api-key", "k" * 20, "--no-key"], "contradict"),
+    (["proxy", "--methods", "gpt-4o"], "--methods: unknown method 'gpt-4o'"),
+    (["proxy", "--methods", "costeer,mix:9"], "mix:NUMBER with -8 <= NUMBER <= 8"),
+    (["proxy", "--allow-origin", "evil.example"], "--allow-origin takes scheme://host[:port]"),
 ])
-def test_proxy_command_mistakes_are_one_line_errors(args, message):
-    result = costeer_cli(*args)
+def test_proxy_command_mistakes_are_one_line_errors(args, message, tmp_path):
+    # a config folder of its own: no key file is made in the user's
+    result = costeer_cli(*args, env={"XDG_CONFIG_HOME": str(tmp_path), "COSTEER_PROXY_API_KEY": ""})
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr
+    assert not (tmp_path / "costeer").exists()  # refused before any key file is made

@@ -16,15 +16,18 @@ from servers import free_port, running
 openai = pytest.importorskip("openai")
 
 MAX_TOKENS = 40
+KEY = "models-proxy-key-0123456789"
 
 
 @pytest.mark.models
 def test_the_proxy_streams_what_costeer_generate_prints_with_the_profile_in_it(tmp_path):
     port, log = free_port(), tmp_path / "proxy.log"
     env = {"PYTHONUNBUFFERED": "1"}
+    # the key from the environment, as a user would give it (not in argv, where ps shows it)
     command = [sys.executable, "-m", "costeer.cli", "proxy", "--port", str(port), "--context", str(EXAMPLE_PROFILE)]
-    with running(command, "/v1/models", port, env=env, timeout_s=600, log=log) as url:
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
+    with running(command, "/v1/models", port, env={**env, "COSTEER_PROXY_API_KEY": KEY}, timeout_s=600,
+                 log=log) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=600)
         stream = client.chat.completions.create(model="costeer", messages=[{"role": "user", "content": BIRTHDAY_PROMPT}],
                                                 stream=True, max_tokens=MAX_TOKENS, stream_options={"include_usage": True})
         chunks = list(stream)
@@ -33,6 +36,7 @@ def test_the_proxy_streams_what_costeer_generate_prints_with_the_profile_in_it(t
         again = client.chat.completions.create(model="costeer", messages=[{"role": "user", "content": "Say hi."}], max_tokens=4)
     proxy_log = log.read_text(encoding="utf-8")
     assert "OpenAI-compatible endpoint on" in proxy_log and "Thaddeus" not in proxy_log  # the profile is never logged
+    assert "$COSTEER_PROXY_API_KEY" in proxy_log and KEY not in proxy_log  # the key neither
     generated = subprocess.run(
         [sys.executable, "-m", "costeer.cli", "generate", "--prompt", BIRTHDAY_PROMPT, "--context", str(EXAMPLE_PROFILE),
          "--method", "costeer", "--max-new-tokens", str(MAX_TOKENS), "--json"],

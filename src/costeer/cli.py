@@ -80,8 +80,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "prefill of the same context, same output; see `costeer cache`)")
 
 
-def _add_cloud_args(p: argparse.ArgumentParser) -> None:
-    """Where the cloud model runs when not here: `generate` and `proxy` take the same options."""
+def _add_cloud_args(p: argparse.ArgumentParser, own_api_key: bool = False) -> None:
+    """Where the cloud model runs when not here: `generate` and `proxy` take the same options.
+    `own_api_key`: the command has an --api-key of its own (proxy: its clients' key), so the
+    cloud's key is --cloud-api-key only; elsewhere --api-key is its older name."""
     cloud = p.add_argument_group("remote cloud (the device model stays here)")
     cloud.add_argument("--cloud", metavar="URL", help="a `costeer serve` server (http://HOST:PORT), vLLM or any "
                        "OpenAI-compatible completions server (openai+http://HOST:PORT/v1), or llama.cpp's "
@@ -90,7 +92,8 @@ def _add_cloud_args(p: argparse.ArgumentParser) -> None:
     cloud.add_argument("--cloud-max-k", type=_positive_int, default=None,
                        help="most logprobs to ask of an OpenAI-compatible server or llama-server (default: "
                        "no limit but the server's own, learned from its refusal)")
-    cloud.add_argument("--api-key", default=None, help="the server's key (default: $COSTEER_API_KEY)")
+    cloud.add_argument("--cloud-api-key", *(() if own_api_key else ("--api-key",)), dest="cloud_api_key", default=None,
+                       metavar="KEY", help="the cloud server's key (default: $COSTEER_API_KEY)")
     cloud.add_argument("--wire-log", metavar="FILE", help="append every message to and from the cloud as JSON lines")
     cloud.add_argument("--cloud-timeout", metavar="S", type=_finite_float, default=120.0,
                        help="seconds any one request to the cloud may take before a clear error (default 120)")
@@ -136,8 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate an answer")
     gen.add_argument("--prompt", required=True, help="the public request (the cloud sees it)")
     gen.add_argument("--context", action="append", default=[], metavar="FILE",
-                     help="private context file, or a folder of .txt, .md and .json files (repeatable)")
-    gen.add_argument("--context-text", default=None, help="private context given inline")
+                     help="private context file, a folder of .txt, .md and .json files, or - to read it from stdin "
+                          "(repeatable)")
+    gen.add_argument("--context-text", default=None,
+                     help="private context given inline (visible to other local users in ps: prefer --context -)")
     gen.add_argument("--method", default="costeer",
                      help=f"one of {', '.join(METHODS)}, or cos:LAMBDA, mix:W, unsure:W, bounded:B, ada:P "
                           "(default costeer, the paper's; auto is the recommended one)")
@@ -153,10 +158,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(demo)
 
     srv = sub.add_parser("serve", help="host the cloud model over HTTP for devices (`generate --cloud`)")
-    srv.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
+    srv.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only); any other address "
+                     "needs an API key, or --insecure")
     srv.add_argument("--port", type=_positive_int, default=8750)
     srv.add_argument("--api-key", action="append", default=[],
-                     help="require a key; repeatable, one per user (default: $COSTEER_API_KEY, comma-separated; none: open)")
+                     help="require a key (printable ASCII, at least 16 characters); repeatable, one per user "
+                          "(default: $COSTEER_API_KEY, comma-separated; none: open)")
+    srv.add_argument("--insecure", action="store_true",
+                     help="allow serving on a non-loopback --host with no API key (anyone who can connect may use it)")
     srv.add_argument("--llm", help=f"the cloud model: a GGUF file, a Hugging Face folder, or a name ({MODEL_NAMES}; default: "
                      "qwen2.5-coder-1.5b)")
     srv.add_argument("--backend", default="auto", choices=["auto", "llama.cpp", "transformers"])
@@ -174,15 +183,49 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-batch", type=_positive_int, default=None,
                      help="tokens in one batched forward pass (default: the most that keeps every session's output "
                           "independent of the others', 3 on llama.cpp's CPU kernels; more is faster)")
+    srv.add_argument("--max-sessions-per-key", type=_positive_int, default=None,
+                     help="sessions one API key may hold at once (default: half of --max-sessions with two keys or "
+                          "more, all of them with one)")
+    srv.add_argument("--session-max-age", type=_positive_int, default=limits.session_max_age_s,
+                     help=f"seconds a session may live however busy it is (default {limits.session_max_age_s})")
+    srv.add_argument("--max-body-bytes", type=_positive_int, default=limits.max_body_bytes,
+                     help=f"largest request body, refused unread beyond it (default {limits.max_body_bytes})")
 
     proxy = sub.add_parser("proxy", help="an OpenAI-compatible chat endpoint on this device, personalized with "
                            "the private context (the model field picks the method)")
-    proxy.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only: no key is asked)")
+    proxy.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
     proxy.add_argument("--port", type=_positive_int, default=8008)
     proxy.add_argument("--context", action="append", default=[], metavar="FILE",
-                       help="private context file, or a folder of .txt, .md and .json files (repeatable)")
-    proxy.add_argument("--context-text", default=None, help="private context given inline")
-    _add_cloud_args(proxy)
+                       help="private context file, a folder of .txt, .md and .json files, or - to read it from "
+                            "stdin (repeatable)")
+    proxy.add_argument("--context-text", default=None,
+                       help="private context given inline (visible to other local users in ps: prefer --context -)")
+    access = proxy.add_argument_group("who may ask (the proxy's answers are steered by the private context)")
+    access.add_argument("--api-key", metavar="KEY", default=None,
+                        help="the key every request must carry (Authorization: Bearer KEY: the openai SDK's api_key), "
+                             "16 or more printable characters (default: $COSTEER_PROXY_API_KEY, else the key in "
+                             "$XDG_CONFIG_HOME or ~/.config, costeer/proxy-key, made mode 0600 at first start; a key "
+                             "on the command line shows in ps: prefer those)")
+    access.add_argument("--no-key", action="store_true",
+                        help="ask no key: with a loopback --host only, and then any program or user on this machine "
+                             "can read answers steered by the private context")
+    access.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                        help="a Host name requests may use besides localhost, 127.0.0.1, ::1 and --host (repeatable; "
+                             "others are refused, against DNS rebinding)")
+    access.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                        help="a web page origin (scheme://host[:port]) that may call the proxy besides its own "
+                             "(repeatable; requests from other pages are refused)")
+    access.add_argument("--max-body-bytes", type=_positive_int, default=2 * 2**20, metavar="N",
+                        help="largest request body (default 2 MiB)")
+    access.add_argument("--methods", default=None, metavar="LIST",
+                        help=f"the methods served, comma-separated (default: {', '.join(METHODS)}); parametric ones "
+                             "only when listed: mix, unsure, bounded, cos:*, ada:* (any number in range) or "
+                             "PREFIX:NUMBER (that one); ranges: mix:W and unsure:W -8..8, bounded:B 0..8 (B > 0), "
+                             "cos:LAMBDA -8..8, ada:P 0..1 (strictly)")
+    access.add_argument("--max-queue", type=_positive_int, default=8, metavar="N",
+                        help="requests waiting or running at once (default 8); more are refused with 429 and "
+                             "Retry-After")
+    _add_cloud_args(proxy, own_api_key=True)
     _add_model_args(proxy)
     _add_decoding_args(proxy)  # the defaults of what a request leaves out; --max-new-tokens: of max_tokens
 
@@ -227,7 +270,7 @@ def _costeer(args: argparse.Namespace):
     from .generator import CoSteer
 
     return CoSteer(args.llm, args.slm, backend=args.backend, cloud=args.cloud,
-                   api_key=args.api_key or os.environ.get("COSTEER_API_KEY"), wire_log=args.wire_log,
+                   api_key=args.cloud_api_key or os.environ.get("COSTEER_API_KEY"), wire_log=args.wire_log,
                    simulate_rtt_ms=args.simulate_rtt, cloud_top_k=args.cloud_top_k,
                    cloud_model=args.cloud_model, cloud_max_k=args.cloud_max_k, lookahead=args.lookahead,
                    cloud_timeout_s=args.cloud_timeout, cloud_retry_for_s=args.cloud_retry_for,
@@ -238,7 +281,7 @@ def _costeer(args: argparse.Namespace):
 def cmd_generate(args: argparse.Namespace) -> int:
     from .prompts import PAPER_SYSTEM_PROMPT, load_context
 
-    context = load_context(args.context, args.context_text)
+    context = load_context(args.context, args.context_text, text_from_command_line=True)
     params = _steering(args)
     cs = _costeer(args)
     stream = None if args.json else (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
@@ -289,20 +332,39 @@ def _warn_inexact(traffic: dict) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from .backends import load_model
     from .default_models import DEFAULT_LLM, resolve_model_path
-    from .transport.server import serve
+    from .transport.guard import check_keys
+    from .transport.server import check_exposure, serve
 
+    # keys and exposure first: a mistake there is one line now, not after a model load
+    keys = check_keys(args.api_key or _env_keys())
+    warning = check_exposure(args.host, keys, args.insecure)
+    if warning:
+        print(f"costeer: {warning}", file=sys.stderr)
     model = load_model(resolve_model_path(args.llm, DEFAULT_LLM), args.backend)
     limits = ServerLimits(max_sessions=args.max_sessions, session_ttl_s=args.session_ttl, max_prompt_tokens=args.max_prompt_tokens,
                           max_new_tokens=args.max_new_tokens, max_kv_tokens=args.max_kv_tokens,
-                          batch_slot_tokens=args.batch_slot_tokens)
+                          batch_slot_tokens=args.batch_slot_tokens, max_sessions_per_key=args.max_sessions_per_key,
+                          session_max_age_s=args.session_max_age, max_body_bytes=args.max_body_bytes)
     if limits.max_sessions * limits.batch_slot_tokens > limits.max_kv_tokens:
         print(f"costeer: {limits.max_sessions} slots of {limits.batch_slot_tokens} tokens exceed --max-kv-tokens "
               f"{limits.max_kv_tokens}: sessions will not be batched", file=sys.stderr)
-    keys = args.api_key or [k for k in os.environ.get("COSTEER_API_KEY", "").split(",") if k]
     print(f"costeer: serving {model.name} on http://{args.host}:{args.port} "
           f"({'API key required' if keys else 'no API key'}); schema at /openapi.json", file=sys.stderr)
-    serve(model, args.host, args.port, keys, limits, args.max_batch)
+    serve(model, args.host, args.port, keys, limits, args.max_batch, insecure=args.insecure)
     return 0
+
+
+def _env_keys() -> list[str]:
+    """$COSTEER_API_KEY's comma-separated keys. Set but holding no key (",", a stray comma)
+    is an error, not an open server: the variable says a key was meant."""
+    text = os.environ.get("COSTEER_API_KEY")
+    if text is None:
+        return []
+    keys = [k.strip() for k in text.split(",")]
+    if not all(keys):
+        raise UserError("$COSTEER_API_KEY is set but holds an empty key (keys are separated by commas); unset it "
+                        "to serve with no key")
+    return keys
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -323,14 +385,41 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_proxy(args: argparse.Namespace) -> int:
-    from .prompts import PAPER_SYSTEM_PROMPT, load_context
-    from .transport.proxy import ProxyDefaults, serve_proxy
+    import dataclasses
 
-    context = load_context(args.context, args.context_text)
+    from .prompts import PAPER_SYSTEM_PROMPT, load_context
+    from .transport.guard import is_loopback
+    from .transport.proxy import MethodAllowList, ProxyAccess, ProxyDefaults, proxy_key, serve_proxy
+
+    # who may ask, checked before anything is read or loaded
+    if args.no_key and args.api_key:
+        raise UserError("--api-key and --no-key contradict each other")
+    if args.no_key and not is_loopback(args.host):
+        raise UserError(f"--no-key is allowed only with a loopback --host (127.0.0.1, ::1, localhost), not "
+                        f"{args.host}: anyone who reaches the port could read answers steered by the private context")
+    given = None if args.no_key else args.api_key or os.environ.get("COSTEER_PROXY_API_KEY") or None
+    access = ProxyAccess(api_key=given, host=args.host, port=args.port, allow_hosts=tuple(args.allow_host),
+                         allow_origins=tuple(args.allow_origin), max_body_bytes=args.max_body_bytes,
+                         methods=MethodAllowList.parse(args.methods), max_queue=args.max_queue)
+    context = load_context(args.context, args.context_text, text_from_command_line=True)
     defaults = ProxyDefaults(max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                              top_k=args.top_k, seed=args.seed, stop=tuple(args.stop), params=_steering(args),
                              fusion=args.fusion, max_context_tokens=args.max_context_tokens,
                              system_prompt=args.system_prompt if args.system_prompt is not None else PAPER_SYSTEM_PROMPT)
+    if args.no_key:
+        print("costeer: warning: --no-key: any program or user on this machine can ask the proxy, and its answers "
+              "are steered by the private context", file=sys.stderr)
+    elif given is None:  # the key file's path only: the key itself is never printed
+        key, path, created = proxy_key()
+        access = dataclasses.replace(access, api_key=key)
+        print(f"costeer: clients must send the key in {path} ({'made now, ' if created else ''}readable by you "
+              "alone) as their API key (Authorization: Bearer KEY)", file=sys.stderr)
+    else:
+        print(f"costeer: clients must send the key given by {'--api-key' if args.api_key else '$COSTEER_PROXY_API_KEY'} "
+              "as their API key (Authorization: Bearer KEY)", file=sys.stderr)
+    if args.host in ("0.0.0.0", "::") and not args.allow_host:
+        print("costeer: note: requests must name this machine localhost, 127.0.0.1 or ::1 in their Host header: add "
+              "the names others use for it with --allow-host", file=sys.stderr)
     cs = _costeer(args)
     try:
         cs.model("slm"), cs.model("llm")  # load (or connect) now: the first request should not wait for it
@@ -338,7 +427,7 @@ def cmd_proxy(args: argparse.Namespace) -> int:
         print(f"costeer: OpenAI-compatible endpoint on http://{args.host}:{args.port}/v1 (cloud: "
               f"{cs.cloud_url or 'embedded'}; private context: {len(context):,} characters from {sources} "
               f"source{'s' * (sources != 1)}); the model field picks the method, see /v1/models", file=sys.stderr)
-        serve_proxy(cs, context, defaults, args.host, args.port)
+        serve_proxy(cs, context, defaults, access)
     finally:
         cs.close()
     return 0
