@@ -422,8 +422,10 @@ def verbose_proxy(app, port: int):
 
 
 # cases per operation; GET /v1/models has no parameters and runs out after a few. Generating
-# a chat request takes schemathesis about 60 ms here: most of this test's 100 s or so
-FUZZ_CASES = {"POST /v1/chat/completions": 1400, "GET /v1/models/{name}": 600, "GET /v1/models": 50}
+# a chat request takes schemathesis about 60 ms here, so the suite runs a fifth of the full
+# 2,000-odd cases (about 25 s); COSTEER_FUZZ_FULL=1 runs them all (about 110 s)
+_FULL = {"POST /v1/chat/completions": 1400, "GET /v1/models/{name}": 600, "GET /v1/models": 50}
+FUZZ_CASES = _FULL if os.environ.get("COSTEER_FUZZ_FULL") == "1" else {k: max(10, v // 5) for k, v in _FULL.items()}
 SERVED = "costeer,auto,llm,slm,slm-context,light,costeer-plausible,mix,unsure,bounded,cos:*,ada:*"
 # models the fuzz puts into a generated body now and then, so that many cases generate
 MODELS = ["costeer", "auto", "llm", "slm-context", "light", "costeer-plausible", "mix:0.5", "unsure:3", "bounded:2",
@@ -507,9 +509,9 @@ def test_thousands_of_fuzz_cases_with_the_key_no_5xx_and_the_context_in_no_log_b
     generated = app.state.stats.completed
     print(f"\nproxy fuzz: {total} cases in {fuzz_s:.1f} s ({per_operation}), statuses {dict(sorted(statuses.items()))}, "
           f"{generated} generations; {every_log.count} log records")
-    assert total >= 2000 and not [code for code in statuses if code >= 500]
+    assert total >= 0.95 * sum(FUZZ_CASES.values()) - 50 and not [code for code in statuses if code >= 500]
     assert not {401, 403, 413, 415} & set(statuses)  # with the key, every case reached the app
-    assert statuses.get(200, 0) >= 100 and generated >= 100  # and many reached the models
+    assert statuses.get(200, 0) >= total // 20 and generated >= total // 20  # and many reached the models
     assert not leaked, leaked[:5]
     assert {"uvicorn.access", "uvicorn.asgi", "uvicorn.error"} <= every_log.names and every_log.markers > 0
     assert not every_log.kept, every_log.kept[:5]  # no record holds the canary or a traceback; none is an error

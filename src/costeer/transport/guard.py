@@ -56,6 +56,9 @@ class GuardPolicy:
     max_body_bytes: int = 2 * 2**20
     body_timeout_s: float = 30.0
     max_in_flight: int | None = None  # requests handled at once; None: no cap
+    # appended to the 403 messages: how this server's own command widens its allow-lists
+    host_hint: str = ""
+    origin_hint: str = ""
 
     def __post_init__(self) -> None:
         if self.max_body_bytes < 1 or self.body_timeout_s <= 0:
@@ -119,13 +122,11 @@ class Guard:
 
     def _check_head(self, scope: Scope, headers: dict[str, str]) -> None:
         p = self.policy
-        if p.allowed_hosts is not None and _hostname(headers.get("host", "")) not in p.allowed_hosts:
-            raise _Refusal(403, "host_not_allowed", "this server does not answer to that Host name "
-                           "(allow it with --allow-host)")
+        if p.allowed_hosts is not None and host_name(headers.get("host", "")) not in p.allowed_hosts:
+            raise _Refusal(403, "host_not_allowed", "this server does not answer to that Host name" + p.host_hint)
         origin = headers.get("origin")
         if p.allowed_origins is not None and origin is not None and origin.lower().rstrip("/") not in p.allowed_origins:
-            raise _Refusal(403, "origin_not_allowed", "cross-origin requests are refused (allow an origin with "
-                           "--allow-origin)")
+            raise _Refusal(403, "origin_not_allowed", "cross-origin requests are refused" + p.origin_hint)
         scope.setdefault("state", {})["api_key"] = key = self._key(headers.get("authorization", ""))
         if self._keys and key is None and scope["path"] not in p.open_paths:
             raise _Refusal(401, "unauthorized", "a valid API key is required (Authorization: Bearer KEY)",
@@ -200,7 +201,7 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return replayed
 
 
-def _hostname(host: str) -> str:
+def host_name(host: str) -> str:
     """A Host header's name: lowercase, without port, brackets or a trailing dot."""
     host = host.strip().lower()
     if host.startswith("["):
@@ -212,23 +213,24 @@ def _hostname(host: str) -> str:
 
 # --- keys and addresses -------------------------------------------------------------
 
-def check_keys(keys: Iterable[str]) -> tuple[str, ...]:
+def check_keys(keys: Iterable[str], label: str = "API key #{n}") -> tuple[str, ...]:
     """Keys as given, or a UserError: printable ASCII without spaces, at least 16 characters.
-    The message never quotes a key."""
+    `label` names the key in the message ({n}: its position); the message never quotes it."""
     out = tuple(keys)
     for n, key in enumerate(out, 1):
+        name = label.format(n=n)
         if not key or not all(0x21 <= ord(c) <= 0x7E for c in key):
-            raise UserError(f"API key #{n} must be printable ASCII without spaces (an HTTP header cannot carry it "
+            raise UserError(f"{name} must be printable ASCII without spaces (an HTTP header cannot carry it "
                             "otherwise)")
         if len(key) < MIN_KEY_CHARS:
-            raise UserError(f"API key #{n} has {len(key)} characters; use at least {MIN_KEY_CHARS} (python -c "
+            raise UserError(f"{name} has {len(key)} characters; use at least {MIN_KEY_CHARS} (python -c "
                             "\"import secrets; print(secrets.token_urlsafe(32))\" makes one)")
     return out
 
 
 def is_loopback(host: str) -> bool:
     """A bind address or Host name that only this machine can reach."""
-    name = host.strip().lower() if not host.startswith("[") and host.count(":") > 1 else _hostname(host)
+    name = host.strip().lower() if not host.startswith("[") and host.count(":") > 1 else host_name(host)
     if name == "localhost" or name.endswith(".localhost"):
         return True
     try:

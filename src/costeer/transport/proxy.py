@@ -55,7 +55,7 @@ from ..generator import CoSteer, Generation
 from ..methods import METHODS, PARAMETRIC_METHODS, Fusion, make_policy
 from ..prompts import PAPER_SYSTEM_PROMPT, build_prompts
 from ..sampling import SamplingConfig
-from .guard import Guard, GuardPolicy, check_keys, local_origins, loopback_hosts, serve_app
+from .guard import Guard, GuardPolicy, check_keys, host_name, local_origins, loopback_hosts, serve_app
 from .wire import CloudRefused, CloudUnreachable
 
 log = logging.getLogger(__name__)
@@ -313,10 +313,7 @@ class ProxyAccess:
 
     def __post_init__(self) -> None:  # refused at start, as one line
         if self.api_key is not None:
-            try:
-                check_keys([self.api_key])
-            except UserError as exc:  # the message never quotes the key
-                raise UserError(str(exc).replace("API key #1", "the proxy's API key")) from None
+            check_keys([self.api_key], label="the proxy's API key")
         if self.max_queue < 1 or self.max_body_bytes < 1:
             raise UserError("--max-queue and --max-body-bytes must be >= 1")
         for origin in self.allow_origins:
@@ -326,18 +323,15 @@ class ProxyAccess:
                                 f"got {origin[:80]!r}")
 
     def hosts(self) -> frozenset[str]:
-        bound = {_host_name(self.host)} - {"0.0.0.0", "::", ""}
-        return loopback_hosts() | bound | {_host_name(h) for h in self.allow_hosts}
+        bound = {host_name(self.host)} - {"0.0.0.0", "::", ""}
+        return loopback_hosts() | bound | {host_name(h) for h in self.allow_hosts}
 
     def guard_policy(self) -> GuardPolicy:
         origins = local_origins(self.hosts(), self.port) | {o.lower().rstrip("/") for o in self.allow_origins}
         return GuardPolicy(api_keys=(self.api_key,) if self.api_key else (), open_paths=frozenset(),
                            allowed_hosts=self.hosts(), allowed_origins=origins, require_json=True,
-                           max_body_bytes=self.max_body_bytes, max_in_flight=max(64, 4 * self.max_queue))
-
-
-def _host_name(host: str) -> str:
-    return host.strip().lower().removeprefix("[").removesuffix("]").rstrip(".")
+                           max_body_bytes=self.max_body_bytes, max_in_flight=max(64, 4 * self.max_queue),
+                           host_hint=" (allow it with --allow-host)", origin_hint=" (allow an origin with --allow-origin)")
 
 
 def proxy_key_path() -> Path:
