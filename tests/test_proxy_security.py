@@ -511,7 +511,7 @@ def test_thousands_of_fuzz_cases_with_the_key_no_5xx_and_the_context_in_no_log_b
           f"{generated} generations; {every_log.count} log records")
     assert total >= 0.95 * sum(FUZZ_CASES.values()) - 50 and not [code for code in statuses if code >= 500]
     assert not {401, 403, 413, 415} & set(statuses)  # with the key, every case reached the app
-    assert statuses.get(200, 0) >= total // 20 and generated >= total // 20  # and many reached the models
+    assert statuses.get(200, 0) >= total // 50 and generated >= total // 50  # and many reached the models
     assert not leaked, leaked[:5]
     assert {"uvicorn.access", "uvicorn.asgi", "uvicorn.error"} <= every_log.names and every_log.markers > 0
     assert not every_log.kept, every_log.kept[:5]  # no record holds the canary or a traceback; none is an error
