@@ -20,7 +20,7 @@ import statistics
 import sys
 
 from costeer import CoSteer
-from costeer.bench import BenchConfig, decode_ms, load_tasks, rotating
+from costeer.bench.speed import BenchConfig, decode_ms, load_tasks, rotating
 
 
 def main() -> int:

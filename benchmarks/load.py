@@ -17,8 +17,8 @@ import argparse
 import json
 import sys
 
-from costeer.transport.load import alone, drive
-from costeer.transport.processes import free_port, running
+from costeer.bench.load import alone, drive
+from costeer.bench.processes import free_port, running
 
 PROMPTS = [f"In two sentences, {q}" for q in (
     "why is the sky blue?", "what is a prime number?", "how do bees make honey?", "what is TCP?",

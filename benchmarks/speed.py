@@ -25,8 +25,8 @@ import statistics
 import sys
 
 from costeer import CoSteer, SteeringParams
-from costeer.bench import BenchConfig, decode_ms, load_tasks, rotating
-from costeer.contention import warn_if_contended
+from costeer.bench.speed import BenchConfig, decode_ms, load_tasks, rotating
+from costeer.bench.contention import warn_if_contended
 from costeer.decoding import decode
 from costeer.methods import CoSteerPolicy, StreamSpec
 from costeer.sampling import SamplingConfig, TokenPicker

@@ -32,7 +32,7 @@ from costeer.evaluation.datasets import load_cogenesis
 from costeer.methods import DEFAULT_TOP_K, PLAUSIBLE_K, CoSteerPolicy, PlausibleCoSteer
 from costeer.sampling import SamplingConfig
 from costeer.transport.protocol import Step
-from costeer.transport.server import distribution_reply
+from costeer.transport.server.app import distribution_reply
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cogenesis"
 GREEDY = SamplingConfig()

@@ -7,7 +7,7 @@ import sys
 import time
 from typing import Iterator
 
-from costeer.transport.processes import free_port, running  # noqa: F401  (tests import both from here)
+from costeer.bench.processes import free_port, running  # noqa: F401  (tests import both from here)
 
 
 def costeer_serve(*args: str, port: int, threads: int = 1, procs: list | None = None) -> contextlib.AbstractContextManager[str]:
@@ -18,11 +18,11 @@ def costeer_serve(*args: str, port: int, threads: int = 1, procs: list | None = 
 
 # llama-cpp-python's OpenAI-compatible server, as a third party runs it, except that
 # ggml's AMX buffer type is removed first: on this CPU it crashes every llama.cpp
-# build (see costeer.backends.llama_cpp_backend._drop_amx_buffer_type).
+# build (see costeer.backends.llama_cpp.lib._drop_amx_buffer_type).
 _LLAMA_SERVER = """
 import runpy, sys
-from costeer.backends.llama_cpp_backend import _llama
-_llama()
+from costeer.backends.llama_cpp.lib import load_llama_cpp
+load_llama_cpp()
 sys.argv = ["llama_cpp.server"] + sys.argv[1:]
 runpy.run_module("llama_cpp.server", run_name="__main__")
 """

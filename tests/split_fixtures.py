@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from costeer import CoSteer
-from costeer.transport.server import create_app
+from costeer.transport.server.app import create_app
 from fake_servers import RequestLog
 from fakes import NumpyModel
 from servers import app_in_thread

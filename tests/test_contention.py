@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from costeer import contention
+from costeer.bench import contention
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads Linux /proc")
 

@@ -1,4 +1,4 @@
-"""The device's private-context cache (context_cache.py), on a NumPy model that can
+"""The device's private-context cache (context_cache/), on a NumPy model that can
 save and restore its state: reuse, exactness, integrity, privacy, eviction, CLI."""
 
 from __future__ import annotations

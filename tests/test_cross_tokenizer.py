@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from costeer import CoSteer
 from costeer.backends.aligned import AlignedModel, _complete_utf8_prefix
 from costeer.fusion import SteeringParams, local_delta
-from costeer.transport.server import create_app
+from costeer.transport.server.app import create_app
 from costeer.vocabulary_map import VocabularyMap, piece_bytes
 from fakes import NumpyModel, OtherVocabularyModel
 from servers import app_in_thread
@@ -235,7 +235,7 @@ def test_split_mode_across_tokenizers_equals_embedded_with_every_step_certified(
 
 
 def test_the_served_vocabulary_matches_its_digest(served_cloud):
-    from costeer.transport.client import ServedCloud
+    from costeer.transport.client.served import ServedCloud
     from costeer.transport.wire import WireClient
 
     cloud = ServedCloud(WireClient(served_cloud), OtherVocabularyModel(2))

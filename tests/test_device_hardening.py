@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from costeer import CoSteer, ContextCache, UserError
 from costeer.cli import main
 from costeer.prompts import INLINE_TEXT_WARNING, load_context
-from costeer.transport.server import create_app
+from costeer.transport.server.app import create_app
 from costeer.transport.wire import (DEFAULT_MAX_REPLY_BYTES, CloudRefused, ReplyTooLarge, WireClient, WireLog,
                                     is_loopback, printable)
 from fake_servers import OpenAIQuirks, llama_server_app, openai_app
@@ -75,7 +75,7 @@ class _RecordingCoSteer(CoSteer):
 
 @pytest.fixture
 def recording_cli(monkeypatch):
-    monkeypatch.setattr("costeer.generator.CoSteer", _RecordingCoSteer)
+    monkeypatch.setattr("costeer.api.CoSteer", _RecordingCoSteer)
     _RecordingCoSteer.contexts = []
     return _RecordingCoSteer.contexts
 

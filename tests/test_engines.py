@@ -17,7 +17,7 @@ import pytest
 
 from conftest import BIRTHDAY_PROMPT, EXAMPLE_PROFILE, facts_in
 from costeer.cli import main
-from costeer.transport.processes import free_port, running
+from costeer.bench.processes import free_port, running
 
 pytestmark = pytest.mark.engines
 

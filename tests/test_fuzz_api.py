@@ -14,7 +14,7 @@ schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, settings  # noqa: E402
 from schemathesis.checks import not_a_server_error  # noqa: E402
 
-from costeer.transport.server import create_app  # noqa: E402
+from costeer.transport.server.app import create_app  # noqa: E402
 from fakes import NumpyModel  # noqa: E402
 
 KEY = "fuzz-key-0123456789abcdef"

@@ -22,11 +22,11 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import BIRTHDAY_PROMPT, PROFILE_FACTS
 from costeer import CoSteer
-from costeer.transport.limits import ServerLimits
+from costeer.transport.server.limits import ServerLimits
 from costeer.transport.protocol import IDS, decode_array
-from costeer.transport.server import create_app
+from costeer.transport.server.app import create_app
 from fakes import NumpyModel
-from costeer.transport.processes import stop
+from costeer.bench.processes import stop
 from servers import free_port
 from split_fixtures import CANARY, CONTEXT, PROMPT
 

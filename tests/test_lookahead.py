@@ -11,7 +11,7 @@ import pytest
 from costeer import CoSteer, UserError
 from costeer.cli import main
 from costeer.methods import METHODS, make_policy
-from costeer.transport.server import create_app
+from costeer.transport.server.app import create_app
 from fakes import NumpyModel
 from servers import app_in_thread
 from split_fixtures import CONTEXT, PROMPT, device, embedded, served  # noqa: F401  (fixtures)

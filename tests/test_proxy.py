@@ -20,8 +20,10 @@ import pytest
 from costeer import CoSteer
 from costeer.methods import METHODS
 from costeer.prompts import CONTEXT_INTRO, PAPER_SYSTEM_PROMPT, REQUEST_INTRO
-from costeer.transport.proxy import MethodAllowList, ProxyAccess, ProxyDefaults, create_proxy_app
-from costeer.transport.server import create_app
+from costeer.proxy.access import MethodAllowList, ProxyAccess
+from costeer.proxy.app import create_proxy_app
+from costeer.proxy.schema import ProxyDefaults
+from costeer.transport.server.app import create_app
 from fakes import NumpyModel
 from servers import app_in_thread, free_port
 

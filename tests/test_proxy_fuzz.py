@@ -14,7 +14,9 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 from schemathesis.checks import not_a_server_error  # noqa: E402
 
 from costeer import CoSteer  # noqa: E402
-from costeer.transport.proxy import MethodAllowList, ProxyAccess, ProxyDefaults, create_proxy_app  # noqa: E402
+from costeer.proxy.access import MethodAllowList, ProxyAccess  # noqa: E402
+from costeer.proxy.app import create_proxy_app  # noqa: E402
+from costeer.proxy.schema import ProxyDefaults  # noqa: E402
 from fakes import NumpyModel  # noqa: E402
 
 CANARY = "canary-Fuzz-5150"

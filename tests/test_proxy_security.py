@@ -24,8 +24,10 @@ from costeer.cli import build_parser, main
 from costeer.errors import UserError
 from costeer.methods import METHODS, PARAMETRIC_METHODS
 from costeer.transport.guard import uvicorn_config
-from costeer.transport.proxy import (PARAMETER_RANGES, ApiError, MethodAllowList, ProxyAccess, ProxyDefaults,
-                                     create_proxy_app, proxy_key, proxy_key_path)
+from costeer.proxy.access import PARAMETER_RANGES, MethodAllowList, ProxyAccess, proxy_key, proxy_key_path
+from costeer.proxy.app import create_proxy_app
+from costeer.proxy.errors import ApiError
+from costeer.proxy.schema import ProxyDefaults
 from fakes import NumpyModel
 from servers import app_in_thread, free_port
 from test_proxy import SlowModel
@@ -303,13 +305,13 @@ class FakeCoSteer:
 def cli(tmp_path, monkeypatch):
     """`costeer proxy` in this process with the models and the server stubbed: what it would serve."""
     import costeer.cli
-    import costeer.transport.proxy
+    import costeer.proxy.app
 
     served = []
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
     monkeypatch.delenv("COSTEER_PROXY_API_KEY", raising=False)
     monkeypatch.setattr(costeer.cli, "_costeer", lambda args: FakeCoSteer())
-    monkeypatch.setattr(costeer.transport.proxy, "serve_proxy", lambda cs, context, defaults, access: served.append(access))
+    monkeypatch.setattr(costeer.proxy.app, "serve_proxy", lambda cs, context, defaults, access: served.append(access))
     profile = tmp_path / "profile.md"
     profile.write_text(CONTEXT)
     return lambda *args: (main(["proxy", "--context", str(profile), *args]), served[-1] if served else None)

@@ -17,8 +17,8 @@ from fastapi.responses import JSONResponse
 
 from costeer import CoSteer, UserError
 from costeer.cli import main
-from costeer.transport.limits import ServerLimits
-from costeer.transport.server import create_app
+from costeer.transport.server.limits import ServerLimits
+from costeer.transport.server.app import create_app
 from costeer.transport.wire import CloudRefused
 from fake_servers import RequestLog
 from fakes import NumpyModel

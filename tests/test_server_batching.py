@@ -13,10 +13,10 @@ import httpx
 import numpy as np
 import pytest
 
-from costeer.transport.limits import ServerLimits
-from costeer.transport.load import alone, drive
-from costeer.transport.scheduler import Scheduler
-from costeer.transport.server import create_app
+from costeer.transport.server.limits import ServerLimits
+from costeer.bench.load import alone, drive
+from costeer.transport.server.scheduler import Scheduler
+from costeer.transport.server.app import create_app
 from fakes import NumpyBatchEngine, NumpyModel
 from servers import app_in_thread
 

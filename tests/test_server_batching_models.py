@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from costeer.transport.load import alone, drive
+from costeer.bench.load import alone, drive
 from servers import costeer_serve, free_port
 
 pytestmark = pytest.mark.models

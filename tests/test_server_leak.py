@@ -18,9 +18,9 @@ from typing import Callable, Sequence
 import httpx
 import pytest
 
-from costeer.transport.limits import ServerLimits
+from costeer.transport.server.limits import ServerLimits
 from costeer.transport.protocol import IDS, decode_array
-from costeer.transport.server import create_app
+from costeer.transport.server.app import create_app
 from fakes import NumpyModel
 from servers import app_in_thread, costeer_serve, free_port
 

@@ -17,9 +17,9 @@ import httpx
 import pytest
 
 from costeer.backends.base import StreamGroup
-from costeer.transport.limits import ServerLimits
+from costeer.transport.server.limits import ServerLimits
 from costeer.transport.protocol import IDS, decode_array
-from costeer.transport.server import create_app
+from costeer.transport.server.app import create_app
 from fakes import NumpyModel, NumpyStreams
 from servers import app_in_thread, costeer_serve, free_port
 

@@ -19,9 +19,9 @@ import httpx
 import pytest
 
 from costeer.cli import main
-from costeer.transport.limits import ServerLimits
-from costeer.transport.scheduler import Scheduler, SchedulerClosed
-from costeer.transport.server import create_app
+from costeer.transport.server.limits import ServerLimits
+from costeer.transport.server.scheduler import Scheduler, SchedulerClosed
+from costeer.transport.server.app import create_app
 from fakes import NumpyBatchEngine, NumpyModel
 from servers import app_in_thread, free_port, running
 from test_server_lifecycle import HookedModel
@@ -140,8 +140,8 @@ SERVE = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
 from fakes import NumpyModel
-from costeer.transport.limits import ServerLimits
-from costeer.transport.server import serve
+from costeer.transport.server.limits import ServerLimits
+from costeer.transport.server.app import serve
 serve(NumpyModel(1, "numpy-cloud"), "127.0.0.1", int(sys.argv[2]), [sys.argv[3]], ServerLimits(), **json.loads(sys.argv[4]))
 """
 
@@ -531,13 +531,13 @@ def no_model(monkeypatch):
     """cmd_serve with its model load and server stubbed: what reached serve()."""
     import costeer.backends
     import costeer.default_models
-    import costeer.transport.server
+    import costeer.transport.server.app
 
     served: list[dict] = []
     monkeypatch.delenv("COSTEER_API_KEY", raising=False)
     monkeypatch.setattr(costeer.default_models, "resolve_model_path", lambda *a: "model")
     monkeypatch.setattr(costeer.backends, "load_model", lambda *a: NumpyModel(1))
-    monkeypatch.setattr(costeer.transport.server, "serve",
+    monkeypatch.setattr(costeer.transport.server.app, "serve",
                         lambda model, host, port, keys, limits, max_batch, **kw: served.append(dict(keys=keys, limits=limits, **kw)))
     return served
 

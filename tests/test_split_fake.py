@@ -15,7 +15,7 @@ from costeer.cli import main
 from costeer.errors import PrivacyError
 from costeer.methods import METHODS
 from costeer.prompts import INLINE_TEXT_WARNING
-from costeer.transport.server import create_app
+from costeer.transport.server.app import create_app
 from fake_servers import (VLLM_DEFAULT, VLLM_UNCAPPED, OpenAIQuirks, RequestLog, llama_server_app, openai_app,
                           short_changing)
 from fakes import NumpyModel

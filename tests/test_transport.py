@@ -33,7 +33,7 @@ def device(cloud_url, tmp_path_factory):
 @pytest.fixture(scope="module")
 def fake_cloud_url():
     """The same server app on the seeded NumPy model: protocol tests need no real model."""
-    from costeer.transport.server import create_app
+    from costeer.transport.server.app import create_app
     from fakes import NumpyModel
     from servers import app_in_thread
 

@@ -116,7 +116,7 @@ class CoSteer:
                        cloud_timeout_s, cloud_retry_for_s) if cloud else None
         self.send_private_context_to_cloud = send_private_context_to_cloud
         self._device_beside_cloud: LanguageModel | None = None  # the device model as the loop sees it (_models_for)
-        # the device model's saved prefill of private prompts (exact; see context_cache.py)
+        # the device model's saved prefill of private prompts (exact; see context_cache/)
         self.context_cache = ContextCache() if context_cache is True else context_cache or None
 
     @property
@@ -129,7 +129,9 @@ class CoSteer:
         if slot.model is None:
             source = slot.source
             if role == "llm" and self._cloud:
-                slot.model = _connect_cloud(*self._cloud, tokenizer=self.model("slm"))
+                from .transport.connect import connect_cloud
+
+                slot.model = connect_cloud(*self._cloud, tokenizer=self.model("slm"))
             elif isinstance(source, LanguageModel):
                 slot.model = source
             else:
@@ -262,42 +264,6 @@ class CoSteer:
             if slot.model is not None and not isinstance(slot.source, LanguageModel):
                 slot.model.close()
             slot.model = None
-
-
-# URL prefixes of the clouds that are not `costeer serve`: vLLM or any OpenAI-compatible
-# completions server (openai+http://HOST:PORT/v1), llama.cpp's llama-server (its native route)
-CLOUD_URL_KINDS = ("openai+", "llama-server+")
-
-
-def _connect_cloud(url, api_key, wire_log, simulate_rtt_ms, model_name, max_k, lookahead, timeout_s, retry_for_s,
-                   tokenizer: LanguageModel) -> RemoteCloud:
-    from .transport.client import ServedCloud
-    from .transport.llama_server_client import LlamaServerCloud
-    from .transport.openai_client import OpenAICloud
-    from .transport.protocol import DEFAULT_LOOKAHEAD_MIN_P, Lookahead
-    from .transport.wire import WireClient
-
-    kind = next((k for k in CLOUD_URL_KINDS if url.startswith(k)), "")
-    base = url[len(kind):]
-    if not base.startswith(("http://", "https://")):
-        raise UserError(f"cloud URL must be http(s)://HOST:PORT (costeer serve), "
-                        f"{', or '.join(k + 'http(s)://...' for k in CLOUD_URL_KINDS)}, got {url!r}")
-    if kind and lookahead:
-        raise UserError(f"lookahead needs a costeer serve cloud; a {kind[:-1]} server cannot send trees")
-    wire = WireClient(base, api_key, wire_log, simulate_rtt_ms, timeout_s)
-    try:
-        if kind == "openai+":
-            return OpenAICloud(wire, tokenizer, model_name, max_k)
-        if kind == "llama-server+":
-            return LlamaServerCloud(wire, tokenizer, max_k)
-    except BaseException:
-        wire.close()
-        raise
-    tree = None
-    if lookahead:
-        depth, width, *rest = lookahead
-        tree = Lookahead(depth=depth, width=width, min_probability=rest[0] if rest else DEFAULT_LOOKAHEAD_MIN_P)
-    return ServedCloud(wire, tokenizer, tree, retry_for_s)
 
 
 def _check_max_new_tokens(n: int) -> None:

@@ -14,7 +14,7 @@ from .transport.protocol import DEFAULT_LOOKAHEAD_MIN_P, MAX_LOOKAHEAD_NODES
 from .errors import UserError
 from .fusion import SteeringParams
 from .methods import DEFAULT_TOP_K, METHODS
-from .transport.limits import ServerLimits
+from .transport.server.limits import ServerLimits
 from .default_models import KNOWN_MODELS
 
 MODEL_NAMES = ", ".join(KNOWN_MODELS)
@@ -267,7 +267,7 @@ def _steering(args: argparse.Namespace) -> SteeringParams:
 
 def _costeer(args: argparse.Namespace):
     """The CoSteer that `generate` and `proxy` run: model, backend and cloud options."""
-    from .generator import CoSteer
+    from .api import CoSteer
 
     return CoSteer(args.llm, args.slm, backend=args.backend, cloud=args.cloud,
                    api_key=args.cloud_api_key or os.environ.get("COSTEER_API_KEY"), wire_log=args.wire_log,
@@ -333,7 +333,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .backends import load_model
     from .default_models import DEFAULT_LLM, resolve_model_path
     from .transport.guard import check_keys
-    from .transport.server import check_exposure, serve
+    from .transport.server.app import check_exposure, serve
 
     # keys and exposure first: a mistake there is one line now, not after a model load
     keys = check_keys(args.api_key or _env_keys())
@@ -368,7 +368,7 @@ def _env_keys() -> list[str]:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .generator import CoSteer
+    from .api import CoSteer
     from .prompts import load_context
 
     files = args.context or [EXAMPLE_DIR / "profile.md"]
@@ -389,7 +389,9 @@ def cmd_proxy(args: argparse.Namespace) -> int:
 
     from .prompts import PAPER_SYSTEM_PROMPT, load_context
     from .transport.guard import is_loopback
-    from .transport.proxy import MethodAllowList, ProxyAccess, ProxyDefaults, proxy_key, serve_proxy
+    from .proxy.access import MethodAllowList, ProxyAccess, proxy_key
+    from .proxy.app import serve_proxy
+    from .proxy.schema import ProxyDefaults
 
     # who may ask, checked before anything is read or loaded
     if args.no_key and args.api_key:
@@ -478,7 +480,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import BenchConfig, format_table, run_bench
+    from .bench.speed import BenchConfig, format_table, run_bench
 
     try:
         rtts = tuple(float(x) for x in args.rtt_ms.split(",") if x.strip())

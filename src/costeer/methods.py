@@ -74,7 +74,7 @@ class Policy(ABC):
     @property
     def reads_private_context_in_cloud(self) -> bool:
         """True when the cloud model would be given the private context: refused over a
-        network unless the user explicitly allows it (see generator.py)."""
+        network unless the user explicitly allows it (see api.py)."""
         return any(s.role == "llm" and s.prompt == "private" for s in self.streams)
 
     @property

@@ -13,7 +13,7 @@ request, inside the same user turn:
             <the user's request>
 
 Context first gives every request with the same context the same token prefix, so
-the device can reuse that prefix's prefill (`context_cache.py`); CoGenesis, the
+the device can reuse that prefix's prefill (`context_cache/`); CoGenesis, the
 evaluation data, is laid out the same way (profile and history, then the task).
 
 A conversation (system, user and assistant turns) gets the context the same way, in

@@ -21,13 +21,13 @@ def load_model(path: str | os.PathLike, backend: str = "auto") -> LanguageModel:
     if backend == "llama.cpp":
         if p.is_dir():
             raise UserError(f"{p} is a folder; llama.cpp needs a .gguf file")
-        from .llama_cpp_backend import LlamaCppModel
+        from .llama_cpp.model import LlamaCppModel
 
         return LlamaCppModel(p)
     if backend == "transformers":
         if not (p / "config.json").is_file():
             raise UserError(f"{p} is not a Hugging Face model folder (no config.json)")
-        from .hf_backend import TransformersModel
+        from .hf import TransformersModel
 
         return TransformersModel(p)
     raise UserError(f"unknown backend {backend!r}: choose auto, llama.cpp or transformers")

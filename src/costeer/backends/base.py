@@ -107,7 +107,7 @@ class PrefixStateError(RuntimeError):
 
 class BatchEngine(ABC):
     """Many sequences of one model in one shared cache, decoded together (the cloud
-    server's batching, transport/scheduler.py). Each sequence lives in a slot of
+    server's batching, transport/server/scheduler.py). Each sequence lives in a slot of
     `slot_tokens` cells. Not thread-safe: one thread drives it.
 
     A token's logits do not depend on the other slots' contents, and in a forward
@@ -140,11 +140,11 @@ class BatchEngine(ABC):
 
 
 class LanguageModel(ABC):
-    local = True  # False for a model served elsewhere (transport/client.py)
+    local = True  # False for a model served elsewhere (transport/client/served.py)
     # True where open_streams(prompts, n, restore={i: PrefixRestore}, snapshot={i: m})
     # starts stream i from a saved state and puts stream i's state at m prompt tokens
     # in the group's `snapshots[i]` (bytes); then `path` is the model file and
-    # `state_version` names all else the state depends on (context_cache.py); a kept
+    # `state_version` names all else the state depends on (context_cache/); a kept
     # prefix is a multiple of `prefix_state_block` tokens
     supports_prefix_state = False
     prefix_state_block = 1

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import httpx
 import numpy as np
 
-from .protocol import API_PREFIX, FLOATS, IDS, decode_array
+from ..transport.protocol import API_PREFIX, FLOATS, IDS, decode_array
 
 
 @dataclass

@@ -35,8 +35,8 @@ from typing import Iterator
 from .contention import warn_if_contended
 
 DEVICE_CPU, CLOUD_CPU = 0, 1
-DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "cogenesis"
-EXAMPLE = Path(__file__).with_name("examples") / "profile.md"
+DEFAULT_DATA = Path(__file__).resolve().parents[4] / "shared" / "data" / "cogenesis"
+EXAMPLE = Path(__file__).parents[1] / "examples" / "profile.md"
 MIN_TTFT_CONTEXT = 1300
 
 
@@ -71,8 +71,8 @@ def _on_cpu(cpu: int) -> Iterator[None]:
 
 def load_tasks(config: BenchConfig) -> list[tuple[list, list]]:
     """(public, private) message pairs: CoGenesis dev, or the example profile."""
-    from .evaluation.datasets import load_cogenesis
-    from .prompts import build_prompts
+    from ..evaluation.datasets import load_cogenesis
+    from ..prompts import build_prompts
 
     if (config.data / "ctx_dev.json").is_file():
         return [(e.public, e.private) for e in load_cogenesis(config.data).examples]
@@ -104,7 +104,7 @@ def _check_equal(what: str, a: list[int], b: list[int]) -> None:
 
 def bench_fusion(cs, public, private, reps: int = 30) -> dict:
     """Time of one fusion step, loop over closed form, on real logits; same greedy tokens."""
-    from .fusion import SteeringParams, fuse_closed_form, fuse_ftrl_loop, local_delta, log_softmax, steering_coefficient
+    from ..fusion import SteeringParams, fuse_closed_form, fuse_ftrl_loop, local_delta, log_softmax, steering_coefficient
 
     llm, slm = cs.model("llm"), cs.model("slm")
     with llm.open_streams([llm.encode_chat(public)], 1) as cloud, \
@@ -246,7 +246,7 @@ def _feed(group, tokens: list[int]) -> None:
 
 
 def bench_split(tasks, config: BenchConfig, llm_stream_ms: float, device_slm, cache) -> dict:
-    from .generator import CoSteer
+    from ..api import CoSteer
 
     results: dict = {}
     with _served_cloud() as url:
@@ -293,7 +293,7 @@ def bench_split(tasks, config: BenchConfig, llm_stream_ms: float, device_slm, ca
 
 def _served_cloud():
     """`costeer serve` with the default cloud model, on the cloud's core, one thread."""
-    from .transport.processes import free_port, running
+    from .processes import free_port, running
 
     port = free_port()
     command = [sys.executable, "-m", "costeer.cli", "serve", "--port", str(port)]
@@ -305,8 +305,8 @@ def _served_cloud():
 
 def run_bench(config: BenchConfig) -> dict:
     os.environ["COSTEER_THREADS"] = "1"  # before any model loads: one thread per side
-    from .context_cache import ContextCache
-    from .generator import CoSteer
+    from ..context_cache import ContextCache
+    from ..api import CoSteer
 
     warn_if_contended("bench")
     started = time.perf_counter()

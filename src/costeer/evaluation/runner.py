@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..contention import warn_if_contended
+from ..bench.contention import warn_if_contended
 from ..default_models import DEFAULT_LLM, DEFAULT_SLM
 from ..errors import UserError
 from ..fusion import SteeringParams
@@ -206,7 +206,7 @@ def _generate(settings: EvalSettings, todo: list[tuple[int, Example, str]], tota
     """Answer, score and store each pending (example, method); models load only here."""
     owned = None
     if costeer is None:
-        from ..generator import CoSteer
+        from ..api import CoSteer
 
         costeer = owned = CoSteer(settings.llm, settings.slm, backend=settings.backend,
                                   context_cache=settings.context_cache)

@@ -30,128 +30,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
-import math
-import os
 import secrets
-import stat
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Annotated, AsyncIterator, Callable, Literal
+from typing import AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator
 from starlette.exceptions import HTTPException
 
+from ..api import CoSteer, Generation
 from ..backends.base import check_window
-from ..errors import PrivacyError, UserError
-from ..fusion import SteeringParams
-from ..generator import CoSteer, Generation
-from ..methods import METHODS, PARAMETRIC_METHODS, Fusion, make_policy
-from ..prompts import PAPER_SYSTEM_PROMPT, build_prompts
+from ..errors import UserError
+from ..prompts import build_prompts
 from ..sampling import SamplingConfig
-from .guard import Guard, GuardPolicy, check_keys, host_name, local_origins, loopback_hosts, serve_app
-from .wire import CloudRefused, CloudUnreachable
+from ..transport.guard import Guard, serve_app
+from .access import ProxyAccess
+from .errors import ApiError, Cancelled, classify, one_line, render_guard_error
+from .schema import ChatRequest, ProxyDefaults
 
-log = logging.getLogger(__name__)
-
-DEFAULT_MODEL = "costeer"
-MAX_TOKENS = 1 << 20  # beyond any model's window: the window check names the real limit
 # While a request waits for its first token (queued or prefilling), how often to look
 # whether its client went away: a queued request that nobody awaits is skipped.
 DISCONNECT_POLL_S = 0.25
-
-
-# --- the request, as OpenAI defines it (the fields this server uses) -----------------
-
-def _whole(value: object) -> object:
-    return int(value) if isinstance(value, float) and value.is_integer() else value
-
-
-# JSON Schema's integer: 2.0 is one (Python's json writes floats so), "2" and 2.5 are not
-Whole = Annotated[int, BeforeValidator(_whole)]
-
-
-class _Lenient(BaseModel):
-    # other fields are ignored, as OpenAI-compatible servers do; values are not coerced
-    model_config = ConfigDict(extra="ignore", strict=True)
-
-
-# checked by Message's validator, for a clearer message than a failed Literal's; the schema says what is valid
-TEXT_PARTS = Annotated[list[dict], WithJsonSchema({"type": "array", "items": {
-    "type": "object", "required": ["type", "text"],
-    "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}})]
-
-
-class Message(_Lenient):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | TEXT_PARTS
-
-    @field_validator("content")
-    @classmethod
-    def _text_parts_only(cls, value: str | list[dict]) -> str | list[dict]:
-        for part in value if isinstance(value, list) else ():
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise ValueError(f"only text content parts ({{\"type\": \"text\", \"text\": ...}}) are supported, "
-                                 f"got type {str(part.get('type'))[:40]!r}")
-        return value
-
-    def turn(self) -> dict[str, str]:
-        # "developer" is OpenAI's newer name for a system message; parts are joined as vLLM does
-        text = self.content if isinstance(self.content, str) else "\n".join(p["text"] for p in self.content)
-        return {"role": "system" if self.role == "developer" else self.role, "content": text}
-
-
-class StreamOptions(_Lenient):
-    include_usage: bool = False
-
-
-class ChatRequest(_Lenient):
-    messages: list[Message] = Field(min_length=1, description="the public conversation; the private context is added "
-                                    "on the device, in the first user turn")
-    model: str = Field(default=DEFAULT_MODEL, description="the method (see /v1/models); empty: costeer")
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    max_completion_tokens: Whole | None = Field(default=None, ge=1, le=MAX_TOKENS)
-    max_tokens: Whole | None = Field(default=None, ge=1, le=MAX_TOKENS, description="max_completion_tokens' older name")
-    temperature: float | None = Field(default=None, ge=0, le=2, description="default: the server's (0: greedy)")
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    seed: Whole | None = Field(default=None, ge=0, lt=2**63)
-    stop: str | list[str] | None = Field(default=None, description="up to 4 stop strings")
-    n: Whole | None = Field(default=None, ge=1, le=1, description="one choice per request")
-
-    @field_validator("stop")
-    @classmethod
-    def _at_most_four(cls, value: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(value, list) and len(value) > 4:
-            raise ValueError("at most 4 stop strings")
-        return value
-
-
-@dataclass(frozen=True)
-class ProxyDefaults:
-    """What a request does not say: `costeer generate`'s defaults unless the command line changes them."""
-
-    max_tokens: int = 256
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    params: SteeringParams | None = None
-    fusion: Fusion = "closed"
-    system_prompt: str | None = PAPER_SYSTEM_PROMPT
-    max_context_tokens: int | None = None
-
-    def __post_init__(self) -> None:  # refused at start, not in every request
-        SamplingConfig(self.temperature, self.top_p, self.top_k, self.seed)
-        if self.max_context_tokens is not None and self.max_context_tokens < 0:
-            raise UserError(f"max-context-tokens must be >= 0, got {self.max_context_tokens}")
 
 
 @dataclass
@@ -161,257 +64,6 @@ class ProxyStats:
     completed: int = 0
     cancelled: int = 0
     failed: int = 0
-
-
-# --- errors ------------------------------------------------------------------------
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
-        self.headers = headers
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
-
-
-def render_guard_error(status: int, code: str, message: str) -> dict:
-    """guard.py's refusals (Host, Origin, key, content type, body size) in OpenAI's shape."""
-    return ApiError(status, message, "invalid_request_error" if status < 500 else "api_error", code=code).body()
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())[:500]
-
-
-# --- who may ask, and for what -------------------------------------------------------
-
-# The numbers a proxy takes after a parametric method's colon (methods.py reads each as
-# below). Far beyond them the steering only turns the answer into noise or copies the
-# private text out verbatim, so they are refused. The paper's own weight (costeer's c)
-# is about 1.78; auto is mix:1.
-PARAMETER_RANGES: dict[str, tuple[float, float]] = {
-    "mix": (-8.0, 8.0),  # mix:W, the weight on the device's delta
-    "unsure": (-8.0, 8.0),  # unsure:W, the same weight before (1 - p_max)
-    "bounded": (0.0, 8.0),  # bounded:B, the clip in nats per token (B > 0)
-    "cos": (-8.0, 8.0),  # cos:LAMBDA (He et al. sweep about -1..3)
-    "ada": (0.0, 1.0),  # ada:P, a probability (strictly between)
-}
-assert set(PARAMETER_RANGES) == set(PARAMETRIC_METHODS)
-
-
-def _range(prefix: str) -> str:
-    low, high = PARAMETER_RANGES[prefix]
-    return f"{prefix}:NUMBER with {low:g} <= NUMBER <= {high:g}"
-
-
-@dataclass(frozen=True)
-class MethodAllowList:
-    """The methods a proxy serves: `names` (shown by /v1/models, in order), and every
-    PREFIX:NUMBER within PARAMETER_RANGES for the prefixes in `parametric`."""
-
-    names: tuple[str, ...] = tuple(METHODS)  # the published methods (auto among them)
-    parametric: frozenset[str] = frozenset()
-
-    @classmethod
-    def parse(cls, text: str | None) -> "MethodAllowList":
-        """`--methods`: comma-separated names; `mix`, `unsure`, `bounded` (or PREFIX:*, which
-        `cos:*` and `ada:*` need, `cos` and `ada` being methods of their own) allow every
-        weight in range; PREFIX:NUMBER allows that one. None: the published methods."""
-        if text is None:
-            return cls()
-        names: list[str] = []
-        parametric: set[str] = set()
-        for entry in (e.strip() for e in text.split(",")):
-            if not entry:
-                continue
-            prefix, colon, value = entry.partition(":")
-            if (value == "*" and prefix in PARAMETRIC_METHODS) or (not colon and prefix in PARAMETRIC_METHODS
-                                                                  and prefix not in METHODS):
-                parametric.add(prefix)
-            elif colon and prefix in PARAMETRIC_METHODS:
-                try:
-                    names.append(_parametric_method(entry, prefix))
-                except UserError as exc:
-                    raise UserError(f"--methods: {exc}") from None
-            elif entry in METHODS:
-                names.append(entry)
-            else:
-                raise UserError(f"--methods: unknown method {entry[:60]!r}: choose from {', '.join(METHODS)}, "
-                                f"{', '.join(sorted(PARAMETRIC_METHODS))} or PREFIX:NUMBER")
-        if not names and not parametric:
-            raise UserError("--methods names no method")
-        return cls(tuple(dict.fromkeys(names)), frozenset(parametric))
-
-    def allowed(self) -> str:
-        return ", ".join([*self.names, *(_range(p) for p in sorted(self.parametric))])
-
-    def resolve(self, name: str) -> str:
-        """The method a request's model name selects, or an ApiError: 404 for a name that is
-        no method, 400 (model_not_allowed) for one this proxy does not serve."""
-        name = name or DEFAULT_MODEL
-        shown = name[:60]
-        prefix, colon, _ = name.partition(":")
-        if colon and prefix in PARAMETRIC_METHODS:
-            try:
-                method = _parametric_method(name, prefix, check_range=prefix in self.parametric)
-            except UserError as exc:
-                raise _not_allowed(f"model {exc}; this proxy serves {self.allowed()}") from None
-            if prefix in self.parametric or method in self.names:
-                return method
-        elif name in METHODS:
-            if name in self.names:
-                return name
-        else:
-            raise ApiError(404, f"model {shown!r} is not a costeer method: this proxy serves {self.allowed()}",
-                           param="model", code="model_not_found")
-        raise _not_allowed(f"model {shown!r} is not allowed on this proxy: it serves {self.allowed()}")
-
-
-def _not_allowed(message: str) -> ApiError:
-    return ApiError(400, _one_line(message), param="model", code="model_not_allowed")
-
-
-def _parametric_method(name: str, prefix: str, check_range: bool = True) -> str:
-    """PREFIX:NUMBER's canonical name (mix:0.50 is mix:0.5), or a UserError: a number out
-    of PARAMETER_RANGES (with `check_range`) or one that methods.py refuses."""
-    try:
-        value = float(name.partition(":")[2])
-    except ValueError:
-        value = math.nan
-    low, high = PARAMETER_RANGES[prefix]
-    if check_range and math.isfinite(value) and not low <= value <= high:
-        raise UserError(f"{name[:60]!r} is out of range: this proxy takes {_range(prefix)}")
-    try:
-        return make_policy(name).name  # a policy object only: no model work
-    except UserError as exc:
-        raise UserError(_one_line(f"{name[:60]!r}: {exc}")) from None
-
-
-@dataclass(frozen=True)
-class ProxyAccess:
-    """Who may ask the proxy, from where, and for how much: `costeer proxy`'s flags.
-
-    `api_key`: the key every request must carry (Authorization: Bearer KEY); None asks
-    none (the command allows that on a loopback bind only). `host` and `port`: the bind;
-    Host names allowed are the loopback ones, the bound name (unless 0.0.0.0 or ::) and
-    `allow_hosts`; origins allowed are the proxy's own pages at those names and
-    `allow_origins`: a browser page of any other origin is refused."""
-
-    api_key: str | None
-    host: str = "127.0.0.1"
-    port: int = 8008
-    allow_hosts: tuple[str, ...] = ()
-    allow_origins: tuple[str, ...] = ()
-    max_body_bytes: int = 2 * 2**20
-    methods: MethodAllowList = MethodAllowList()
-    max_queue: int = 8
-
-    def __post_init__(self) -> None:  # refused at start, as one line
-        if self.api_key is not None:
-            check_keys([self.api_key], label="the proxy's API key")
-        if self.max_queue < 1 or self.max_body_bytes < 1:
-            raise UserError("--max-queue and --max-body-bytes must be >= 1")
-        for origin in self.allow_origins:
-            scheme, sep, rest = origin.partition("://")
-            if scheme.lower() not in ("http", "https") or not sep or not rest or "/" in rest.rstrip("/"):
-                raise UserError(f"--allow-origin takes scheme://host[:port] (such as http://localhost:3000), "
-                                f"got {origin[:80]!r}")
-
-    def hosts(self) -> frozenset[str]:
-        bound = {host_name(self.host)} - {"0.0.0.0", "::", ""}
-        return loopback_hosts() | bound | {host_name(h) for h in self.allow_hosts}
-
-    def guard_policy(self) -> GuardPolicy:
-        origins = local_origins(self.hosts(), self.port) | {o.lower().rstrip("/") for o in self.allow_origins}
-        return GuardPolicy(api_keys=(self.api_key,) if self.api_key else (), open_paths=frozenset(),
-                           allowed_hosts=self.hosts(), allowed_origins=origins, require_json=True,
-                           max_body_bytes=self.max_body_bytes, max_in_flight=max(64, 4 * self.max_queue),
-                           host_hint=" (allow it with --allow-host)", origin_hint=" (allow an origin with --allow-origin)")
-
-
-def proxy_key_path() -> Path:
-    """Where `costeer proxy` keeps its key: $XDG_CONFIG_HOME (or ~/.config)/costeer/proxy-key."""
-    base = os.environ.get("XDG_CONFIG_HOME", "")
-    root = Path(base) if os.path.isabs(base) else Path(os.path.expanduser("~")) / ".config"
-    return root / "costeer" / "proxy-key"
-
-
-def proxy_key(path: Path | None = None) -> tuple[str, Path, bool]:
-    """The proxy's key from its file, and whether it was made now: a missing file is made
-    with a new key (secrets.token_urlsafe(32)), mode 0600, in a folder made 0700. A file
-    other users could read or change, or a folder they could write to, is refused (not
-    fixed: the key may have leaked; a new one is one delete away)."""
-    path = path or proxy_key_path()
-    folder = path.parent
-    try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        folder.mkdir(mode=0o700, exist_ok=True)
-        mode = folder.stat()
-    except OSError as exc:
-        raise UserError(f"cannot make the proxy key's folder {folder}: {exc.strerror}") from None
-    if mode.st_uid != os.getuid() or mode.st_mode & 0o022:
-        raise UserError(f"the proxy key's folder {folder} is not yours alone (others can write to it): "
-                        f"chmod 700 {folder}, or pass --api-key")
-    created = False
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except FileNotFoundError:
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        except FileExistsError:  # another proxy made it just now
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-        else:
-            os.fchmod(fd, 0o600)
-            with os.fdopen(fd, "w", encoding="ascii") as out:
-                out.write(secrets.token_urlsafe(32) + "\n")
-                out.flush()
-                os.fsync(out.fileno())
-            created = True
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError as exc:  # a symbolic link (ELOOP), a folder, no permission
-        raise UserError(f"cannot read the proxy key file {path}: {exc.strerror}") from None
-    with os.fdopen(fd, "rb") as file:
-        info = os.fstat(file.fileno())
-        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
-            raise UserError(f"the proxy key file {path} is not a file of yours: delete it to make a new key")
-        if info.st_mode & 0o077:
-            raise UserError(f"the proxy key file {path} is open to other users (mode {stat.S_IMODE(info.st_mode):o}), "
-                            f"so it is refused: chmod 600 {path} if nobody else could have read it, else delete "
-                            "it to make a new key")
-        text = file.read(4096).decode("ascii", "replace").strip()
-    try:
-        (key,) = check_keys([text])
-    except UserError as exc:
-        raise UserError(f"the proxy key file {path}: {exc} (delete it to make a new key)") from None
-    return key, path, created
-
-
-class _Cancelled(Exception):
-    """Raised from the text callback: the client went away, or the proxy is stopping."""
-
-
-def classify(exc: BaseException, remote: bool) -> ApiError:
-    """An error of a generation as the client sees it. UserError messages never quote
-    the private context (errors.py); anything else is not shown at all."""
-    if isinstance(exc, ApiError):
-        return exc
-    if isinstance(exc, _Cancelled):
-        return ApiError(503, "the request was cancelled (its client left, or the proxy is stopping)", "api_error",
-                        code="cancelled")
-    if isinstance(exc, CloudUnreachable) or (isinstance(exc, CloudRefused) and exc.status in (429, 503)):
-        return ApiError(503, _one_line(str(exc)), "api_error", code="cloud_unavailable")
-    if isinstance(exc, PrivacyError):
-        return ApiError(403, _one_line(str(exc)), "permission_error", "model", "private_context_refused")
-    if isinstance(exc, UserError):  # a remote cloud's answer, or a request the models cannot take
-        return ApiError(502, _one_line(str(exc)), "api_error", code="cloud_error") if remote \
-            else ApiError(400, _one_line(str(exc)))
-    log.error("generation failed: %s", type(exc).__name__)  # the type only: a message may quote a prompt
-    return ApiError(500, "the proxy failed on this request", "api_error")
 
 
 # --- one generation on the worker thread --------------------------------------------
@@ -431,7 +83,7 @@ class _Job:
 
     def on_text(self, piece: str) -> None:
         if self.cancelled.is_set():
-            raise _Cancelled
+            raise Cancelled
         self.post("text", piece)
 
 
@@ -563,7 +215,7 @@ def create_proxy_app(costeer: CoSteer, context: str = "", defaults: ProxyDefault
     def generate(body: ChatRequest, method: str, job: _Job) -> tuple[Generation, int]:
         """On the worker thread: check the request against the device model, then generate."""
         if job.cancelled.is_set():  # its client left while it was queued
-            raise _Cancelled
+            raise Cancelled
         messages = [m.turn() for m in body.messages]
         max_tokens = body.max_completion_tokens or body.max_tokens or defaults.max_tokens
         try:
@@ -576,7 +228,7 @@ def create_proxy_app(costeer: CoSteer, context: str = "", defaults: ProxyDefault
             public_tokens = len(device.encode_chat(build_prompts(messages, "", defaults.system_prompt).public))
             check_window(device.name, device.context_window, public_tokens, max_tokens)
         except UserError as exc:
-            raise ApiError(400, _one_line(str(exc)), param="messages") from None
+            raise ApiError(400, one_line(str(exc)), param="messages") from None
         stop = defaults.stop if body.stop is None else [body.stop] if isinstance(body.stop, str) else body.stop
         g = costeer.generate(messages, context, method=method, max_new_tokens=max_tokens,
                              temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
@@ -590,7 +242,7 @@ def create_proxy_app(costeer: CoSteer, context: str = "", defaults: ProxyDefault
             done = generate(body, method, job)
             stats.completed += 1
             job.post("done", done)
-        except _Cancelled as exc:
+        except Cancelled as exc:
             stats.cancelled += 1
             job.post("error", exc)  # for a request still waiting: the proxy is stopping
         except BaseException as exc:

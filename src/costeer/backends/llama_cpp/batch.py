@@ -1,6 +1,6 @@
 """Sessions of the cloud server batched in one llama.cpp context (a `BatchEngine`).
 
-Exactness rules the layout, as in llama_cpp_tree.py. Measured on this CPU with the
+Exactness rules the layout, as in tree.py. Measured on this CPU with the
 default cloud model:
 - a unified KV cache puts a sequence's cells after other sequences' cells, and the
   attention's reductions then round differently (up to 0.48 in a logit); so every
@@ -23,17 +23,17 @@ from typing import Sequence
 
 import numpy as np
 
-from .base import BatchEngine
-from .llama_cpp_backend import PREFIX_BLOCK, LlamaContext, LlamaCppModel
+from ..base import BatchEngine
+from .streams import PREFIX_BLOCK, LlamaContext, LoadedModel
 
 # the largest forward pass whose tokens get the numbers they get alone (CPU kernels)
 CPU_EXACT_BATCH = 3
 
 
 class LlamaCppBatchEngine(LlamaContext, BatchEngine):
-    def __init__(self, model: LlamaCppModel, slots: int, slot_tokens: int, max_batch: int | None) -> None:
+    def __init__(self, model: LoadedModel, slots: int, slot_tokens: int, max_batch: int | None) -> None:
         self.slots, self.slot_tokens = slots, slot_tokens
-        self.exact_batch = CPU_EXACT_BATCH if model._gpu_layers == 0 else 1
+        self.exact_batch = CPU_EXACT_BATCH if model.gpu_layers == 0 else 1
         self.max_batch = max_batch or self.exact_batch
         # n_ctx is split evenly between the slots' streams
         self._create_context(model, slots * slot_tokens, max(PREFIX_BLOCK, self.max_batch), slots, unified=False)

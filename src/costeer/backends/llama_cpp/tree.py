@@ -23,16 +23,16 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from ..distribution import top_k, top_probability
-from .llama_cpp_backend import LlamaCppModel, _LlamaCppStreams
+from ...distribution import top_k, top_probability
+from .streams import LlamaCppStreams, LoadedModel
 
 
-class LlamaCppTreeStreams(_LlamaCppStreams):
+class LlamaCppTreeStreams(LlamaCppStreams):
     """One stream with room for a kept chain of up to `depth` lookahead tokens."""
 
-    def __init__(self, model: LlamaCppModel, prompt: Sequence[int], max_new_tokens: int, depth: int,
+    def __init__(self, model: LoadedModel, prompt: Sequence[int], max_new_tokens: int, depth: int,
                  stepwise: bool = False) -> None:
-        self.spare_cells = depth + 1  # read by _LlamaCppStreams when it sizes the context
+        self.spare_cells = depth + 1  # read by LlamaCppStreams when it sizes the context
         super().__init__(model, [prompt], max_new_tokens, {}, {}, stepwise)
         self._memory = self._lib.llama_get_memory(self._ctx)
         self._chain: list[tuple[int, np.ndarray]] = []  # kept cells after the position: (token, logits after it)

@@ -10,11 +10,11 @@ token's forward pass. The probabilities are the model's before sampling
 
 from __future__ import annotations
 
-from ..backends.base import LanguageModel
-from ..distribution import check_token_ids
-from ..errors import UserError
-from .openai_client import TopEntries, TopLogprobsCloud
-from .wire import CloudRefused, WireClient, printable
+from ...backends.base import LanguageModel
+from ...distribution import check_token_ids
+from ...errors import UserError
+from .openai import TopEntries, TopLogprobsCloud
+from ..wire import CloudRefused, WireClient, printable
 
 
 class LlamaServerCloud(TopLogprobsCloud):

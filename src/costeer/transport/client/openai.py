@@ -1,6 +1,6 @@
 """Completion servers that send their top logprobs as the cloud: vLLM and any
 OpenAI-compatible server (`openai+URL`), and llama.cpp's `llama-server` through its
-native `/completion` route (`llama-server+URL`, see llama_server_client.py).
+native `/completion` route (`llama-server+URL`, see llama_server.py).
 
 Each step is a one-token completion asking for the server's k likeliest next tokens
 after the prompt and the tokens chosen so far, sent as token ids. Where the server
@@ -28,12 +28,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..backends.base import LanguageModel
-from ..cloud import CloudSession, RemoteCloud
-from ..distribution import NextToken, check_token_ids
-from ..errors import UserError
-from ..prompts import PublicChat
-from .wire import CloudRefused, CloudUnreachable, WireClient, printable
+from ...backends.base import LanguageModel
+from ...cloud import CloudSession, RemoteCloud
+from ...distribution import NextToken, check_token_ids
+from ...errors import UserError
+from ...prompts import PublicChat
+from ..wire import CloudRefused, CloudUnreachable, WireClient, printable
 
 DEFAULT_MAX_K = 20  # vLLM's default --max-logprobs: the cap assumed when a refusal names none
 # Probabilities come from a float32 softmax summed one term at a time (llama-server) or

@@ -8,13 +8,13 @@ from typing import Callable
 
 import numpy as np
 
-from ..backends.base import LanguageModel, vocabulary_digest
-from ..cloud import CloudSession, RemoteCloud
-from ..distribution import NextToken, check_token_ids
-from ..errors import UserError
-from ..prompts import PublicChat
-from .protocol import API_PREFIX, FLOATS, IDS, Lookahead, Vocabulary, decode_array
-from .wire import CloudRefused, CloudUnreachable, WireClient, printable
+from ...backends.base import LanguageModel, vocabulary_digest
+from ...cloud import CloudSession, RemoteCloud
+from ...distribution import NextToken, check_token_ids
+from ...errors import UserError
+from ...prompts import PublicChat
+from ..protocol import API_PREFIX, FLOATS, IDS, Lookahead, Vocabulary, decode_array
+from ..wire import CloudRefused, CloudUnreachable, WireClient, printable
 
 RESUME_BACKOFF_S = (0.5, 4.0)  # first pause between tries to reopen a session, doubling up to the second
 

@@ -41,12 +41,12 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from ..backends.base import LanguageModel, StreamGroup, check_window
-from ..distribution import NextToken
-from ..errors import UserError
+from ...backends.base import LanguageModel, StreamGroup, check_window
+from ...distribution import NextToken
+from ...errors import UserError
 from .limits import ServerLimits
 from .scheduler import BatchedStreams, Scheduler, SchedulerClosed, SchedulerDown, describe_failure
-from .protocol import (API_PREFIX, FLOATS, IDS, MAX_LOOKAHEAD_NODES, Distribution, ErrorBody, Lookahead, ModelInfo,
+from ..protocol import (API_PREFIX, FLOATS, IDS, MAX_LOOKAHEAD_NODES, Distribution, ErrorBody, Lookahead, ModelInfo,
                        OpenSession, SessionOpened, Step, TreeNode, Vocabulary, encode_array)
 
 
@@ -108,7 +108,7 @@ def check_exposure(host: str, api_keys: Sequence[str], insecure: bool) -> str | 
     """Refuse to serve an open (keyless) server beyond this machine unless insecure is
     given; then the warning to print. A keyless server's only defence is that no one
     else can connect."""
-    from .guard import is_loopback
+    from ..guard import is_loopback
 
     if api_keys or is_loopback(host):
         return None
@@ -370,7 +370,7 @@ def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: Serve
             if usage.sessions >= limits.max_sessions:
                 raise ApiError(429, "too_many_sessions", f"the server holds its maximum of {limits.max_sessions} sessions; close one or retry later",
                                {"Retry-After": retry_after_s(kv_needed, wants_slot)})
-            # the lowest free slot: sessions' slots stay together, which batches faster (llama_cpp_batch.py)
+            # the lowest free slot: sessions' slots stay together, which batches faster (backends/llama_cpp/batch.py)
             slot = usage.free_slots.pop(usage.free_slots.index(min(usage.free_slots))) \
                 if wants_slot and usage.free_slots else None
             if slot is None:
@@ -592,7 +592,7 @@ def _guard(app: FastAPI, api_keys: tuple[str, ...], limits: ServerLimits, host: 
     """Put the guard in front of the app: key, Host, Origin, content type and size are
     checked before the app reads any byte of a body (FastAPI reads a whole body before
     its first line of code runs)."""
-    from .guard import Guard, GuardPolicy, is_loopback, loopback_hosts
+    from ..guard import Guard, GuardPolicy, is_loopback, loopback_hosts
 
     if api_keys:
         hosts = None  # a key is the defence: the server may be reached under any name
@@ -612,7 +612,7 @@ def serve(model: LanguageModel, host: str, port: int, api_keys: Sequence[str], l
           max_connections: int = 1000) -> None:
     """Serve until interrupted. Requests' heads must arrive within header_timeout_s
     (slow clients cannot hold connections), and a shutdown waits a bounded time."""
-    from .guard import check_keys, serve_app
+    from ..guard import check_keys, serve_app
 
     keys = check_keys(api_keys) if api_keys else ()
     check_exposure(host, keys, insecure)

@@ -35,7 +35,7 @@ from typing import Callable, Sequence, TypeVar
 
 import numpy as np
 
-from ..backends.base import BatchEngine, StreamGroup
+from ...backends.base import BatchEngine, StreamGroup
 
 T = TypeVar("T")
 
