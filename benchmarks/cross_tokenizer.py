@@ -18,9 +18,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+from pathlib import Path
 
 from costeer import CoSteer
 from costeer.bench.speed import BenchConfig, decode_ms, load_tasks, rotating
+
+# A script, not library code: it may default to the data folder beside the repository root
+# (../shared/data/cogenesis, from this file, not from the working directory); --data overrides.
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cogenesis"
 
 
 def main() -> int:
@@ -28,6 +33,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--prompts", type=int, default=3)
     ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--data", type=Path, default=DATA, help="a CoGenesis folder (default ../shared/data/cogenesis)")
     args = ap.parse_args()
     same = CoSteer(quiet=True, context_cache=False)
     cloud = same.model("llm")
@@ -35,7 +41,7 @@ def main() -> int:
     cross = CoSteer(llm=cloud, slm="gemma3-270m", quiet=True, context_cache=False)
     cross.model("slm")
     runs = {"llm": (same, "llm"), "costeer": (same, "costeer"), "costeer-gemma": (cross, "costeer")}
-    tasks = load_tasks(BenchConfig())[: args.prompts]
+    tasks = load_tasks(BenchConfig(data=args.data))[: args.prompts]
     per_token: dict[str, list[float]] = {v: [] for v in runs}
     steps = outside = 0
     for rnd, order in rotating(list(runs), args.rounds):

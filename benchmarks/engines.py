@@ -15,7 +15,7 @@ import statistics
 import time
 from pathlib import Path
 
-from costeer import CoSteer
+from costeer import CloudConfig, CoSteer
 from costeer.evaluation.datasets import load_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,7 +25,7 @@ FACTS = ("Thaddeus", "Tromsø", "Polaria", "ice sculpt", "reindeer", "Ingrid", "
 
 
 def run(cloud: str, dev: str, prompts: int, max_new_tokens: int) -> dict:
-    device = CoSteer(cloud=cloud, quiet=True, context_cache=False)
+    device = CoSteer(cloud=CloudConfig(cloud), quiet=True, context_cache=False)
     answers = [device.generate(BIRTHDAY, PROFILE.read_text(encoding="utf-8"), max_new_tokens=max_new_tokens)]
     birthday = answers[0].text
     for example in load_dataset(dev).examples[:prompts]:

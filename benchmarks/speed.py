@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+from pathlib import Path
 
 from costeer import CoSteer, SteeringParams
 from costeer.bench.speed import BenchConfig, decode_ms, load_tasks, rotating
@@ -30,6 +31,10 @@ from costeer.bench.contention import warn_if_contended
 from costeer.decoding import decode
 from costeer.methods import CoSteerPolicy, StreamSpec
 from costeer.sampling import SamplingConfig, TokenPicker
+
+# A script, not library code: it may default to the data folder beside the repository root
+# (../shared/data/cogenesis, from this file, not from the working directory); --data overrides.
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cogenesis"
 
 
 class PaperStylePolicy(CoSteerPolicy):
@@ -56,12 +61,13 @@ def main() -> int:
     ap.add_argument("--prompts", type=int, default=3)
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--variants", default="llm,costeer,costeer-loop,paper-style,light")
+    ap.add_argument("--data", type=Path, default=DATA, help="a CoGenesis folder (default ../shared/data/cogenesis)")
     args = ap.parse_args()
     variants = args.variants.split(",")
     warn_if_contended("benchmarks/speed.py")
     cs = CoSteer(context_cache=False)  # every prefill cold: the prefill column compares variants
     cs.model("llm"), cs.model("slm")
-    tasks = load_tasks(BenchConfig())[: args.prompts]
+    tasks = load_tasks(BenchConfig(data=args.data))[: args.prompts]
     per_token: dict[str, list[float]] = {v: [] for v in variants}
     prefill: dict[str, list[float]] = {v: [] for v in variants}
     for rnd, order in rotating(variants, args.rounds):

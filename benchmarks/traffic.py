@@ -25,21 +25,22 @@ from pathlib import Path
 
 import numpy as np
 
-from costeer import CoSteer, SteeringParams
+from costeer import CloudConfig, CoSteer, SteeringParams
 from costeer.certified import AskFor, CertificationStats, certify
 from costeer.distribution import NextToken
 from costeer.evaluation.datasets import load_cogenesis
 from costeer.methods import DEFAULT_TOP_K, PLAUSIBLE_K, CoSteerPolicy, PlausibleCoSteer
 from costeer.sampling import SamplingConfig
-from costeer.transport.protocol import Step
-from costeer.transport.server.app import distribution_reply
+from costeer.transport.protocol import Step, encode_distribution
 
+# A script, not library code: it may default to the data folder beside the repository root
+# (../shared/data/cogenesis, from this file, not from the working directory); --data overrides.
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cogenesis"
 GREEDY = SamplingConfig()
 
 
 def reply_bytes(view: NextToken, k: int | None) -> int:
-    return len(distribution_reply(view, 0, k).model_dump_json(exclude_none=False))
+    return len(encode_distribution(view, 0, k).model_dump_json(exclude_none=False))
 
 
 def request_bytes(tokens: list[int], k: int | None) -> int:
@@ -91,8 +92,8 @@ class MeasuringCoSteer(CoSteerPolicy):
         return exact
 
 
-def load_pairs(n: int) -> list[tuple[list, list]]:
-    return [(e.public, e.private) for e in load_cogenesis(DATA).examples[:n]]
+def load_pairs(data: Path, n: int) -> list[tuple[list, list]]:
+    return [(e.public, e.private) for e in load_cogenesis(data).examples[:n]]
 
 
 def main() -> int:
@@ -101,6 +102,7 @@ def main() -> int:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--ks", default="16,64,256,1024,4096")
     ap.add_argument("--check-server", action="store_true")
+    ap.add_argument("--data", type=Path, default=DATA, help="a CoGenesis folder (default ../shared/data/cogenesis)")
     args = ap.parse_args()
     ks = [int(k) for k in args.ks.split(",")]
     cs = CoSteer()
@@ -111,7 +113,7 @@ def main() -> int:
     llm, slm = cs.model("llm"), cs.model("slm")
     models = {"llm": llm, "slm": slm}
     exact_runs = []
-    for i, (public, private) in enumerate(load_pairs(args.prompts)):
+    for i, (public, private) in enumerate(load_pairs(args.data, args.prompts)):
         prompts = [llm.encode_chat(public), slm.encode_chat(private), slm.encode_chat(public)]
         result = decode(policy, models, prompts, TokenPicker(SamplingConfig()), args.max_new_tokens)
         exact_runs.append((public, private, result.token_ids))
@@ -141,7 +143,7 @@ def check_server(cs, runs, max_new_tokens, policy) -> None:
     from servers import costeer_serve, free_port
 
     with costeer_serve(port=free_port()) as url:
-        remote = CoSteer(cloud=url, quiet=True)
+        remote = CoSteer(cloud=CloudConfig(url), quiet=True)
         remote.model("slm")
         measured, same = 0, True
         for public, private, tokens in runs:

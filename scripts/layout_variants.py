@@ -23,63 +23,20 @@ Rows keep their tids and references, so answers pair with the original runs.
 from __future__ import annotations
 
 import argparse
-import copy
-import json
-import re
 from pathlib import Path
 
-SECTION = re.compile(r"^## (.+)$", re.M)
-VARIANTS = ("no-instruction", "no-history", "shared-instruction")
-
-
-def sections(prompt: str) -> tuple[str, dict[str, str]]:
-    """(the text before the first `## ` header, {header: body}) of a private prompt."""
-    marks = list(SECTION.finditer(prompt))
-    if not marks:
-        raise ValueError("no '## ' sections in the private prompt")
-    head = prompt[: marks[0].start()].strip()
-    bodies = {m.group(1).strip(): prompt[m.end(): (marks[k + 1].start() if k + 1 < len(marks) else len(prompt))].strip()
-              for k, m in enumerate(marks)}
-    return head, bodies
-
-
-def render(head: str, bodies: dict[str, str]) -> str:
-    parts = [head] if head else []
-    parts += [f"## {name}\n{body}" for name, body in bodies.items()]
-    return "\n\n".join(parts) + "\n"
-
-
-def variant(name: str, with_row: dict, without_row: dict) -> tuple[dict, dict]:
-    w, wo = copy.deepcopy(with_row), copy.deepcopy(without_row)
-    head, bodies = sections(w["conversations"][0]["value"])
-    if name == "no-instruction":
-        w["conversations"][0]["value"] = render("", bodies)
-    elif name == "no-history":
-        bodies = {k: v for k, v in bodies.items() if k != "User Writing History"}
-        w["conversations"][0]["value"] = render(head, bodies)
-    elif name == "shared-instruction":
-        wo["conversations"][0]["value"] = render(head, {"Task": wo["conversations"][0]["value"]})
-    else:
-        raise ValueError(f"unknown variant {name!r}")
-    return w, wo
+from costeer.evaluation.layouts import write_variants
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # a script: the default is relative to where it is run (the repository root, beside ../shared)
     parser.add_argument("--data", default="../shared/data/cogenesis", help="folder with ctx_dev.json and ctx_dev_wo.json")
     parser.add_argument("--out", default="build/layouts")
     parser.add_argument("--limit", type=int, default=16)
     args = parser.parse_args()
-    data = Path(args.data)
-    with_rows = json.loads((data / "ctx_dev.json").read_text(encoding="utf-8"))[: args.limit]
-    without_rows = json.loads((data / "ctx_dev_wo.json").read_text(encoding="utf-8"))[: args.limit]
-    for name in VARIANTS:
-        pairs = [variant(name, w, wo) for w, wo in zip(with_rows, without_rows)]
-        folder = Path(args.out) / name
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "ctx_dev.json").write_text(json.dumps([p[0] for p in pairs], ensure_ascii=False, indent=1), encoding="utf-8")
-        (folder / "ctx_dev_wo.json").write_text(json.dumps([p[1] for p in pairs], ensure_ascii=False, indent=1), encoding="utf-8")
-        print(f"{folder}: {len(pairs)} rows")
+    for folder, rows in write_variants(Path(args.data), Path(args.out), args.limit):
+        print(f"{folder}: {rows} rows")
 
 
 if __name__ == "__main__":

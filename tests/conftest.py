@@ -3,9 +3,15 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import pytest
+from hypothesis import settings
 
 EXAMPLE_PROFILE = Path(__file__).resolve().parents[1] / "src" / "costeer" / "examples" / "profile.md"
 BIRTHDAY_PROMPT = "Write a two-sentence invitation to my birthday party."
@@ -40,3 +46,95 @@ def profile_text() -> str:
 
 def facts_in(text: str) -> list[str]:
     return [f for f in PROFILE_FACTS if f.lower() in text.lower()]
+
+
+@pytest.fixture
+def library_stderr(caplog) -> Callable[[], str]:
+    """What a Python program that set up no logging sees on stderr from costeer's library
+    code: Python's last-resort handler prints each WARNING-or-above record's message, one
+    line each (test_cli shows it in a real process). Under pytest the root logger has
+    handlers, so the last resort never runs: this reads the records. Each call returns
+    the lines logged since the last."""
+
+    def read() -> str:
+        text = "".join(record.getMessage() + "\n" for record in caplog.records
+                       if record.name.startswith("costeer") and record.levelno >= logging.WARNING)
+        caplog.clear()
+        return text
+
+    return read
+
+
+# --- how hard the random tests push ---------------------------------------------------------
+# The suite runs a sample of every fuzz run and property test, sized so that the model-free
+# suite stays fast on 2 cores; COSTEER_FUZZ_FULL=1 runs each at its full strength.
+FUZZ_FULL = os.environ.get("COSTEER_FUZZ_FULL") == "1"
+settings.register_profile("suite")  # hypothesis's defaults
+settings.register_profile("full", max_examples=1000)  # for @given tests that set no count of their own
+settings.load_profile("full" if FUZZ_FULL else "suite")
+
+
+def examples(suite: int, full: int) -> int:
+    """Random cases for a fuzz or property test: `suite` in the suite, `full` with COSTEER_FUZZ_FULL=1."""
+    return full if FUZZ_FULL else suite
+
+
+# --- `costeer ARGS` in this process ----------------------------------------------------------
+
+@dataclass
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+# Warnings Python does not print unless asked (its default filters)
+QUIET_WARNINGS = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)
+
+
+@pytest.fixture
+def costeer_in_process(capfd, caplog) -> Callable[..., CliResult]:
+    """`costeer ARGS` as a shell sees it, run by cli.main in this process (a fresh Python
+    per case costs about 2 s): the exit status, and what reached file descriptors 1 and 2
+    (native libraries' output counts too), plus the lines Python would have printed there
+    itself: warnings its default filters show, and records of loggers that have no handler.
+    The environment is restored after each call, as a process's would vanish with it."""
+    from costeer.cli import main
+
+    def run(*args: str, env: dict[str, str] | None = None) -> CliResult:
+        saved = dict(os.environ)
+        os.environ.update(env or {})
+        capfd.readouterr()
+        caplog.clear()
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("default")
+                try:
+                    code = main(list(args))
+                except SystemExit as exc:
+                    code = exc.code
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+        out, err = capfd.readouterr()
+        if isinstance(code, str):  # sys.exit("message"): Python prints it and exits 1
+            code, err = 1, f"{err}{code}\n"
+        err += "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in caught
+                       if not issubclass(w.category, QUIET_WARNINGS))
+        # costeer's records went to stderr through main's own handler; others would reach the last resort
+        err += "".join(r.getMessage() + "\n" for r in caplog.records
+                       if r.levelno >= logging.WARNING and not r.name.startswith("costeer") and unhandled(r.name))
+        return CliResult(code or 0, out, err)
+
+    return run
+
+
+def unhandled(logger_name: str) -> bool:
+    """Whether a record of this logger meets no handler below the root: in a process that set
+    up no logging, Python's last resort prints it to stderr."""
+    logger: logging.Logger | None = logging.getLogger(logger_name)
+    while logger is not None and logger is not logging.root:
+        if logger.handlers:
+            return False
+        logger = logger.parent if logger.propagate else None
+    return True

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from costeer import CoSteer
+from costeer import CloudConfig, CoSteer
 from costeer.transport.server.app import create_app
 from fake_servers import RequestLog
 from fakes import NumpyModel
@@ -28,5 +28,5 @@ def embedded():
     return CoSteer(llm=NumpyModel(1, "numpy-cloud"), slm=NumpyModel(2, "numpy-device"))
 
 
-def device(url: str, **kw) -> CoSteer:
-    return CoSteer(slm=NumpyModel(2, "numpy-device"), cloud=url, **kw)
+def device(url: str, **cloud) -> CoSteer:
+    return CoSteer(slm=NumpyModel(2, "numpy-device"), cloud=CloudConfig(url, **cloud))

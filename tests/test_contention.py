@@ -35,7 +35,7 @@ def children():
         child.wait()
 
 
-def test_a_busy_llama_process_is_reported_without_its_arguments(children, capsys, monkeypatch):
+def test_a_busy_llama_process_is_reported_without_its_arguments(children, library_stderr, monkeypatch):
     busy = children(_CHILD.format(body=BUSY))
     # a long sample and a low bar, so a loaded machine (the child gets a share of a core) passes too
     found = {e.pid: e for e in contention.busy_engines(sample_s=1.0, min_cores=0.1)}
@@ -44,7 +44,7 @@ def test_a_busy_llama_process_is_reported_without_its_arguments(children, capsys
     assert engine.name == Path(f"/proc/{busy.pid}/comm").read_text().strip()
     monkeypatch.setattr(contention, "busy_engines", lambda: [engine])
     assert contention.warn_if_contended("eval") == [engine]
-    err = capsys.readouterr().err
+    err = library_stderr()
     assert f"pid {busy.pid}" in err and "warning" in err and engine.name in err
     assert SECRET not in err  # another process's argv may hold private text: only its short name is shown
 
@@ -89,7 +89,7 @@ def test_parsing_and_threshold_on_a_fake_proc(tmp_path, monkeypatch):
     assert found[0].cores == pytest.approx(1.0, abs=2 / hz)
 
 
-def test_no_proc_means_no_warning(tmp_path, monkeypatch, capsys):
+def test_no_proc_means_no_warning(tmp_path, monkeypatch, library_stderr):
     monkeypatch.setattr(contention, "PROC", tmp_path / "absent")
     assert contention.warn_if_contended("bench") == []
-    assert capsys.readouterr().err == ""
+    assert library_stderr() == ""

@@ -213,14 +213,14 @@ def test_the_model_digest_is_hashed_once_per_file_version(tmp_path, device):
     assert json.loads(memo_path.read_text())[key]["sha256"] != "0" * 64
 
 
-def test_an_unusable_cache_folder_warns_once_without_private_text(tmp_path, device, capsys):
+def test_an_unusable_cache_folder_warns_once_without_private_text(tmp_path, device, library_stderr):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     warm = pair(device, ContextCache(blocker / "cache"))
     expected = generate(pair(device, False), REQUEST_A).token_ids
     assert generate(warm, REQUEST_A).token_ids == expected
     generate(warm, REQUEST_B)
-    err = capsys.readouterr().err
+    err = library_stderr()
     assert err.count("context cache") == 1 and "Lisbon" not in err
 
 

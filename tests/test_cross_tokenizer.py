@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from costeer import CoSteer
+from costeer import CloudConfig, CoSteer
 from costeer.backends.aligned import AlignedModel, _complete_utf8_prefix
 from costeer.fusion import SteeringParams, local_delta
 from costeer.transport.server.app import create_app
@@ -223,7 +223,7 @@ def served_cloud():
 @pytest.mark.parametrize("method", ["costeer", "light", "mix:3", "costeer-plausible"])
 @pytest.mark.parametrize("first_k", [1, 64])
 def test_split_mode_across_tokenizers_equals_embedded_with_every_step_certified(served_cloud, cross, method, first_k):
-    device = CoSteer(slm=OtherVocabularyModel(2), cloud=served_cloud, cloud_top_k=first_k, context_cache=False)
+    device = CoSteer(slm=OtherVocabularyModel(2), cloud=CloudConfig(served_cloud, top_k=first_k), context_cache=False)
     try:
         remote = device.generate(PROMPT, CONTEXT, method=method, max_new_tokens=30)
     finally:

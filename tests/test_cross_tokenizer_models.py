@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import BIRTHDAY_PROMPT, facts_in
-from costeer import CoSteer
+from costeer import CloudConfig, CoSteer
 from costeer.backends.aligned import AlignedModel
 
 pytestmark = pytest.mark.models
@@ -71,7 +71,7 @@ def test_split_mode_against_costeer_serve_equals_embedded_and_is_certified(gemma
     from servers import costeer_serve, free_port
 
     with costeer_serve(port=free_port()) as url:  # the default cloud model, Qwen2.5-Coder-1.5B
-        device = CoSteer(slm=gemma_device.model("slm"), cloud=url, quiet=True, context_cache=False)
+        device = CoSteer(slm=gemma_device.model("slm"), cloud=CloudConfig(url), quiet=True, context_cache=False)
         remote = device.generate(BIRTHDAY_PROMPT, profile_text, method="costeer", max_new_tokens=NEW_TOKENS)
         device.model("llm").close()
     assert remote.token_ids == birthday.token_ids and remote.text == birthday.text

@@ -99,10 +99,10 @@ def test_baseline_methods_use_the_prompts_they_claim(default_costeer, profile_te
     assert g.method == method and set(g.prompt_tokens) == streams and g.new_tokens >= 1
 
 
-def test_long_context_is_cut_to_the_cap_with_a_warning(default_costeer, profile_text, capsys):
+def test_long_context_is_cut_to_the_cap_with_a_warning(default_costeer, profile_text, library_stderr):
     g = default_costeer.generate(BIRTHDAY_PROMPT, profile_text, max_new_tokens=4, max_context_tokens=20)
     assert g.context_truncated
-    err = capsys.readouterr().err
+    err = library_stderr()
     assert "cut to its first 20" in err and "Thaddeus" not in err  # never quotes the private text
     full = default_costeer.generate(BIRTHDAY_PROMPT, profile_text, max_new_tokens=4)
     assert g.prompt_tokens["slm_private"] < full.prompt_tokens["slm_private"] - 50

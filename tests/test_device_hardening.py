@@ -109,7 +109,7 @@ def test_the_wire_log_is_created_0600_whatever_the_umask(tmp_path):
     assert stat.S_IMODE((tmp_path / "wire.jsonl").stat().st_mode) == 0o600
 
 
-def test_a_wire_log_readable_by_others_is_made_0600_and_appended_to(tmp_path, capsys):
+def test_a_wire_log_readable_by_others_is_made_0600_and_appended_to(tmp_path, library_stderr):
     path = tmp_path / "wire.jsonl"
     path.write_text('{"old": 1}\n')
     path.chmod(0o644)
@@ -118,7 +118,7 @@ def test_a_wire_log_readable_by_others_is_made_0600_and_appended_to(tmp_path, ca
     log.close()
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert path.read_text().splitlines() == ['{"old": 1}', '{"new": 2}']
-    err = capsys.readouterr().err
+    err = library_stderr()
     assert err.count("\n") == 1 and "0644" in err and "0600" in err
 
 
@@ -154,7 +154,7 @@ def test_a_top_k_id_outside_the_vocabulary_is_an_error_never_an_index(bad):
 
     with app_in_thread(rewriting(create_app(NumpyModel(1)), change)) as url:
         with pytest.raises(UserError, match=rf"token id {bad}, outside the vocabulary \(0 to {VOCAB_SIZE - 1}\)"):
-            device(url, cloud_top_k=4).generate(PROMPT, CONTEXT, max_new_tokens=4)
+            device(url, top_k=4).generate(PROMPT, CONTEXT, max_new_tokens=4)
 
 
 def test_a_malformed_distribution_is_one_clear_error():
@@ -163,7 +163,7 @@ def test_a_malformed_distribution_is_one_clear_error():
 
     with app_in_thread(rewriting(create_app(NumpyModel(1)), change)) as url:
         with pytest.raises(UserError, match="malformed distribution"):
-            device(url, cloud_top_k=4).generate(PROMPT, CONTEXT, max_new_tokens=4)
+            device(url, top_k=4).generate(PROMPT, CONTEXT, max_new_tokens=4)
 
 
 def test_a_lookahead_path_outside_the_vocabulary_is_an_error():
@@ -174,7 +174,7 @@ def test_a_lookahead_path_outside_the_vocabulary_is_an_error():
 
     with app_in_thread(rewriting(create_app(NumpyModel(1)), change)) as url:
         with pytest.raises(UserError, match="token id -1, outside the vocabulary"):
-            device(url, lookahead=(2, 2, 0.0), cloud_top_k=4).generate(PROMPT, CONTEXT, max_new_tokens=4)
+            device(url, lookahead=(2, 2, 0.0), top_k=4).generate(PROMPT, CONTEXT, max_new_tokens=4)
 
 
 @pytest.mark.parametrize("engine", ["vllm", "llama-server"])
@@ -292,13 +292,13 @@ def test_error_bodies_and_server_names_reach_messages_without_control_characters
     ("http://cloud.example.com:8750", True), ("http://10.0.0.7", True), ("https://cloud.example.com", False),
     ("http://localhost:8750", False), ("http://127.3.2.1", False), ("http://[::1]:8750", False),
 ])
-def test_an_api_key_over_plain_http_to_another_host_warns_once(url, warned, capsys):
+def test_an_api_key_over_plain_http_to_another_host_warns_once(url, warned, library_stderr):
     wire = WireClient(url, api_key="secret-key")
     wire.close()
-    err = capsys.readouterr().err
+    err = library_stderr()
     assert err.count("over plain http://") == int(warned) and "secret-key" not in err
     WireClient(url).close()  # no key, nothing to warn about
-    assert capsys.readouterr().err == ""
+    assert library_stderr() == ""
 
 
 def test_loopback_is_localhost_127_slash_8_and_ipv6_one():
@@ -425,7 +425,7 @@ def test_an_assembled_model_is_rehashed_only_when_it_changes(toy_model, monkeypa
 
 
 @pytest.mark.parametrize("how", ["replaced", "rewritten in place"])
-def test_a_same_size_swap_of_an_assembled_model_is_caught_and_assembled_again(toy_model, how, tmp_path, capsys):
+def test_a_same_size_swap_of_an_assembled_model_is_caught_and_assembled_again(toy_model, how, tmp_path, library_stderr):
     from costeer.default_models import ensure_model
 
     model, whole = toy_model
@@ -443,7 +443,7 @@ def test_a_same_size_swap_of_an_assembled_model_is_caught_and_assembled_again(to
     assert target.read_bytes() == other
     assert ensure_model(model) == target
     assert target.read_bytes() == whole
-    assert "assembling it again" in capsys.readouterr().err
+    assert "assembling it again" in library_stderr()
 
 
 # --- 5. run.json is written atomically --------------------------------------------------

@@ -81,11 +81,11 @@ def test_same_size_but_different_token_strings_are_not_taken_for_one_tokenizer(t
     assert g.alignment is not None and g.text == a.detokenize(g.token_ids)
 
 
-def test_context_longer_than_the_window_is_cut_not_crashed(tiny_pair, capsys):
+def test_context_longer_than_the_window_is_cut_not_crashed(tiny_pair, library_stderr):
     cs = CoSteer(*tiny_pair, quiet=True)  # window: 256 tokens
     long_context = "I love ice sculpting and skiing in the mountains. " * 100
     g = cs.generate("Write a note.", long_context, max_new_tokens=8)
     assert g.context_truncated and g.prompt_tokens["slm_private"] + 8 <= 256
-    assert "private context cut" in capsys.readouterr().err
+    assert "private context cut" in library_stderr()
     with pytest.raises(UserError, match="no room for the context"):
         cs.generate("Write a note.", long_context, max_new_tokens=250)

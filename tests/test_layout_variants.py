@@ -1,30 +1,21 @@
-"""scripts/layout_variants.py changes exactly one part of the device prompt per variant,
-and what it writes is a CoGenesis split that `costeer eval` reads, row for row."""
+"""evaluation/layouts.py (scripts/layout_variants.py) changes exactly one part of the
+device prompt per variant, and what it writes is a CoGenesis split that `costeer eval`
+reads, row for row."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from costeer.evaluation import layouts as layout
 from costeer.evaluation.datasets import load_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "cogenesis"
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("layout_variants", ROOT / "scripts" / "layout_variants.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["layout_variants"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-layout = _script()
 
 
 def _row(private: str, public: str) -> tuple[dict, dict]:
@@ -54,9 +45,12 @@ def test_each_variant_changes_one_part():
 
 
 @pytest.mark.skipif(not DATA.is_dir(), reason="needs ../shared/data/cogenesis")
-def test_written_variants_load_and_pair_with_the_original(tmp_path, monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["layout_variants.py", "--data", str(DATA), "--out", str(tmp_path), "--limit", "5"])
-    layout.main()
+def test_written_variants_load_and_pair_with_the_original(tmp_path):
+    # the script, as a user runs it
+    script = subprocess.run([sys.executable, str(ROOT / "scripts" / "layout_variants.py"), "--data", str(DATA),
+                             "--out", str(tmp_path), "--limit", "5"], capture_output=True, text=True, timeout=120)
+    assert script.returncode == 0 and script.stderr == ""
+    assert script.stdout == "".join(f"{tmp_path / name}: 5 rows\n" for name in layout.VARIANTS)
     original = load_dataset(str(DATA)).examples[:5]
     for name in layout.VARIANTS:
         examples = load_dataset(str(tmp_path / name)).examples

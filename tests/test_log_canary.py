@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import BIRTHDAY_PROMPT, PROFILE_FACTS
-from costeer import CoSteer
+from costeer import CloudConfig, CoSteer
 from costeer.transport.server.limits import ServerLimits
 from costeer.transport.protocol import IDS, decode_array
 from costeer.transport.server.app import create_app
@@ -86,9 +86,9 @@ def test_real_server_logs_and_answers_hold_no_private_context(tmp_path, profile_
         wait_healthy(url, proc, err)
         wire = tmp_path / "wire.jsonl"
         context = f"{profile_text}\nMy name is Ingrid. Secret code: {CANARY}"
-        per_token = CoSteer(cloud=url, api_key=KEY, wire_log=wire, quiet=True)
+        per_token = CoSteer(cloud=CloudConfig(url, api_key=KEY, wire_log=wire), quiet=True)
         # a streamed lookahead tree too: the other way answers leave the server
-        tree = CoSteer(cloud=url, api_key=KEY, wire_log=wire, quiet=True, lookahead=(2, 2, 0.0))
+        tree = CoSteer(cloud=CloudConfig(url, api_key=KEY, wire_log=wire, lookahead=(2, 2, 0.0)), quiet=True)
         try:
             per_token.generate(BIRTHDAY_PROMPT, context, max_new_tokens=10)
             per_token.generate(BIRTHDAY_PROMPT, context, method="light", max_new_tokens=6)
@@ -220,7 +220,8 @@ def test_fuzz_run_with_canary_inputs_leaves_no_trace_in_logs_or_answers(every_lo
     stop, device_errors, generations = threading.Event(), [], []
 
     def device_loop() -> None:
-        cs = CoSteer(slm=NumpyModel(2, "numpy-device"), cloud=url, api_key=KEY, wire_log=tmp_path / "wire.jsonl")
+        cs = CoSteer(slm=NumpyModel(2, "numpy-device"),
+                     cloud=CloudConfig(url, api_key=KEY, wire_log=tmp_path / "wire.jsonl"))
         try:
             while not stop.is_set():
                 generations.append(cs.generate(PROMPT, CONTEXT, max_new_tokens=6).token_ids)

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from costeer import CoSteer, UserError
+from costeer import CloudConfig, CoSteer, UserError
 from costeer.cli import main
 from costeer.methods import METHODS, make_policy
 from costeer.transport.server.app import create_app
@@ -25,7 +25,7 @@ CLOUD_METHODS = [m for m in sorted(METHODS) + ["mix:0.5"]
 @pytest.mark.parametrize("tree", [(1, 1, 0.0), (3, 1, 0.0), (2, 4, 0.0), (3, 2, 0.0), (3, 1, 0.5), (2, 4, 0.3)])
 def test_lookahead_greedy_equals_embedded_with_fewer_round_trips(served, embedded, method, tree):
     url, _ = served
-    remote = device(url, lookahead=tree, cloud_top_k=4).generate(PROMPT, CONTEXT, method=method, max_new_tokens=32)
+    remote = device(url, lookahead=tree, top_k=4).generate(PROMPT, CONTEXT, method=method, max_new_tokens=32)
     local = embedded.generate(PROMPT, CONTEXT, method=method, max_new_tokens=32)
     assert remote.token_ids == local.token_ids and remote.new_tokens > 8
     t = remote.traffic
@@ -40,7 +40,7 @@ def test_lookahead_greedy_equals_embedded_with_fewer_round_trips(served, embedde
                                       dict(temperature=0.9)])
 def test_lookahead_sampling_is_exact(served, embedded, sampling):
     url, _ = served
-    cs = device(url, lookahead=(2, 3, 0.0), cloud_top_k=4)
+    cs = device(url, lookahead=(2, 3, 0.0), top_k=4)
     for seed in range(3):
         remote = cs.generate(PROMPT, CONTEXT, max_new_tokens=20, seed=seed, **sampling)
         assert remote.token_ids == embedded.generate(PROMPT, CONTEXT, max_new_tokens=20, seed=seed, **sampling).token_ids
@@ -52,7 +52,7 @@ def test_escalating_inside_the_tree_sends_the_walk_first(served, embedded, tree)
     """k = 1 rarely certifies: the device asks for more at tree nodes the server has not
     reached, and at the root while a chain is still streaming."""
     url, _ = served
-    g = device(url, lookahead=tree, cloud_top_k=1).generate(PROMPT, CONTEXT, method="mix:4", max_new_tokens=30)
+    g = device(url, lookahead=tree, top_k=1).generate(PROMPT, CONTEXT, method="mix:4", max_new_tokens=30)
     assert g.token_ids == embedded.generate(PROMPT, CONTEXT, method="mix:4", max_new_tokens=30).token_ids
     assert g.traffic["escalations"] and g.traffic["uncertified_steps"] == 0
 
@@ -95,4 +95,4 @@ def test_a_tree_too_large_or_unsupported_is_refused_clearly(served, capsys):
         with pytest.raises(UserError, match="does not offer lookahead"):
             device(other, lookahead=(2, 2)).generate(PROMPT, CONTEXT, max_new_tokens=4)
     with pytest.raises(UserError, match="remote cloud"):
-        CoSteer(lookahead=(2, 2))
+        CloudConfig("", lookahead=(2, 2))

@@ -17,7 +17,7 @@ import time
 import httpx
 import pytest
 
-from costeer import CoSteer
+from costeer import CloudConfig, CoSteer
 from costeer.methods import METHODS
 from costeer.prompts import CONTEXT_INTRO, PAPER_SYSTEM_PROMPT, REQUEST_INTRO
 from costeer.proxy.access import MethodAllowList, ProxyAccess
@@ -374,8 +374,8 @@ def remote_cloud(tmp_path):
     served = create_app(Endless(1, "numpy-cloud"))
     with app_in_thread(served) as cloud_url:
         wire = tmp_path / "wire.jsonl"
-        cs = CoSteer(slm=SlowModel(2, "numpy-device", delay_s=0.002), cloud=cloud_url, wire_log=wire, cloud_top_k=4,
-                     context_cache=False)
+        cs = CoSteer(slm=SlowModel(2, "numpy-device", delay_s=0.002),
+                     cloud=CloudConfig(cloud_url, wire_log=wire, top_k=4), context_cache=False)
         with serving(cs) as (url, app):
             yield url, app, cloud_url, wire
         cs.close()
@@ -407,8 +407,8 @@ def test_a_client_that_leaves_closes_the_remote_session_too(remote_cloud):
 
 
 def test_a_cloud_that_cannot_be_reached_is_a_503_that_quotes_nothing_private(caplog):
-    cs = CoSteer(slm=NumpyModel(2, "numpy-device"), cloud=f"http://127.0.0.1:{free_port()}", cloud_timeout_s=2,
-                 cloud_retry_for_s=0, context_cache=False)
+    cs = CoSteer(slm=NumpyModel(2, "numpy-device"),
+                 cloud=CloudConfig(f"http://127.0.0.1:{free_port()}", timeout_s=2, retry_for_s=0), context_cache=False)
     with serving(cs) as (url, _):
         with pytest.raises(openai.InternalServerError) as caught:
             ask(url, max_tokens=5)
@@ -425,7 +425,8 @@ def test_a_cloud_that_cannot_be_reached_is_a_503_that_quotes_nothing_private(cap
 def test_a_cloud_that_refuses_is_a_502():
     served = create_app(NumpyModel(1, "numpy-cloud"), api_keys=["the-right-cloud-key"])
     with app_in_thread(served) as cloud_url:
-        cs = CoSteer(slm=NumpyModel(2, "numpy-device"), cloud=cloud_url, api_key="a-wrong-cloud-key", context_cache=False)
+        cs = CoSteer(slm=NumpyModel(2, "numpy-device"), cloud=CloudConfig(cloud_url, api_key="a-wrong-cloud-key"),
+                     context_cache=False)
         with serving(cs) as (url, _):
             response = httpx.post(f"{url}/v1/chat/completions", json={"messages": user(), "max_tokens": 5}, headers=AUTH)
     assert response.status_code == 502 and response.json()["error"]["code"] == "cloud_error"

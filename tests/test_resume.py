@@ -15,7 +15,7 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from costeer import CoSteer, UserError
+from costeer import CloudConfig, CoSteer, UserError
 from costeer.cli import main
 from costeer.transport.server.limits import ServerLimits
 from costeer.transport.server.app import create_app
@@ -85,14 +85,14 @@ CASES = {
     "sampled": dict(kw={}, gen=dict(temperature=0.8, top_k=20, seed=3)),
     "tree": dict(kw=dict(lookahead=(2, 2, 0.0)), gen={}),
     "streamed chain": dict(kw=dict(lookahead=(3, 1, 0.0)), gen={}),
-    "escalating": dict(kw=dict(cloud_top_k=1), gen=dict(method="mix:4")),
+    "escalating": dict(kw=dict(top_k=1), gen=dict(method="mix:4")),
 }
 
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("down_s", [0.0, 1.2])  # 0: back at once, a server that does not know the session
 def test_a_restart_mid_generation_changes_nothing(server, embedded, case, down_s, tmp_path):
-    kw, gen = {"cloud_top_k": 4, **CASES[case]["kw"]}, {"method": "costeer", **CASES[case]["gen"]}
+    kw, gen = {"top_k": 4, **CASES[case]["kw"]}, {"method": "costeer", **CASES[case]["gen"]}
     wire = tmp_path / "wire.jsonl"
     cs = device(server.url, wire_log=wire, **kw)
     started = time.monotonic()
@@ -139,7 +139,7 @@ def test_proxy_errors_and_a_busy_reopen_are_ridden_out(embedded):
     server = Restartable(ServerLimits(max_tokens_per_step=4), failing(answers))  # resent in steps of 4
     server.start()
     try:
-        cs = device(server.url, cloud_top_k=1)  # k = 1 rarely certifies: many looks
+        cs = device(server.url, top_k=1)  # k = 1 rarely certifies: many looks
         started = time.monotonic()
         g = cs.generate(PROMPT, CONTEXT, method="mix:4", max_new_tokens=40)
         assert time.monotonic() - started >= 1.0  # waited as Retry-After said
@@ -169,7 +169,7 @@ def test_a_step_with_no_answer_in_time_is_resumed(embedded):
     server = Restartable(wrap=stall)
     server.start()
     try:
-        g = device(server.url, cloud_timeout_s=0.5).generate(PROMPT, CONTEXT, max_new_tokens=20)
+        g = device(server.url, timeout_s=0.5).generate(PROMPT, CONTEXT, max_new_tokens=20)
         assert g.token_ids == embedded.generate(PROMPT, CONTEXT, max_new_tokens=20).token_ids
         assert g.traffic["resumes"] == 1 and server.opens() == 2
     finally:
@@ -191,7 +191,7 @@ def test_a_refusal_fails_at_once(embedded, status, kind):
 
 
 def test_it_gives_up_after_the_window_in_one_line(server):
-    cs = device(server.url, cloud_retry_for_s=1.5)
+    cs = device(server.url, retry_for_s=1.5)
     stopped = []
     with pytest.raises(UserError) as failed:
         cs.generate(PROMPT, CONTEXT, max_new_tokens=40, on_text=after_tokens(4, lambda: (server.stop(), stopped.append(time.monotonic()))))
@@ -201,7 +201,7 @@ def test_it_gives_up_after_the_window_in_one_line(server):
 
 
 def test_zero_turns_resuming_off(server):
-    cs = device(server.url, cloud_retry_for_s=0)
+    cs = device(server.url, retry_for_s=0)
     started = []
     with pytest.raises(UserError, match="cannot reach the cloud"):
         cs.generate(PROMPT, CONTEXT, max_new_tokens=40, on_text=after_tokens(4, lambda: (server.stop(), started.append(time.monotonic()))))
@@ -243,7 +243,7 @@ def test_a_dropped_stream_ends_the_walk(embedded):
     server = Restartable(wrap=cut)
     server.start()
     try:
-        g = device(server.url, lookahead=(3, 1, 0.0), cloud_top_k=4).generate(PROMPT, CONTEXT, max_new_tokens=24)
+        g = device(server.url, lookahead=(3, 1, 0.0), top_k=4).generate(PROMPT, CONTEXT, max_new_tokens=24)
         assert g.token_ids == embedded.generate(PROMPT, CONTEXT, max_new_tokens=24).token_ids
         # a cut may also reset the connection the next request goes on: that one resumes
         assert g.traffic["lookahead_tokens"] > 0 and server.opens() == 1 + g.traffic["resumes"]
@@ -258,7 +258,7 @@ def test_a_bad_retry_window_is_one_line(capsys, value, message):
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     with pytest.raises(UserError, match="retry window"):
-        CoSteer(cloud="http://127.0.0.1:9", cloud_retry_for_s=float("nan"))
+        CloudConfig("http://127.0.0.1:9", retry_for_s=float("nan"))
 
 
 @pytest.mark.models

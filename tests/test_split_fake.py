@@ -10,7 +10,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from costeer import CoSteer, UserError
+from costeer import CloudConfig, CoSteer, UserError
 from costeer.cli import main
 from costeer.errors import PrivacyError
 from costeer.methods import METHODS
@@ -39,7 +39,7 @@ def test_the_fake_models_cache_like_real_ones():
 def test_remote_greedy_equals_embedded_token_for_token(served, embedded, method, tmp_path):
     url, _ = served
     wire = tmp_path / "wire.jsonl"
-    cs = device(url, wire_log=wire, cloud_top_k=4)
+    cs = device(url, wire_log=wire, top_k=4)
     remote = cs.generate(PROMPT, CONTEXT, method=method, max_new_tokens=24)
     local = embedded.generate(PROMPT, CONTEXT, method=method, max_new_tokens=24)
     assert remote.token_ids == local.token_ids and remote.new_tokens > 0
@@ -53,7 +53,7 @@ def test_remote_greedy_equals_embedded_token_for_token(served, embedded, method,
 
 def test_certified_traffic_escalates_and_is_reported(served, embedded):
     url, _ = served
-    cs = device(url, cloud_top_k=1)  # k = 1 rarely certifies: forces escalations
+    cs = device(url, top_k=1)  # k = 1 rarely certifies: forces escalations
     g = cs.generate(PROMPT, CONTEXT, method="mix:4", max_new_tokens=30)
     assert g.token_ids == embedded.generate(PROMPT, CONTEXT, method="mix:4", max_new_tokens=30).token_ids
     t = g.traffic
@@ -66,7 +66,7 @@ def test_certified_traffic_escalates_and_is_reported(served, embedded):
                                       dict(temperature=0.7, top_k=20, top_p=0.9)])
 def test_top_k_and_top_p_sampling_is_exact_over_the_network(served, embedded, sampling):
     url, _ = served
-    cs = device(url, cloud_top_k=4)
+    cs = device(url, top_k=4)
     for seed in range(3):
         remote = cs.generate(PROMPT, CONTEXT, max_new_tokens=20, seed=seed, **sampling)
         local = embedded.generate(PROMPT, CONTEXT, max_new_tokens=20, seed=seed, **sampling)
@@ -76,7 +76,7 @@ def test_top_k_and_top_p_sampling_is_exact_over_the_network(served, embedded, sa
 
 def test_plain_sampling_bounds_the_mass_it_leaves_out():
     with app_in_thread(create_app(NumpyModel(1, sharpness=20))) as url:  # a confident cloud
-        g = device(url, cloud_top_k=8).generate(PROMPT, CONTEXT, max_new_tokens=20, temperature=0.9, seed=1)
+        g = device(url, top_k=8).generate(PROMPT, CONTEXT, max_new_tokens=20, temperature=0.9, seed=1)
     t = g.traffic
     assert 0 < t["max_missed_mass"] <= 1e-3 and t["uncertified_steps"] == 0 and t["certified_first_fraction"] > 0.5
 
@@ -140,7 +140,7 @@ def test_a_server_sending_fewer_values_than_asked_is_treated_as_capped(embedded)
     log = RequestLog()
     app = short_changing(create_app(NumpyModel(1, "numpy-cloud")), most=3)
     with app_in_thread(log.install(app)) as url:
-        g = device(url, cloud_top_k=8).generate(PROMPT, CONTEXT, max_new_tokens=12)
+        g = device(url, top_k=8).generate(PROMPT, CONTEXT, max_new_tokens=12)
     assert g.new_tokens > 0 and g.traffic["escalations"] == {}
     assert len([p for p, _ in log.bodies if p.endswith("/step")]) <= g.new_tokens + 1
 
@@ -173,7 +173,7 @@ def test_openai_cloud_with_token_ids_gives_the_embedded_llm_answer(embedded):
 def test_openai_cloud_that_refuses_token_ids_gets_text_and_drops_ambiguous_strings():
     log, server = openai_device(OpenAIQuirks(accepts_token_ids=False, eos_without_logprobs=True, max_logprobs=40))
     with server as url:
-        g = device(f"openai+{url}/v1", cloud_max_k=40).generate(PROMPT, CONTEXT, max_new_tokens=16)
+        g = device(f"openai+{url}/v1", max_k=40).generate(PROMPT, CONTEXT, max_new_tokens=16)
     assert g.traffic["prompt_as_text"] is True and g.new_tokens > 0
     assert g.traffic["unmapped_top_entries"] > 0  # byte fragments and b"ab" print alike
 
@@ -205,7 +205,7 @@ def engine_server(kind: str):
 def test_engines_that_name_token_ids_give_the_embedded_answer_with_no_uncertified_step(kind, method, embedded):
     log, server, prefix = engine_server(kind)
     with server as url:
-        cs = device(f"{prefix}{url}{'/v1' if kind == 'vllm' else ''}", cloud_top_k=1)  # k = 1 forces escalations
+        cs = device(f"{prefix}{url}{'/v1' if kind == 'vllm' else ''}", top_k=1)  # k = 1 forces escalations
         g = cs.generate(PROMPT, CONTEXT, method=method, max_new_tokens=24)
         cs.close()
     assert g.token_ids == embedded.generate(PROMPT, CONTEXT, method=method, max_new_tokens=24).token_ids
@@ -220,7 +220,7 @@ def test_engines_that_name_token_ids_give_the_embedded_answer_with_no_uncertifie
 def test_a_vllm_cap_is_learned_from_its_refusal_and_reported():
     cloud = NumpyModel(1, "numpy-cloud")
     with app_in_thread(openai_app(cloud, VLLM_DEFAULT)) as url:
-        cs = device(f"openai+{url}/v1", cloud_top_k=64)
+        cs = device(f"openai+{url}/v1", top_k=64)
         g = cs.generate(PROMPT, CONTEXT, method="mix:4", max_new_tokens=24)
         again = cs.generate(PROMPT, CONTEXT, method="mix:4", max_new_tokens=24)
     t = g.traffic
@@ -240,7 +240,8 @@ def test_a_cloud_that_tokenizes_differently_is_refused_at_connect():
 
 def test_lookahead_against_an_engine_is_a_clear_error():
     with pytest.raises(UserError, match="lookahead needs a costeer serve"):
-        CoSteer(slm=NumpyModel(2), cloud="llama-server+http://127.0.0.1:9", lookahead=(2, 2)).generate(PROMPT, max_new_tokens=2)
+        CoSteer(slm=NumpyModel(2), cloud=CloudConfig("llama-server+http://127.0.0.1:9", lookahead=(2, 2))).generate(
+            PROMPT, max_new_tokens=2)
 
 
 def test_the_cli_says_when_a_capped_server_left_steps_unproven(capsys):

@@ -7,7 +7,7 @@ import json
 import httpx
 import pytest
 
-from costeer import CoSteer
+from costeer import CloudConfig, CoSteer
 from conftest import BIRTHDAY_PROMPT
 from servers import costeer_serve, free_port
 
@@ -25,7 +25,7 @@ def cloud_url():
 @pytest.fixture(scope="module")
 def device(cloud_url, tmp_path_factory):
     wire = tmp_path_factory.mktemp("wire") / "wire.jsonl"
-    cs = CoSteer(cloud=cloud_url, api_key=KEY, wire_log=wire, quiet=True)
+    cs = CoSteer(cloud=CloudConfig(cloud_url, api_key=KEY, wire_log=wire), quiet=True)
     yield cs, wire
     cs.close()
 
@@ -59,7 +59,8 @@ def test_remote_greedy_equals_embedded_token_for_token(default_costeer, device, 
 @pytest.mark.models
 def test_lookahead_gives_the_per_token_text_with_fewer_round_trips(cloud_url, device, profile_text):
     per_token, _ = device
-    trees = {tree: CoSteer(cloud=cloud_url, api_key=KEY, lookahead=tree, quiet=True) for tree in ((2, 2, 0.0), (3, 1))}
+    trees = {tree: CoSteer(cloud=CloudConfig(cloud_url, api_key=KEY, lookahead=tree), quiet=True)
+             for tree in ((2, 2, 0.0), (3, 1))}
     for cs in trees.values():
         cs._slots["slm"].model = per_token.model("slm")  # one device model in memory
     try:
@@ -110,7 +111,7 @@ def test_private_context_never_reaches_the_cloud(device, profile_text):
 
 @pytest.mark.models
 def test_simulated_rtt_delays_every_round_trip_and_changes_nothing_else(cloud_url, default_costeer, profile_text):
-    slow = CoSteer(cloud=cloud_url, api_key=KEY, simulate_rtt_ms=40, quiet=True)
+    slow = CoSteer(cloud=CloudConfig(cloud_url, api_key=KEY, simulate_rtt_ms=40), quiet=True)
     slow.model("slm")
     g = slow.generate(BIRTHDAY_PROMPT, profile_text, max_new_tokens=6)
     local = default_costeer.generate(BIRTHDAY_PROMPT, profile_text, max_new_tokens=6)
@@ -197,7 +198,7 @@ def test_openai_compatible_server_as_the_cloud(openai_url, default_costeer, prof
     (it refuses token ids). Where greedy output differs from the embedded run, it must be
     at a near-tie: the server computes the same model with other kernels and batch shapes."""
     wire = tmp_path / "wire.jsonl"
-    cs = CoSteer(cloud=f"openai+{openai_url}/v1", wire_log=wire, quiet=True)
+    cs = CoSteer(cloud=CloudConfig(f"openai+{openai_url}/v1", wire_log=wire), quiet=True)
     for method in ("llm", "costeer"):
         remote = cs.generate(BIRTHDAY_PROMPT, f"{profile_text}\n{CANARY}", method=method, max_new_tokens=12)
         local = default_costeer.generate(BIRTHDAY_PROMPT, f"{profile_text}\n{CANARY}", method=method, max_new_tokens=12)
@@ -275,8 +276,8 @@ def test_a_cloud_that_does_not_answer_in_time_is_one_clear_error():
         return {}
 
     with app_in_thread(slow) as url:
-        cs = CoSteer(slm=NumpyModel(2), cloud=url, cloud_timeout_s=0.5)
+        cs = CoSteer(slm=NumpyModel(2), cloud=CloudConfig(url, timeout_s=0.5))
         with pytest.raises(UserError, match=r"did not answer GET /v1/model within 0.5 s"):
             cs.generate("hi", max_new_tokens=2)
     with pytest.raises(UserError, match="timeout"):
-        CoSteer(cloud="http://127.0.0.1:1", cloud_timeout_s=0)
+        CloudConfig("http://127.0.0.1:1", timeout_s=0)

@@ -7,16 +7,18 @@ context steers it token by token through its local delta.
 from .context_cache import ContextCache
 from .errors import UserError
 from .fusion import SteeringParams, fuse_closed_form, fuse_ftrl_loop, local_delta, steering_coefficient
-from .api import CoSteer, Generation
+from .api import CloudConfig, CoSteer, Generation, GenerationRequest
 from .methods import METHODS
 from .prompts import PAPER_SYSTEM_PROMPT, load_context
 from .sampling import SamplingConfig
 
 __version__ = "0.1.0"
 __all__ = [
+    "CloudConfig",
     "CoSteer",
     "ContextCache",
     "Generation",
+    "GenerationRequest",
     "METHODS",
     "PAPER_SYSTEM_PROMPT",
     "SamplingConfig",

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import os
-import sys
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from .backends import LanguageModel, load_model, same_tokenizer
 from .backends.aligned import AlignedModel
-from .backends.base import ChatMessage
+from .backends.base import ChatMessage, StreamSource
+from .config import CloudConfig, GenerationRequest
 from .decoding import decode
 from .default_models import DEFAULT_LLM, DEFAULT_SLM, ChunkedModel, resolve_model_path
 from .cloud import RemoteCloud
@@ -17,8 +18,12 @@ from .context_cache import ContextCache
 from .errors import PrivacyError, UserError
 from .fusion import SteeringParams
 from .methods import DEFAULT_TOP_K, Fusion, Policy, Role, StreamSpec, make_policy
-from .prompts import PAPER_SYSTEM_PROMPT, PromptPair, build_prompts, declassify
-from .sampling import SamplingConfig, TokenPicker
+from .prompts import PromptPair, build_prompts, declassify
+from .sampling import TokenPicker
+
+__all__ = ["CloudConfig", "CoSteer", "Generation", "GenerationRequest"]
+
+log = logging.getLogger(__name__)
 
 ModelSource = str | os.PathLike | LanguageModel | None
 
@@ -68,53 +73,25 @@ class CoSteer:
         llm: ModelSource = None,
         slm: ModelSource = None,
         backend: str = "auto",
-        quiet: bool = False,
-        cloud: str | None = None,
-        api_key: str | None = None,
-        wire_log: str | os.PathLike | None = None,
-        simulate_rtt_ms: float = 0.0,
-        cloud_top_k: int = DEFAULT_TOP_K,
-        cloud_model: str | None = None,
-        cloud_max_k: int | None = None,
-        send_private_context_to_cloud: bool = False,
-        lookahead: tuple[int, int] | tuple[int, int, float] | None = None,
-        cloud_timeout_s: float = 120.0,
-        cloud_retry_for_s: float = 60.0,
+        *,
+        cloud: CloudConfig | None = None,
         context_cache: bool | ContextCache = True,
+        quiet: bool = False,
     ):
-        """`cloud`: where the cloud model runs instead of here: the URL of a `costeer serve`
-        server, `openai+URL` for vLLM or any OpenAI-compatible completions server (then
-        `cloud_model` names the model), or `llama-server+URL` for llama.cpp's server;
-        `cloud_max_k` caps the logprobs asked of these two (a server's own cap is learned).
-        The device model (slm) stays local and alone reads the private context: methods
-        that would give it to a remote cloud (`llm-context`) are refused unless
-        `send_private_context_to_cloud` is True. `lookahead=(D, M)` or `(D, M, P)` asks a
-        `costeer serve` cloud for a tree of its M likeliest continuations, D deep (grown
-        where its likeliest token has probability >= P, default 0.5), with every step,
-        so the device sends several tokens per round trip with the same output. If a `costeer
-        serve` cloud goes away mid-generation (restart, dropped connection, proxy 502-504),
-        the device reopens its session there and carries on with the same output, trying for
-        `cloud_retry_for_s` seconds (0: fail at once). `context_cache`
-        keeps the device model's prefill of private prompts on disk and starts the next
-        prompt with the same context from it, with the same output (True: the default
-        folder; a `ContextCache`: that one; False: off)."""
-        if cloud and llm is not None:
+        """`cloud`: where the cloud model runs instead of here (`CloudConfig`: a URL and how
+        to talk to it), in place of a local `llm`. The device model (slm) stays local and
+        alone reads the private context. `context_cache` keeps the device model's prefill
+        of private prompts on disk and starts the next prompt with the same context from
+        it, with the same output (True: the default folder; a `ContextCache`: that one;
+        False: off)."""
+        if cloud is not None and not isinstance(cloud, CloudConfig):
+            raise TypeError(f"cloud takes a CloudConfig (CloudConfig(url, ...)), got {type(cloud).__name__}")
+        if cloud is not None and llm is not None:
             raise UserError("give either a cloud URL or a local cloud model (--llm), not both")
-        if cloud_top_k < 1:
-            raise UserError(f"cloud top-k must be >= 1, got {cloud_top_k}")
         self._slots: dict[Role, _ModelSlot] = {"llm": _ModelSlot(llm, DEFAULT_LLM), "slm": _ModelSlot(slm, DEFAULT_SLM)}
         self.backend = backend
         self.quiet = quiet
-        self.cloud_top_k = cloud_top_k
-        if lookahead is not None and not cloud:
-            raise UserError("lookahead applies to a remote cloud (--cloud URL) only")
-        if not cloud_timeout_s > 0:
-            raise UserError(f"the cloud timeout must be > 0 seconds, got {cloud_timeout_s!r}")
-        if not 0 <= cloud_retry_for_s < float("inf"):
-            raise UserError(f"the cloud retry window must be >= 0 seconds, got {cloud_retry_for_s!r}")
-        self._cloud = (cloud, api_key, wire_log, simulate_rtt_ms, cloud_model, cloud_max_k, lookahead,
-                       cloud_timeout_s, cloud_retry_for_s) if cloud else None
-        self.send_private_context_to_cloud = send_private_context_to_cloud
+        self._cloud = cloud
         self._device_beside_cloud: LanguageModel | None = None  # the device model as the loop sees it (_models_for)
         # the device model's saved prefill of private prompts (exact; see context_cache/)
         self.context_cache = ContextCache() if context_cache is True else context_cache or None
@@ -122,7 +99,7 @@ class CoSteer:
     @property
     def cloud_url(self) -> str | None:
         """Where the cloud model runs when not here (None: embedded)."""
-        return self._cloud[0] if self._cloud else None
+        return self._cloud.url if self._cloud else None
 
     def model(self, role: Role) -> LanguageModel | RemoteCloud:
         slot = self._slots[role]
@@ -131,7 +108,7 @@ class CoSteer:
             if role == "llm" and self._cloud:
                 from .transport.connect import connect_cloud
 
-                slot.model = connect_cloud(*self._cloud, tokenizer=self.model("slm"))
+                slot.model = connect_cloud(self._cloud, tokenizer=self.model("slm"))
             elif isinstance(source, LanguageModel):
                 slot.model = source
             else:
@@ -141,11 +118,11 @@ class CoSteer:
     def _policy(self, method: str, params: SteeringParams | None, fusion: Fusion) -> Policy:
         """The method's policy, refused before anything is sent if it would give the
         private context to a remote cloud."""
-        policy = make_policy(method, params, fusion, self.cloud_top_k)
-        if self._cloud and policy.reads_private_context_in_cloud and not self.send_private_context_to_cloud:
+        policy = make_policy(method, params, fusion, self._cloud.top_k if self._cloud else DEFAULT_TOP_K)
+        if self._cloud and policy.reads_private_context_in_cloud and not self._cloud.send_private_context_to_cloud:
             raise PrivacyError(
                 f"method {policy.name!r} gives the cloud model the private context, and the cloud is remote "
-                f"({self._cloud[0]}); the privacy rule keeps private context on this device. Use a method that "
+                f"({self._cloud.url}); the privacy rule keeps private context on this device. Use a method that "
                 "steers from the device (such as costeer), or pass --send-private-context-to-cloud to send it anyway"
             )
         return policy
@@ -157,10 +134,15 @@ class CoSteer:
             return declassify(pair.private)  # allowed: _policy checked send_private_context_to_cloud
         return pair.private
 
-    def _models_for(self, policy: Policy) -> dict[Role, LanguageModel | RemoteCloud]:
+    def _models_for(self, policy: Policy) -> dict[Role, StreamSource]:
+        """The policy's models as the loop opens them: beside a cloud of another tokenizer,
+        the device model follows the cloud's tokens; with the context cache, local models
+        start private prompts from their saved prefill."""
         models = {role: self.model(role) for role in policy.roles}
         if len(models) == 2:
             models["slm"] = self._aligned_device(models["llm"], models["slm"])
+        if self.context_cache is not None:
+            models = {role: m if m.remote else self.context_cache.wrap(m) for role, m in models.items()}
         return models
 
     def _aligned_device(self, cloud: LanguageModel | RemoteCloud, device: LanguageModel) -> LanguageModel:
@@ -181,63 +163,59 @@ class CoSteer:
         self,
         prompt: str | Sequence[ChatMessage],
         context: str = "",
+        request: GenerationRequest | None = None,
         *,
-        method: str = "costeer",
-        max_new_tokens: int = 256,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        seed: int | None = None,
-        params: SteeringParams | None = None,
-        fusion: Fusion = "closed",
-        stop: Sequence[str] = (),
-        system_prompt: str | None = PAPER_SYSTEM_PROMPT,
-        max_context_tokens: int | None = None,
         on_text: Callable[[str], None] | None = None,
+        **keywords,
     ) -> Generation:
         """Answer `prompt` for the user whose private `context` only the device model reads.
         `prompt` may be a conversation (system, user and assistant turns): the context goes
-        into its first user turn, and its own system message replaces `system_prompt`.
+        into its first user turn, and its own system message replaces the request's
+        `system_prompt`. `on_text` gets the answer's text as it is made.
+
+        `request` holds the settings; or give them as keyword arguments (method,
+        max_new_tokens, temperature, top_p, top_k, seed, params, fusion, stop,
+        system_prompt, max_context_tokens: `GenerationRequest.from_keywords`), not both.
 
         A context that does not fit the device model's window (or `max_context_tokens`)
         is cut at its end, keeping its beginning, with a warning on stderr.
         """
-        policy = self._policy(method, params, fusion)
-        if max_context_tokens is not None and max_context_tokens < 0:
-            raise UserError(f"max-context-tokens must be >= 0, got {max_context_tokens}")
-        _check_max_new_tokens(max_new_tokens)
+        request = _request(request, keywords)
+        policy = self._policy(request.method, request.steering, request.fusion)
         models = self._models_for(policy)
-        pair = build_prompts(prompt, context, system_prompt)
+        pair = build_prompts(prompt, context, request.system_prompt)
         truncated = False
         private_role = next((s.role for s in policy.streams if s.prompt == "private"), None)
         if private_role and context:
             reader = models[private_role]
             reader = reader.tokenizer if isinstance(reader, RemoteCloud) else reader
-            pair, truncated = _fit_context(reader, prompt, context, system_prompt, max_new_tokens, max_context_tokens)
-        return self._run(policy, models, pair, max_new_tokens, SamplingConfig(temperature, top_p, top_k, seed), stop, on_text, truncated)
+            pair, truncated = _fit_context(reader, prompt, context, request.system_prompt, request.max_new_tokens,
+                                           request.max_context_tokens)
+        return self._run(policy, models, pair, request, on_text, truncated)
 
     def generate_from_messages(
         self,
         public: list[ChatMessage],
         private: list[ChatMessage],
+        request: GenerationRequest | None = None,
         *,
-        method: str = "costeer",
-        max_new_tokens: int = 256,
-        sampling: SamplingConfig | None = None,
-        params: SteeringParams | None = None,
-        fusion: Fusion = "closed",
-        stop: Sequence[str] = (),
         on_text: Callable[[str], None] | None = None,
+        **keywords,
     ) -> Generation:
-        """Like `generate`, with both conversations given in full (datasets that ship them)."""
-        policy = self._policy(method, params, fusion)
-        _check_max_new_tokens(max_new_tokens)
+        """Like `generate`, with both conversations given in full (datasets that ship them):
+        the request's `system_prompt` does not apply, and nothing is cut to fit."""
+        request = _request(request, keywords)
+        if request.max_context_tokens is not None:
+            raise TypeError("generate_from_messages takes the conversations whole: max_context_tokens does not apply")
+        policy = self._policy(request.method, request.steering, request.fusion)
         models = self._models_for(policy)
-        return self._run(policy, models, PromptPair(public, private), max_new_tokens, sampling or SamplingConfig(), stop, on_text, False)
+        return self._run(policy, models, PromptPair(public, private), request, on_text, False)
 
-    def _run(self, policy, models, pair, max_new_tokens, sampling, stop, on_text, truncated) -> Generation:
+    def _run(self, policy: Policy, models: dict[Role, StreamSource], pair: PromptPair, request: GenerationRequest,
+             on_text: Callable[[str], None] | None, truncated: bool) -> Generation:
         prompts = [models[spec.role].encode_chat(self._chat_for(spec, pair)) for spec in policy.streams]
-        result = decode(policy, models, prompts, TokenPicker(sampling), max_new_tokens, stop, on_text, self.context_cache)
+        result = decode(policy, models, prompts, TokenPicker(request.sampling), request.max_new_tokens, request.stop,
+                        on_text)
         prompt_tokens = {f"{s.role}_{s.prompt}": n for s, n in zip(policy.streams, result.prompt_lengths)}
         n = len(result.token_ids)
         return Generation(
@@ -254,7 +232,7 @@ class CoSteer:
             context_truncated=truncated,
             steering_coefficient=getattr(policy, "coefficient", None),
             traffic=result.traffic,
-            context_cache_tokens=result.context_cache_tokens,
+            context_cache_tokens=result.restored_prompt_tokens,
             alignment=result.alignment,
             paused_steps=getattr(policy, "paused_steps", None),
         )
@@ -266,9 +244,16 @@ class CoSteer:
             slot.model = None
 
 
-def _check_max_new_tokens(n: int) -> None:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise UserError(f"max-new-tokens must be an integer >= 1, got {n!r}")
+def _request(request: GenerationRequest | None, keywords: dict) -> GenerationRequest:
+    """The request given, or the one its keyword arguments spell; never both."""
+    if request is None:
+        return GenerationRequest.from_keywords(**keywords)
+    if not isinstance(request, GenerationRequest):
+        raise TypeError(f"request takes a GenerationRequest, got {type(request).__name__}")
+    if keywords:
+        raise TypeError(f"give a GenerationRequest or keyword arguments ({', '.join(keywords)}), not both: "
+                        "dataclasses.replace(request, ...) changes some of its settings")
+    return request
 
 
 def _fit_context(
@@ -294,5 +279,5 @@ def _fit_context(
         pair = build_prompts(prompt, model.detokenize(context_ids[:limit]), system_prompt)
     truncated = limit < len(context_ids)
     if truncated:
-        print(f"costeer: private context cut to its first {limit} of {len(context_ids)} tokens", file=sys.stderr)
+        log.warning("costeer: private context cut to its first %s of %s tokens", limit, len(context_ids))
     return pair, truncated

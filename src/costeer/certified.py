@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .distribution import NextToken, log_sum_exp, sparse_scores
-from .sampling import SamplingConfig
+from .sampling import SamplingConfig, nucleus
 
 # A certificate must hold by more than this many nats, so float rounding in the
 # comparisons can never turn a tie into a wrong "proof".
@@ -190,12 +190,12 @@ def _settled(
     scaled = order / t
     log_inside = log_sum_exp(scaled)
     if sampling.top_p < 1.0:
-        # the nucleus the picker finds over K (same arithmetic as TokenPicker)
-        probs = np.exp(scaled - scaled[0])
-        cumulative = np.cumsum(probs / probs.sum())
-        n = min(int(np.searchsorted(cumulative, sampling.top_p)) + 1, len(scaled))
-        beats_outside = scaled[n - 1] - score_out_max / t > MARGIN_TOLERANCE
-        log_kept = log_sum_exp(scaled[:n])
+        # the nucleus the picker finds over K (top-k was settled above)
+        scaled_inside = inside / t
+        kept_ids, _ = nucleus(scaled_inside, top_p=sampling.top_p)
+        kept = scaled_inside[kept_ids]  # likeliest first
+        beats_outside = kept[-1] - score_out_max / t > MARGIN_TOLERANCE
+        log_kept = log_sum_exp(kept)
         reaches_p = log_kept - np.logaddexp(log_inside, log_outside) >= math.log(sampling.top_p) + MARGIN_TOLERANCE
         return bool(beats_outside and reaches_p), 0.0
     missed = 1.0 / (1.0 + math.exp(min(700.0, log_inside - log_outside))) if log_outside > -math.inf else 0.0

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from .transport.protocol import DEFAULT_LOOKAHEAD_MIN_P, MAX_LOOKAHEAD_NODES
 from .errors import UserError
@@ -256,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the lookahead tree measured beside per-token steps (default 3,1,0.5)")
     bench.add_argument("--cloud-top-k", type=_positive_int, default=1024,
                        help="first k of every split step, both modes (default 1024: fewer escalations on long contexts)")
-    bench.add_argument("--data", metavar="DIR", default=None, help="a CoGenesis folder (default ../shared/data/cogenesis)")
+    bench.add_argument("--data", metavar="DIR", default=None, help="a CoGenesis folder (default $COSTEER_DATA/cogenesis)")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
@@ -268,39 +270,44 @@ def _steering(args: argparse.Namespace) -> SteeringParams:
 def _costeer(args: argparse.Namespace):
     """The CoSteer that `generate` and `proxy` run: model, backend and cloud options."""
     from .api import CoSteer
+    from .config import CloudConfig
 
-    return CoSteer(args.llm, args.slm, backend=args.backend, cloud=args.cloud,
-                   api_key=args.cloud_api_key or os.environ.get("COSTEER_API_KEY"), wire_log=args.wire_log,
-                   simulate_rtt_ms=args.simulate_rtt, cloud_top_k=args.cloud_top_k,
-                   cloud_model=args.cloud_model, cloud_max_k=args.cloud_max_k, lookahead=args.lookahead,
-                   cloud_timeout_s=args.cloud_timeout, cloud_retry_for_s=args.cloud_retry_for,
-                   send_private_context_to_cloud=args.send_private_context_to_cloud,
+    # checked also without --cloud (then it configures nothing): a bad option is an error either way
+    cloud = CloudConfig(args.cloud or "", api_key=args.cloud_api_key or os.environ.get("COSTEER_API_KEY"),
+                        wire_log=args.wire_log, simulate_rtt_ms=args.simulate_rtt, top_k=args.cloud_top_k,
+                        model=args.cloud_model, max_k=args.cloud_max_k, lookahead=args.lookahead,
+                        timeout_s=args.cloud_timeout, retry_for_s=args.cloud_retry_for,
+                        send_private_context_to_cloud=args.send_private_context_to_cloud)
+    return CoSteer(args.llm, args.slm, backend=args.backend, cloud=cloud if args.cloud else None,
                    context_cache=not args.no_context_cache)
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    from .prompts import PAPER_SYSTEM_PROMPT, load_context
+def _request(args: argparse.Namespace):
+    """The GenerationRequest that `generate`'s decoding options spell."""
+    from .config import GenerationRequest
+    from .prompts import PAPER_SYSTEM_PROMPT
+    from .sampling import SamplingConfig
 
-    context = load_context(args.context, args.context_text, text_from_command_line=True)
-    params = _steering(args)
-    cs = _costeer(args)
-    stream = None if args.json else (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
-    g = cs.generate(
-        args.prompt,
-        context,
+    return GenerationRequest(
         method=args.method,
         max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        seed=args.seed,
-        params=params,
+        sampling=SamplingConfig(args.temperature, args.top_p, args.top_k, args.seed),
+        steering=_steering(args),
         fusion=args.fusion,
         stop=args.stop,
         system_prompt=args.system_prompt if args.system_prompt is not None else PAPER_SYSTEM_PROMPT,
         max_context_tokens=args.max_context_tokens,
-        on_text=stream,
     )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .prompts import load_context
+
+    context = load_context(args.context, args.context_text, text_from_command_line=True)
+    request = _request(args)
+    cs = _costeer(args)
+    stream = None if args.json else (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
+    g = cs.generate(args.prompt, context, request=request, on_text=stream)
     if args.json:
         print(json.dumps(g.to_dict(), ensure_ascii=False))
     else:
@@ -368,7 +375,9 @@ def _env_keys() -> list[str]:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .api import CoSteer
+    import dataclasses
+
+    from .api import CoSteer, GenerationRequest
     from .prompts import load_context
 
     files = args.context or [EXAMPLE_DIR / "profile.md"]
@@ -376,9 +385,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"Request (public, sent to the cloud): {args.prompt}")
     print(f"Private context (stays on the device): {', '.join(str(Path(f).name) for f in files)}\n")
     cs = CoSteer(args.llm, args.slm, backend=args.backend, context_cache=not args.no_context_cache)
+    request = GenerationRequest(max_new_tokens=args.max_new_tokens)
     for method, title in (("llm", "Cloud model alone"), ("costeer", "CoSteer (cloud model steered by the device)")):
         print(f"=== {title} [--method {method}]")
-        g = cs.generate(args.prompt, context, method=method, max_new_tokens=args.max_new_tokens,
+        g = cs.generate(args.prompt, context, request=dataclasses.replace(request, method=method),
                         on_text=lambda t: (sys.stdout.write(t), sys.stdout.flush()))
         print(f"\n[{g.new_tokens} tokens, {g.tokens_per_second:.1f} tok/s]\n")
     return 0
@@ -479,6 +489,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_data(given: str | None) -> Path:
+    """--data, else $COSTEER_DATA/cogenesis: no default outside the repository."""
+    if given:
+        return Path(given)
+    if os.environ.get("COSTEER_DATA"):
+        return Path(os.environ["COSTEER_DATA"]) / "cogenesis"
+    raise UserError("costeer bench needs --data DIR, a CoGenesis folder (or $COSTEER_DATA, a folder holding cogenesis/)")
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench.speed import BenchConfig, format_table, run_bench
 
@@ -489,25 +508,53 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if not rtts or any(not math.isfinite(r) or r < 0 for r in rtts):
         raise UserError(f"--rtt-ms takes finite milliseconds >= 0, got {args.rtt_ms!r}")
     config = BenchConfig(rounds=args.rounds, prompts=args.prompts, max_new_tokens=max(2, args.max_new_tokens),
-                         rtts_ms=rtts, lookahead=args.lookahead, cloud_top_k=args.cloud_top_k)
-    if args.data:
-        config.data = Path(args.data)
+                         rtts_ms=rtts, lookahead=args.lookahead, cloud_top_k=args.cloud_top_k, data=_bench_data(args.data))
     result = run_bench(config)
     print(json.dumps(result) if args.json else format_table(result))
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+class _StderrNow(logging.StreamHandler):
+    """Writes to sys.stderr as it is at each record (tests swap it), as Python's
+    last-resort handler does."""
+
+    def __init__(self) -> None:
+        logging.Handler.__init__(self, logging.INFO)
+        self.setFormatter(logging.Formatter("%(message)s"))
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+
+@contextmanager
+def _library_messages_on_stderr() -> Iterator[None]:
+    """The library logs its notices to the "costeer" logger, each message whole ("costeer: ...");
+    the command shows INFO and above on stderr, one line each, the text the library once printed."""
+    logger = logging.getLogger("costeer")
+    handler = _StderrNow()
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(min(logging.INFO, logger.getEffectiveLevel()))  # lower if a caller asked for more
     try:
-        args = build_parser().parse_args(argv)
-        return {"generate": cmd_generate, "demo": cmd_demo, "models": cmd_models, "cache": cmd_cache, "serve": cmd_serve,
-                "proxy": cmd_proxy, "eval": cmd_eval, "bench": cmd_bench}[args.command](args)
-    except UserError as exc:
-        print(f"costeer: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("costeer: interrupted", file=sys.stderr)
-        return 130
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    with _library_messages_on_stderr():
+        try:
+            args = build_parser().parse_args(argv)
+            return {"generate": cmd_generate, "demo": cmd_demo, "models": cmd_models, "cache": cmd_cache,
+                    "serve": cmd_serve, "proxy": cmd_proxy, "eval": cmd_eval, "bench": cmd_bench}[args.command](args)
+        except UserError as exc:
+            print(f"costeer: error: {exc}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("costeer: interrupted", file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":

@@ -14,22 +14,25 @@ conversation holding the private context cannot reach a cloud by accident.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Sequence
 
-from .backends.base import LanguageModel
+from .backends.base import LanguageModel, Streams
 from .distribution import NextToken
 from .errors import PrivacyError, UserError
 from .prompts import PublicChat
 
 
-class CloudSession(ABC):
+class CloudSession(Streams):
     """One public conversation on the cloud, positioned after its prompt and the
-    tokens appended so far."""
+    tokens appended so far: one stream, over a network, that can be asked again."""
+
+    remote = True
+    widens = True
+    prompt_tokens: int
 
     @property
     def prompt_lengths(self) -> list[int]:
         return [self.prompt_tokens]
-
-    prompt_tokens: int
 
     @abstractmethod
     def next_tokens(self) -> list[NextToken]:
@@ -43,15 +46,14 @@ class CloudSession(ABC):
     def advance(self, token_id: int) -> None:
         """Append the chosen token and receive the next distribution's top-k."""
 
-    def traffic(self) -> dict | None:
-        return None
-
     def close(self) -> None:
         """End the session on the server (best effort: servers expire idle ones)."""
 
 
 class RemoteCloud(ABC):
-    local = False
+    """A `StreamSource` whose streams are a session on the cloud."""
+
+    remote = True
     name: str
     vocab_size: int
     eos_token_ids: frozenset[int]
@@ -84,6 +86,14 @@ class RemoteCloud(ABC):
     @abstractmethod
     def open_session(self, chat: PublicChat, max_new_tokens: int, first_k: int | None) -> CloudSession:
         """Send the public conversation; `first_k` values come back with every step."""
+
+    def open_for_decoding(self, prompts: Sequence[PublicChat], max_new_tokens: int, *, private: Sequence[bool],
+                          first_k: int | None) -> CloudSession:
+        """`StreamSource`'s way in: a session on the one conversation, public as `encode_chat`
+        made sure (a private one arrives declassified, where the API allowed it)."""
+        if len(prompts) != 1:
+            raise ValueError("a remote cloud session holds one public conversation")
+        return self.open_session(prompts[0], max_new_tokens, first_k)
 
     def close(self) -> None:
         """Release the connection."""

@@ -1,4 +1,6 @@
-"""The one decoding loop every method goes through."""
+"""The one decoding loop every method goes through: open each model's streams
+(`_Groups.open`), pick tokens until done (`_token_loop`), and say what it cost
+(`decode`). Local models and a remote cloud are the same to it (`Streams`)."""
 
 from __future__ import annotations
 
@@ -10,10 +12,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .backends.base import LanguageModel, StreamGroup
+from .backends.base import StreamGroup, Streams, StreamSource
 from .certified import CertificationStats, Pick
-from .cloud import CloudSession, RemoteCloud
-from .context_cache import ContextCache
 from .errors import UserError
 from .methods import Policy, Role
 from .sampling import SamplingConfig, TokenPicker
@@ -33,7 +33,7 @@ class DecodeResult:
     time_to_first_token_s: float
     elapsed_s: float
     traffic: dict | None = None  # remote groups' network counters, and certification
-    context_cache_tokens: int = 0  # private prompt tokens restored from the context cache, not prefilled
+    restored_prompt_tokens: int = 0  # prompt tokens started from a saved state, not prefilled
     alignment: dict | None = None  # a device model of another vocabulary: how it kept in step
 
 
@@ -88,41 +88,11 @@ def _merge_traffic(groups) -> dict | None:
     return merged
 
 
-class _GroupAdvancer:
-    """Advances every group by one token. Remote groups run in a thread while the
-    local ones compute, so a step costs max(cloud, device), not their sum; local
-    groups stay sequential (they share this machine's cores)."""
-
-    def __init__(self, groups: dict[Role, StreamGroup | CloudSession]) -> None:
-        self._local = [g for g in groups.values() if not isinstance(g, CloudSession)]
-        self._remote = [g for g in groups.values() if isinstance(g, CloudSession)]
-        self._pool = ThreadPoolExecutor(max_workers=len(self._remote)) if self._remote else None
-
-    def __call__(self, token: int) -> None:
-        pending = [self._pool.submit(g.advance, token) for g in self._remote] if self._pool else []
-        for group in self._local:
-            group.advance(token)
-        for future in pending:
-            future.result()
-
-    def close(self) -> None:
-        if self._pool:
-            self._pool.shutdown(wait=True)
-
-
-def _open(model: LanguageModel | RemoteCloud, prompts: list, max_new_tokens: int, first_cloud_k: int | None):
-    if isinstance(model, RemoteCloud):
-        if len(prompts) != 1:
-            raise ValueError("a remote cloud session holds one public conversation")
-        return model.open_session(prompts[0], max_new_tokens, first_cloud_k)
-    return model.open_streams(prompts, max_new_tokens)
-
-
 class _StepDistributions(Sequence):
     """Each stream's distribution at this step, read from its group on first access:
     a step whose policy leaves the device streams unread costs no device pass."""
 
-    def __init__(self, stream_groups: list[tuple[StreamGroup | CloudSession, int]]) -> None:
+    def __init__(self, stream_groups: list[tuple[Streams, int]]) -> None:
         self._where = stream_groups  # per stream: its group, its index in the group
         self._read: dict[int, list] = {}
 
@@ -146,6 +116,7 @@ class _PausableGroup(StreamGroup):
         self._inner, self._policy = inner, policy
         self._held: list[int] = []
         self._prompt_lengths = inner.prompt_lengths
+        self.restored_tokens = inner.restored_tokens
 
     def _catch_up(self) -> None:
         if self._held:
@@ -174,23 +145,101 @@ class _PausableGroup(StreamGroup):
         self._inner.close()
 
 
-def _decide_step(
-    policy: Policy,
-    by_role: dict[Role, list[int]],
-    groups: dict[Role, StreamGroup | CloudSession],
-    sampling: SamplingConfig,
-    cloud: CloudSession | None,
-    certification: CertificationStats,
-) -> Pick:
+class _Groups:
+    """The policy's streams as open groups, one per model (its streams advance in
+    lockstep, batched by the backend), and where each stream is: its group, its index."""
+
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+        self.by_role: dict[Role, list[int]] = {}
+        for i, spec in enumerate(policy.streams):
+            self.by_role.setdefault(spec.role, []).append(i)
+        self.groups: dict[Role, Streams] = {}  # each as it opens: close() closes what did
+        self.widening: Streams | None = None  # the group that can be asked again (a remote cloud)
+        self._where: list[tuple[Streams, int]] = []
+        self._local: list[Streams] = []
+        self._remote: list[Streams] = []
+        self._pool: ThreadPoolExecutor | None = None  # advances the remote groups
+
+    def open(self, models: dict[Role, StreamSource], prompts: Sequence[Sequence], max_new_tokens: int,
+             first_k: int | None) -> None:
+        """A remote cloud prefills its prompt in a thread while this machine prefills the local models."""
+        def open_role(role: Role, k: int | None) -> Streams:
+            indices = self.by_role[role]
+            return models[role].open_for_decoding([prompts[i] for i in indices], max_new_tokens, first_k=k,
+                                                  private=[self.policy.streams[i].prompt == "private" for i in indices])
+
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            opening = {role: pool.submit(open_role, role, first_k) for role in self.by_role if models[role].remote}
+            try:
+                for role in self.by_role:
+                    if role not in opening:
+                        self.groups[role] = open_role(role, None)
+            finally:
+                failed = None
+                for role, future in opening.items():
+                    try:
+                        self.groups[role] = future.result()  # kept even if a local open failed, so it gets closed
+                    except BaseException as exc:
+                        failed = exc
+            if failed is not None:
+                raise failed
+        if self.policy.pauses_device and "slm" in self.groups and not self.groups["slm"].remote:
+            self.groups["slm"] = _PausableGroup(self.groups["slm"], self.policy)
+        self._where = [(self.groups[s.role], self.by_role[s.role].index(i)) for i, s in enumerate(self.policy.streams)]
+        self.widening = next((g for g in self.groups.values() if g.widens), None)
+        self._local = [g for g in self.groups.values() if not g.remote]
+        self._remote = [g for g in self.groups.values() if g.remote]
+        self._pool = ThreadPoolExecutor(max_workers=len(self._remote)) if self._remote else None
+
+    def distributions(self) -> _StepDistributions:
+        return _StepDistributions(self._where)
+
+    def advance(self, token: int) -> None:
+        """Every group by one token. Remote groups run in a thread while the local ones
+        compute, so a step costs max(cloud, device), not their sum; local groups stay
+        sequential (they share this machine's cores)."""
+        pending = [self._pool.submit(g.advance, token) for g in self._remote] if self._pool else []
+        for group in self._local:
+            group.advance(token)
+        for future in pending:
+            future.result()
+
+    def prompt_lengths(self) -> list[int]:
+        """Per stream, in policy.streams order."""
+        lengths = [0] * len(self.policy.streams)
+        for role, indices in self.by_role.items():
+            for i, n in zip(indices, self.groups[role].prompt_lengths):
+                lengths[i] = n
+        return lengths
+
+    def traffic(self, certification: CertificationStats) -> dict | None:
+        """The remote groups' network counters, and how their steps were certified."""
+        traffic = _merge_traffic(self.groups.values())
+        if traffic is not None and certification.steps:
+            traffic.update(certification.as_dict())
+        return traffic
+
+    def alignment(self) -> dict | None:
+        return next((a for a in (g.alignment() for g in self.groups.values()) if a), None)
+
+    def restored_tokens(self) -> int:
+        return sum(g.restored_tokens for g in self.groups.values())
+
+    def close(self) -> None:
+        for group in self.groups.values():
+            group.close()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+
+def _decide_step(policy: Policy, groups: _Groups, sampling: SamplingConfig, certification: CertificationStats) -> Pick:
     """The policy's pick for this step, asking the cloud again at the same position
     for as long as the policy says it must (a bounded number of times)."""
-    where: list = [None] * len(policy.streams)
-    for role, indices in by_role.items():
-        for n, i in enumerate(indices):
-            where[i] = (groups[role], n)
+    cloud = groups.widening
     asked: list[int | None] = []
     while True:
-        decision = policy.decide(_StepDistributions(where), sampling)
+        decision = policy.decide(groups.distributions(), sampling)
         if isinstance(decision, Pick):
             break
         if cloud is None or len(asked) >= MAX_REQUESTS_PER_STEP:
@@ -204,15 +253,56 @@ def _decide_step(
     return decision
 
 
+@dataclass
+class _Tokens:
+    """What the token loop made."""
+
+    text: str
+    ids: list[int]
+    finish_reason: str
+    first_token_s: float  # since decoding started
+
+
+def _token_loop(policy: Policy, groups: _Groups, decoder: StreamSource, picker: TokenPicker, max_new_tokens: int,
+                stop: Sequence[str], on_text: Callable[[str], None] | None, certification: CertificationStats,
+                start: float) -> _Tokens:
+    """Pick, show and feed tokens until an end of text, a stop string or `max_new_tokens`."""
+    eos = decoder.eos_token_ids
+    text = TextAssembler(stop)
+    tokens: list[int] = []
+    first_token_s = 0.0
+    finish = "length"
+    while len(tokens) < max_new_tokens:
+        token = picker.pick(_decide_step(policy, groups, picker.config, certification).scores)
+        policy.chose(token)
+        if not tokens:
+            first_token_s = time.perf_counter() - start
+        if token in eos:
+            finish = "eos"
+            break
+        tokens.append(token)
+        shown = text.add(decoder.token_bytes(token))
+        if shown and on_text:
+            on_text(shown)
+        if text.stopped:
+            finish = "stop"
+            break
+        if len(tokens) < max_new_tokens:
+            groups.advance(token)
+    rest = text.finish()
+    if rest and on_text:
+        on_text(rest)
+    return _Tokens(text.text, tokens, finish, first_token_s)
+
+
 def decode(
     policy: Policy,
-    models: dict[Role, LanguageModel | RemoteCloud],
+    models: dict[Role, StreamSource],
     prompts: Sequence[Sequence],
     picker: TokenPicker,
     max_new_tokens: int,
     stop: Sequence[str] = (),
     on_text: Callable[[str], None] | None = None,
-    context_cache: ContextCache | None = None,
 ) -> DecodeResult:
     """Generate with `policy`. `prompts[i]` is the prompt of `policy.streams[i]`, as
     its model's `encode_chat` made it (token ids; a public chat for a remote cloud).
@@ -220,97 +310,29 @@ def decode(
     Streams of the same model form one group that advances in lockstep (and is
     batched by the backend); every group is fed each chosen token. Where the policy
     cannot settle a step from a remote cloud's top-k, the loop asks the cloud again
-    at the same position, as the policy says, until it can. With a `context_cache`,
-    local streams of private prompts start from the longest saved prefix (exactly).
+    at the same position, as the policy says, until it can.
     """
     start = time.perf_counter()
-    by_role: dict[Role, list[int]] = {}
-    for i, spec in enumerate(policy.streams):
-        by_role.setdefault(spec.role, []).append(i)
-    groups: dict[Role, StreamGroup | CloudSession] = {}
-    advance_all = None
-    sampling = picker.config
+    groups = _Groups(policy)
     certification = CertificationStats()
-    reused = 0
     try:
-        # a remote cloud prefills its prompt while this machine prefills the device's
-        remote = [role for role in by_role if isinstance(models[role], RemoteCloud)]
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            opening = {role: pool.submit(_open, models[role], [prompts[i] for i in by_role[role]], max_new_tokens,
-                                         policy.first_cloud_k(sampling)) for role in remote}
-            try:
-                for role, indices in by_role.items():
-                    if role in opening:
-                        continue
-                    private = [policy.streams[i].prompt == "private" for i in indices]
-                    if context_cache is not None and any(private):
-                        groups[role], n = context_cache.open_streams(models[role], [prompts[i] for i in indices],
-                                                                     max_new_tokens, private)
-                        reused += n
-                    else:
-                        groups[role] = _open(models[role], [prompts[i] for i in indices], max_new_tokens, None)
-            finally:
-                failed = None
-                for role, future in opening.items():
-                    try:
-                        groups[role] = future.result()  # kept even if a local open failed, so it gets closed
-                    except BaseException as exc:
-                        failed = exc
-            if failed is not None:
-                raise failed
-        if policy.pauses_device and "slm" in groups and not isinstance(groups["slm"], CloudSession):
-            groups["slm"] = _PausableGroup(groups["slm"], policy)
+        groups.open(models, prompts, max_new_tokens, policy.first_cloud_k(picker.config))
         prefill_s = time.perf_counter() - start
-        prompt_lengths = [0] * len(policy.streams)
-        for role, indices in by_role.items():
-            for i, n in zip(indices, groups[role].prompt_lengths):
-                prompt_lengths[i] = n
-        advance_all = _GroupAdvancer(groups)
-        decoder_model = models[policy.streams[0].role]
-        eos = decoder_model.eos_token_ids
-        text = TextAssembler(stop)
-        tokens: list[int] = []
-        first_token_s = 0.0
-        finish = "length"
-        cloud = next((g for g in groups.values() if isinstance(g, CloudSession)), None)
-        while len(tokens) < max_new_tokens:
-            token = picker.pick(_decide_step(policy, by_role, groups, sampling, cloud, certification).scores)
-            policy.chose(token)
-            if not tokens:
-                first_token_s = time.perf_counter() - start
-            if token in eos:
-                finish = "eos"
-                break
-            tokens.append(token)
-            shown = text.add(decoder_model.token_bytes(token))
-            if shown and on_text:
-                on_text(shown)
-            if text.stopped:
-                finish = "stop"
-                break
-            if len(tokens) < max_new_tokens:
-                advance_all(token)
-        rest = text.finish()
-        if rest and on_text:
-            on_text(rest)
-        traffic = _merge_traffic(groups.values())
-        if traffic is not None and certification.steps:
-            traffic.update(certification.as_dict())
-        alignment = next((a for a in (g.alignment() for g in groups.values() if isinstance(g, StreamGroup)) if a), None)
+        prompt_lengths = groups.prompt_lengths()
+        made = _token_loop(policy, groups, models[policy.streams[0].role], picker, max_new_tokens, stop, on_text,
+                           certification, start)
+        traffic, alignment = groups.traffic(certification), groups.alignment()
     finally:
-        for group in groups.values():
-            group.close()
-        if advance_all is not None:
-            advance_all.close()
+        groups.close()
     return DecodeResult(
-        text=text.text,
-        token_ids=tokens,
-        finish_reason=finish,
+        text=made.text,
+        token_ids=made.ids,
+        finish_reason=made.finish_reason,
         prompt_lengths=prompt_lengths,
         traffic=traffic,
         prefill_s=prefill_s,
-        time_to_first_token_s=first_token_s,
+        time_to_first_token_s=made.first_token_s,
         elapsed_s=time.perf_counter() - start,
-        context_cache_tokens=reused,
+        restored_prompt_tokens=groups.restored_tokens(),
         alignment=alignment,
     )

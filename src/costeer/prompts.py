@@ -24,6 +24,7 @@ conversation with the same context keeps that prefix too.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,8 @@ from typing import BinaryIO, Mapping, Sequence
 
 from .backends.base import ChatMessage
 from .errors import UserError
+
+log = logging.getLogger(__name__)
 
 PAPER_SYSTEM_PROMPT = "You are a helpful assistant."
 MAX_CONTEXT_FILE_BYTES = 16 * 1024 * 1024
@@ -130,7 +133,7 @@ def load_context(files: Sequence[str | Path] = (), text: str | None = None, *,
     `text_from_command_line`: `text` came from argv, so warn (one line on stderr) that
     other local users can read it. `stdin`: where "-" reads from (default sys.stdin's bytes)."""
     if text is not None and text_from_command_line:
-        print(INLINE_TEXT_WARNING, file=sys.stderr)
+        log.warning(INLINE_TEXT_WARNING)
     sections: list[str] = []
     for path in _context_files(files):
         if path is None:

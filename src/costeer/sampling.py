@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .distribution import top_k
+from .distribution import top_k as top_k_ids
 from .errors import UserError
 
 
@@ -49,22 +49,31 @@ class TokenPicker:
     def pick(self, logprobs: np.ndarray) -> int:
         if self.config.greedy:
             return int(np.argmax(logprobs))
-        ids, probs = self._candidates(logprobs)
+        ids, probs = self.candidates(logprobs)
         return int(self._rng.choice(ids, p=probs))
 
-    def _candidates(self, logprobs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def candidates(self, logprobs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Token ids and their renormalized probabilities after temperature, top-k, top-p."""
         cfg = self.config
-        scaled = np.asarray(logprobs, dtype=np.float64) / cfg.temperature
-        if cfg.top_k and cfg.top_k < scaled.size:
-            ids, _ = top_k(scaled, cfg.top_k)  # ties: lower id first, whatever else is in the array
-        else:
-            ids = np.argsort(-scaled, kind="stable")
-        probs = np.exp(scaled[ids] - scaled[ids[0]])
-        probs /= probs.sum()
-        if cfg.top_p < 1.0:
-            # keep the smallest prefix whose mass reaches top_p (at least one token)
-            keep = int(np.searchsorted(np.cumsum(probs), cfg.top_p)) + 1
-            ids, probs = ids[:keep], probs[:keep]
-            probs = probs / probs.sum()
-        return ids, probs
+        return nucleus(np.asarray(logprobs, dtype=np.float64) / cfg.temperature, cfg.top_k, cfg.top_p)
+
+
+def nucleus(scaled: np.ndarray, top_k: int = 0, top_p: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """The set a sampler draws from: ids, likeliest first, and their renormalized
+    probabilities, after a top-k cut (0: none) then a top-p cut.
+
+    `scaled`: scores already divided by the temperature (float64). The one place this
+    arithmetic lives: the certificate (certified.py) must find exactly the set the
+    picker does, to the last bit."""
+    if top_k and top_k < scaled.size:
+        ids, _ = top_k_ids(scaled, top_k)  # ties: lower id first, whatever else is in the array
+    else:
+        ids = np.argsort(-scaled, kind="stable")
+    probs = np.exp(scaled[ids] - scaled[ids[0]])
+    probs /= probs.sum()
+    if top_p < 1.0:
+        # keep the smallest prefix whose mass reaches top_p (at least one token)
+        keep = int(np.searchsorted(np.cumsum(probs), top_p)) + 1
+        ids, probs = ids[:keep], probs[:keep]
+        probs = probs / probs.sum()
+    return ids, probs

@@ -6,13 +6,16 @@ In CoSteer every stream of a model sees the same generated tokens after its own
 prompt (the device model runs with and without the private context), so a group
 advances all its streams with one token at a time, which also lets a backend batch
 them into one forward pass.
+
+The decoding loop sees every model as a `StreamSource` and every group as `Streams`:
+local models and their groups here, a remote cloud and its session in cloud.py.
 """
 
 from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
-from typing import Iterator, NamedTuple, Sequence
+from typing import Iterator, NamedTuple, Protocol, Self, Sequence
 
 import numpy as np
 
@@ -22,8 +25,68 @@ from ..errors import UserError
 ChatMessage = dict[str, str]  # {"role": "system"|"user"|"assistant", "content": "..."}
 
 
-class StreamGroup(ABC):
-    """Prompts decoded in lockstep; `logits()` is the next-token logits of each."""
+class Streams(ABC):
+    """What the decoding loop reads and drives: one model's streams, in lockstep after
+    their prompts. Local (`StreamGroup`) or a session on a remote cloud
+    (`cloud.CloudSession`); what only some can do is an attribute, not a type."""
+
+    remote = False  # `advance` waits on a network: the loop runs it beside the local groups' work
+    widens = False  # `widen` asks again at the same position for more of the distribution
+    restored_tokens = 0  # prompt tokens started from a saved state, not prefilled (context_cache/)
+
+    @property
+    @abstractmethod
+    def prompt_lengths(self) -> list[int]:
+        """Tokens in each stream's prompt."""
+
+    @abstractmethod
+    def next_tokens(self) -> list[NextToken]:
+        """Each stream's next-token distribution, as far as it is known."""
+
+    @abstractmethod
+    def advance(self, token_id: int) -> None:
+        """Append one token to every stream."""
+
+    def widen(self, k: int | None) -> None:
+        """Where `widens`: ask again at the same position for the top-k (None: the full vector)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be asked again")
+
+    def traffic(self) -> dict | None:
+        """Network counters (none: local streams)."""
+        return None
+
+    def alignment(self) -> dict | None:
+        """How a device group followed a cloud of another vocabulary (backends/aligned.py)."""
+        return None
+
+    def close(self) -> None:
+        """Free what the streams hold; they are unusable afterwards."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class StreamSource(Protocol):
+    """A model as the decoding loop opens it: a `LanguageModel`, a `cloud.RemoteCloud`, or
+    a model behind the context cache (`context_cache.CachedModel`)."""
+
+    remote: bool  # its streams are remote: opened in a thread while the local models prefill
+    eos_token_ids: frozenset[int]
+
+    def token_bytes(self, token_id: int) -> bytes: ...
+
+    def open_for_decoding(self, prompts: Sequence, max_new_tokens: int, *, private: Sequence[bool],
+                          first_k: int | None) -> Streams:
+        """Streams after `prompts`; `private[i]`: prompt i holds the private context; `first_k`:
+        the top-k a remote cloud sends with every step (None: the full vector)."""
+        ...
+
+
+class StreamGroup(Streams):
+    """Prompts decoded in lockstep on this machine; `logits()` is the next-token logits of each."""
 
     @abstractmethod
     def logits(self) -> np.ndarray:
@@ -43,14 +106,6 @@ class StreamGroup(ABC):
         """Tokens in each stream's prompt."""
         return list(self._prompt_lengths)
 
-    def traffic(self) -> dict | None:
-        """Network counters (none: local streams)."""
-        return None
-
-    def alignment(self) -> dict | None:
-        """How a device group followed a cloud of another vocabulary (backends/aligned.py)."""
-        return None
-
     def next_tokens(self) -> list[NextToken]:
         """Each stream's next-token distribution, complete."""
         return [NextToken.local(row) for row in self.logits()]
@@ -67,12 +122,6 @@ class StreamGroup(ABC):
 
     def close(self) -> None:
         """Free the caches; the group is unusable afterwards."""
-
-    def __enter__(self) -> "StreamGroup":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def vocabulary_digest(pieces: Sequence[bytes]) -> str:
@@ -140,7 +189,7 @@ class BatchEngine(ABC):
 
 
 class LanguageModel(ABC):
-    local = True  # False for a model served elsewhere (transport/client/served.py)
+    remote = False  # it runs here (a `StreamSource`)
     # True where open_streams(prompts, n, restore={i: PrefixRestore}, snapshot={i: m})
     # starts stream i from a saved state and puts stream i's state at m prompt tokens
     # in the group's `snapshots[i]` (bytes); then `path` is the model file and
@@ -178,6 +227,12 @@ class LanguageModel(ABC):
     @abstractmethod
     def open_streams(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> StreamGroup:
         """Prefill each prompt and return the group positioned after them."""
+
+    def open_for_decoding(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, private: Sequence[bool],
+                          first_k: int | None) -> StreamGroup:
+        """`StreamSource`'s way in: `open_streams` (which prompts are private matters to a
+        context cache, the first k to a remote cloud; neither here)."""
+        return self.open_streams(prompts, max_new_tokens)
 
     def open_streams_stepwise(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                               **kwargs) -> tuple[StreamGroup, Iterator[None]]:

@@ -6,8 +6,8 @@ hours longer and benchmark timings mean nothing. Linux only (reads /proc); elsew
 """
 from __future__ import annotations
 
+import logging
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +15,8 @@ from pathlib import Path
 # shared libraries that mark a process as running llama.cpp (llama-cpp-python, llama-server, ggml builds)
 ENGINE_LIBRARIES = ("libllama", "libggml")
 PROC = Path("/proc")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -74,10 +76,10 @@ def busy_engines(sample_s: float = 0.3, min_cores: float = 0.5) -> list[BusyEngi
 
 
 def warn_if_contended(what: str) -> list[BusyEngine]:
-    """Print one warning per busy llama.cpp process to stderr; returns them."""
+    """Log one warning per busy llama.cpp process; returns them."""
     busy = busy_engines()
     for engine in busy:
-        print(f"costeer {what}: warning: another llama.cpp process is busy (pid {engine.pid}, "
-              f"{engine.cores:.1f} cores: {engine.name}). On {os.cpu_count()} cores both run several "
-              f"times slower; answers are unchanged, timings are not.", file=sys.stderr)
+        log.warning("costeer %s: warning: another llama.cpp process is busy (pid %s, %.1f cores: %s). On %s cores "
+                    "both run several times slower; answers are unchanged, timings are not.",
+                    what, engine.pid, engine.cores, engine.name, os.cpu_count())
     return busy

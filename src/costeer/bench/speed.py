@@ -21,6 +21,7 @@ order that rotates per round, so load on a shared machine hits them alike:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import statistics
@@ -34,8 +35,9 @@ from typing import Iterator
 
 from .contention import warn_if_contended
 
+log = logging.getLogger(__name__)
+
 DEVICE_CPU, CLOUD_CPU = 0, 1
-DEFAULT_DATA = Path(__file__).resolve().parents[4] / "shared" / "data" / "cogenesis"
 EXAMPLE = Path(__file__).parents[1] / "examples" / "profile.md"
 MIN_TTFT_CONTEXT = 1300
 
@@ -48,11 +50,11 @@ class BenchConfig:
     rtts_ms: tuple[float, ...] = (0.0, 20.0, 100.0)
     lookahead: tuple[int, int] = (3, 1)
     cloud_top_k: int = 1024  # first k of every split step: fewer looks than the default 64 on long contexts
-    data: Path = DEFAULT_DATA
+    data: Path | None = None  # a CoGenesis folder; None: the example profile
 
 
 def _progress(message: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+    log.info("[bench %s] %s", time.strftime("%H:%M:%S"), message)  # `costeer bench` shows INFO
 
 
 @contextmanager
@@ -74,7 +76,7 @@ def load_tasks(config: BenchConfig) -> list[tuple[list, list]]:
     from ..evaluation.datasets import load_cogenesis
     from ..prompts import build_prompts
 
-    if (config.data / "ctx_dev.json").is_file():
+    if config.data is not None and (config.data / "ctx_dev.json").is_file():
         return [(e.public, e.private) for e in load_cogenesis(config.data).examples]
     pair = build_prompts("Write a two-sentence invitation to my birthday party.", EXAMPLE.read_text(encoding="utf-8"))
     return [(pair.public, pair.private)]
@@ -246,7 +248,7 @@ def _feed(group, tokens: list[int]) -> None:
 
 
 def bench_split(tasks, config: BenchConfig, llm_stream_ms: float, device_slm, cache) -> dict:
-    from ..api import CoSteer
+    from ..api import CloudConfig, CoSteer
 
     results: dict = {}
     with _served_cloud() as url:
@@ -254,8 +256,8 @@ def bench_split(tasks, config: BenchConfig, llm_stream_ms: float, device_slm, ca
             modes = {"per_token": None, "lookahead": config.lookahead}
             clients = {}
             for name, tree in modes.items():
-                clients[name] = CoSteer(cloud=url, simulate_rtt_ms=rtt, lookahead=tree, quiet=True, context_cache=cache,
-                                        cloud_top_k=config.cloud_top_k)
+                cloud = CloudConfig(url, simulate_rtt_ms=rtt, lookahead=tree, top_k=config.cloud_top_k)
+                clients[name] = CoSteer(cloud=cloud, quiet=True, context_cache=cache)
                 clients[name]._slots["slm"].model = device_slm  # one device model in memory
             ms: dict[str, list[float]] = {m: [] for m in modes}
             trips: dict[str, list[float]] = {m: [] for m in modes}

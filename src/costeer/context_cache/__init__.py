@@ -30,14 +30,15 @@ evicted or cleared: a cache folder pointed at the wrong place loses nothing else
 Messages name files and sizes only, never their content.
 
 format.py holds an entry's file format, store.py the files on disk, plan.py the
-choice of entry and of what to save; ContextCache (here) puts them together.
+choice of entry and of what to save; ContextCache (here) puts them together, and
+`ContextCache.wrap(model)` is the model as the decoding loop sees it with the cache.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -50,7 +51,30 @@ from .format import MAGIC, SUFFIX, BadEntry, Store, encode_entry, read_state
 from .plan import Plan, make_plan, snapshot_marks
 from .store import CacheFiles
 
-__all__ = ["CacheInfo", "ContextCache", "DIGESTS_FILE", "MAGIC", "SUFFIX"]
+__all__ = ["CacheInfo", "CachedModel", "ContextCache", "DIGESTS_FILE", "MAGIC", "SUFFIX"]
+
+log = logging.getLogger(__name__)
+
+
+class CachedModel:
+    """A local model whose streams of private prompts start from the context cache's
+    longest matching saved prefix, exactly (and are saved for the next prompt); in all
+    else the model itself."""
+
+    def __init__(self, model: LanguageModel, cache: ContextCache) -> None:
+        self.model = model
+        self.cache = cache
+
+    def __getattr__(self, name: str):  # all but opening streams: the model's own
+        return getattr(self.model, name)
+
+    def open_for_decoding(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, private: Sequence[bool],
+                          first_k: int | None) -> StreamGroup:
+        if not any(private):
+            return self.model.open_for_decoding(prompts, max_new_tokens, private=private, first_k=first_k)
+        group, restored = self.cache.open_streams(self.model, prompts, max_new_tokens, private)
+        group.restored_tokens = restored
+        return group
 
 
 @dataclass(frozen=True)
@@ -67,7 +91,11 @@ class ContextCache(CacheFiles):
         super().__init__(folder, max_bytes)
         self._warned = False
 
-    # -- the one call decoding makes ---------------------------------------------------
+    # -- the decoding loop's way in -----------------------------------------------------
+
+    def wrap(self, model: LanguageModel) -> CachedModel:
+        """`model`, its private prompts started from this cache (a `StreamSource`)."""
+        return CachedModel(model, self)
 
     def open_streams(self, model: LanguageModel, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                      cached: Sequence[bool]) -> tuple[StreamGroup, int]:
@@ -162,5 +190,5 @@ class ContextCache(CacheFiles):
 
     def _warn(self, what: str) -> None:
         if not self._warned:
-            print(f"costeer: private-context cache {what}", file=sys.stderr)
+            log.warning("costeer: private-context cache %s", what)
             self._warned = True

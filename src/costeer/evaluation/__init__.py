@@ -7,6 +7,9 @@
     plots.py      the report's PNG figures
     report.py     report.md
     runner.py     the loop tying them together
+    compare.py    paired comparisons across runs, and the rule that chose `auto` (scripts/)
+    diagnose.py   copying, length and per-token flips of a steering method (scripts/)
+    layouts.py    CoGenesis splits with the device prompt laid out differently (scripts/)
 
 Everything here needs the `eval` extra: pip install 'costeer[eval]'.
 """

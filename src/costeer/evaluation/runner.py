@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import shlex
 import sys
@@ -21,6 +22,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..bench.contention import warn_if_contended
+from ..config import GenerationRequest
 from ..default_models import DEFAULT_LLM, DEFAULT_SLM
 from ..errors import UserError
 from ..fusion import SteeringParams
@@ -30,6 +32,8 @@ from .datasets import Dataset, Example, load_dataset
 from .metrics import Scorer, meteor_synonyms
 from .report import RunInfo, write_report
 from .store import ResultsStore
+
+log = logging.getLogger(__name__)
 
 RESULTS = "results.jsonl"
 RUN_FILE = "run.json"
@@ -66,6 +70,12 @@ class EvalSettings:
     slm: str | None = None
     backend: str = "auto"
     context_cache: bool = True  # exact, so not part of the fingerprint
+
+    def request(self) -> GenerationRequest:
+        """What every answer is asked with; each (example, method) changes the method and the seed."""
+        return GenerationRequest(max_new_tokens=self.max_new_tokens, steering=self.params, fusion=self.fusion,
+                                 stop=self.stop, sampling=SamplingConfig(self.temperature, self.top_p, self.top_k,
+                                                                         self.seed))
 
     def fingerprint(self) -> dict:
         """What every row of one folder must share."""
@@ -179,7 +189,7 @@ def run_eval(settings: EvalSettings, costeer=None) -> Path:
     dataset: Dataset = load_dataset(settings.dataset)
     if not dataset.examples:
         raise UserError(f"dataset {dataset.name} has no examples")
-    SamplingConfig(settings.temperature, settings.top_p, settings.top_k, settings.seed)  # bad values fail before models load
+    request = settings.request()  # bad values fail before models load
     # canonical names, so a rerun that spells the path or a weight differently still matches; the
     # dataset is recorded relative to here (the repository), never as this machine's absolute path
     settings = replace(settings, dataset=shown_dataset(dataset.name),
@@ -195,15 +205,16 @@ def run_eval(settings: EvalSettings, costeer=None) -> Path:
         total = len(examples) * len(settings.methods)
         if todo:
             warn_if_contended("eval")
-            _generate(settings, todo, total, store, costeer)
-        print(f"costeer eval: {total - len(todo)} of {total} answers were already in {out / RESULTS}; "
-              f"wrote {len(todo)}", file=sys.stderr)
+            _generate(settings, request, todo, total, store, costeer)
+        log.info("costeer eval: %s of %s answers were already in %s; wrote %s",  # `costeer eval` shows INFO
+                 total - len(todo), total, out / RESULTS, len(todo))
         return write_report(out, store.rows, dataset, run)
 
 
-def _generate(settings: EvalSettings, todo: list[tuple[int, Example, str]], total: int, store: ResultsStore,
-              costeer=None) -> None:
-    """Answer, score and store each pending (example, method); models load only here."""
+def _generate(settings: EvalSettings, request: GenerationRequest, todo: list[tuple[int, Example, str]], total: int,
+              store: ResultsStore, costeer=None) -> None:
+    """Answer, score and store each pending (example, method) with `request`, its method and
+    seed made the pair's; models load only here."""
     owned = None
     if costeer is None:
         from ..api import CoSteer
@@ -216,17 +227,9 @@ def _generate(settings: EvalSettings, todo: list[tuple[int, Example, str]], tota
                   dynamic_ncols=True) as bar:
             for index, example, method in todo:
                 bar.set_postfix_str(f"{example.id} {method}")
-                g = costeer.generate_from_messages(
-                    example.public,
-                    example.private,
-                    method=method,
-                    max_new_tokens=settings.max_new_tokens,
-                    sampling=SamplingConfig(settings.temperature, settings.top_p, settings.top_k,
-                                            None if settings.seed is None else settings.seed + index),
-                    params=settings.params,
-                    fusion=settings.fusion,
-                    stop=settings.stop,
-                )
+                seed = None if settings.seed is None else settings.seed + index
+                g = costeer.generate_from_messages(example.public, example.private, replace(
+                    request, method=method, sampling=replace(request.sampling, seed=seed)))
                 generation = {k: getattr(g, k) for k in GENERATION_FIELDS}
                 store.append({"id": example.id, "method": method, "text": g.text,
                               **scorer.score(g.text, example.reference), **generation})

@@ -42,14 +42,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from ..api import CoSteer, Generation
+from ..api import CoSteer, Generation, GenerationRequest
 from ..backends.base import check_window
 from ..errors import UserError
 from ..prompts import build_prompts
 from ..sampling import SamplingConfig
 from ..transport.guard import Guard, serve_app
 from .access import ProxyAccess
-from .errors import ApiError, Cancelled, classify, one_line, render_guard_error
+from .errors import ApiError, Cancelled, classify, invalid_request, one_line, render_guard_error
 from .schema import ChatRequest, ProxyDefaults
 
 # While a request waits for its first token (queued or prefilling), how often to look
@@ -184,13 +184,7 @@ def create_proxy_app(costeer: CoSteer, context: str = "", defaults: ProxyDefault
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
-        if first.get("type") == "json_invalid":
-            return ApiError(400, "the body is not valid JSON").response()
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
-        # pydantic's message: it names the field, not its value
-        message = first.get("msg", "invalid request").removeprefix("Value error, ")
-        return ApiError(400, f"{where}: {message}" if where else message, param=where).response()
+        return invalid_request(exc).response()
 
     @app.exception_handler(HTTPException)
     async def _http(_: Request, exc: HTTPException) -> JSONResponse:  # unknown routes and methods, in OpenAI's shape
@@ -230,11 +224,10 @@ def create_proxy_app(costeer: CoSteer, context: str = "", defaults: ProxyDefault
         except UserError as exc:
             raise ApiError(400, one_line(str(exc)), param="messages") from None
         stop = defaults.stop if body.stop is None else [body.stop] if isinstance(body.stop, str) else body.stop
-        g = costeer.generate(messages, context, method=method, max_new_tokens=max_tokens,
-                             temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
-                             seed=sampling.seed, params=defaults.params, fusion=defaults.fusion, stop=stop,
-                             system_prompt=defaults.system_prompt, max_context_tokens=defaults.max_context_tokens,
-                             on_text=job.on_text)
+        request = GenerationRequest(method=method, max_new_tokens=max_tokens, sampling=sampling,
+                                    steering=defaults.params, fusion=defaults.fusion, stop=stop,
+                                    system_prompt=defaults.system_prompt, max_context_tokens=defaults.max_context_tokens)
+        g = costeer.generate(messages, context, request, on_text=job.on_text)
         return g, public_tokens
 
     def run(body: ChatRequest, method: str, job: _Job) -> None:

@@ -4,10 +4,13 @@ and how a failed generation is shown to its client (classify)."""
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from ..errors import PrivacyError, UserError
+from ..transport.errors import invalid_body
 from ..transport.wire import CloudRefused, CloudUnreachable
 
 log = logging.getLogger(__name__)
@@ -30,6 +33,15 @@ class ApiError(Exception):
 def render_guard_error(status: int, code: str, message: str) -> dict:
     """guard.py's refusals (Host, Origin, key, content type, body size) in OpenAI's shape."""
     return ApiError(status, message, "invalid_request_error" if status < 500 else "api_error", code=code).body()
+
+
+def invalid_request(exc: RequestValidationError) -> ApiError:
+    """A body that failed validation: 400, naming the field (`param`) and the rule."""
+    body = invalid_body(exc)
+    if body.malformed_json:
+        return ApiError(400, "the body is not valid JSON")
+    body = replace(body, reason=body.reason.removeprefix("Value error, "))  # a validator's own message follows
+    return ApiError(400, body.message, param=body.param or None)
 
 
 def one_line(text: str) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from ..backends.base import LanguageModel
 from ..cloud import RemoteCloud
+from ..config import CloudConfig
 from ..errors import UserError
 from .client.llama_server import LlamaServerCloud
 from .client.openai import OpenAICloud
@@ -19,26 +20,26 @@ from .wire import WireClient
 CLOUD_URL_KINDS = ("openai+", "llama-server+")
 
 
-def connect_cloud(url, api_key, wire_log, simulate_rtt_ms, model_name, max_k, lookahead, timeout_s, retry_for_s,
-                  tokenizer: LanguageModel) -> RemoteCloud:
-    kind = next((k for k in CLOUD_URL_KINDS if url.startswith(k)), "")
-    base = url[len(kind):]
+def connect_cloud(config: CloudConfig, tokenizer: LanguageModel) -> RemoteCloud:
+    """The client of `config.url`; `tokenizer`: the device model (a shared vocabulary)."""
+    kind = next((k for k in CLOUD_URL_KINDS if config.url.startswith(k)), "")
+    base = config.url[len(kind):]
     if not base.startswith(("http://", "https://")):
         raise UserError(f"cloud URL must be http(s)://HOST:PORT (costeer serve), "
-                        f"{', or '.join(k + 'http(s)://...' for k in CLOUD_URL_KINDS)}, got {url!r}")
-    if kind and lookahead:
+                        f"{', or '.join(k + 'http(s)://...' for k in CLOUD_URL_KINDS)}, got {config.url!r}")
+    if kind and config.lookahead:
         raise UserError(f"lookahead needs a costeer serve cloud; a {kind[:-1]} server cannot send trees")
-    wire = WireClient(base, api_key, wire_log, simulate_rtt_ms, timeout_s)
+    wire = WireClient(base, config.api_key, config.wire_log, config.simulate_rtt_ms, config.timeout_s)
     try:
         if kind == "openai+":
-            return OpenAICloud(wire, tokenizer, model_name, max_k)
+            return OpenAICloud(wire, tokenizer, config.model, config.max_k)
         if kind == "llama-server+":
-            return LlamaServerCloud(wire, tokenizer, max_k)
+            return LlamaServerCloud(wire, tokenizer, config.max_k)
     except BaseException:
         wire.close()
         raise
     tree = None
-    if lookahead:
-        depth, width, *rest = lookahead
+    if config.lookahead:
+        depth, width, *rest = config.lookahead
         tree = Lookahead(depth=depth, width=width, min_probability=rest[0] if rest else DEFAULT_LOOKAHEAD_MIN_P)
-    return ServedCloud(wire, tokenizer, tree, retry_for_s)
+    return ServedCloud(wire, tokenizer, tree, config.retry_for_s)

@@ -4,15 +4,23 @@ The device opens a session with the public conversation only, then sends the
 chosen token ids and asks for the next-token distribution's top-k, or the full
 vector. Values are raw float32 logits plus their log-normalizer `lse`, so the
 device computes exactly what an embedded run computes.
+
+The codec at the end (encode_distribution, decode_distribution, ...) is the one
+translation between a NextToken and its wire form: the server encodes with it, the
+device decodes with it.
 """
 
 from __future__ import annotations
 
 import base64
-from typing import Literal
+from typing import Literal, Sequence
 
 import numpy as np
 from pydantic import BaseModel, Field
+
+from ..distribution import NextToken, check_token_ids
+from ..errors import UserError
+from .wire import printable
 
 API_PREFIX = "/v1"
 
@@ -139,3 +147,51 @@ def decode_array(text: str, dtype: str) -> np.ndarray:
 
 
 FLOATS, IDS = "<f4", "<i4"
+
+
+# The one codec between NextToken and the wire: the server encodes with it, the device
+# decodes with it (and checks every id a server sends before any of it is used).
+def encode_distribution(view: NextToken, position: int, top_k: int | None) -> Distribution:
+    """A next-token distribution as the server sends it: its top-k, or all of it."""
+    if top_k is None or top_k >= view.vocab_size:
+        return Distribution(position=position, lse=view.lse, full_logits_b64=encode_array(view.logits, FLOATS))
+    ids, logits = view.top(top_k)
+    return Distribution(position=position, lse=view.lse, top_ids_b64=encode_array(ids, IDS),
+                        top_logits_b64=encode_array(logits, FLOATS))
+
+
+def encode_tree_node(path: Sequence[int], view: NextToken, top_k: int) -> TreeNode:
+    ids, logits = view.top(top_k)
+    return TreeNode(path=list(path), lse=view.lse, top_ids_b64=encode_array(ids, IDS),
+                    top_logits_b64=encode_array(logits, FLOATS))
+
+
+def decode_distribution(payload: object, vocab_size: int, sender: str) -> NextToken:
+    """A distribution (or a tree node's) as a server sent it (parsed JSON), checked whole
+    before any of it is used; `sender` ("the cloud at URL") names the server in errors.
+    A top-k can be widened: costeer serve sends any k up to the full vector."""
+    try:
+        lse = float(payload["lse"])
+        if payload.get("full_logits_b64"):
+            logits = decode_array(payload["full_logits_b64"], FLOATS).astype(np.float32)
+            if len(logits) != vocab_size:
+                raise ValueError(f"{len(logits)} logits for a vocabulary of {vocab_size}")
+            return NextToken(logits, lse, vocab_size)
+        ids = decode_array(payload["top_ids_b64"], IDS).astype(np.int64)
+        logits = decode_array(payload["top_logits_b64"], FLOATS).astype(np.float32)
+        if len(ids) != len(logits):
+            raise ValueError(f"{len(ids)} token ids for {len(logits)} logits")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UserError(f"{sender} sent a malformed distribution ({printable(str(exc))})") from None
+    check_token_ids(ids, vocab_size, sender)
+    return NextToken(logits, lse, vocab_size, ids=ids, can_widen=True)
+
+
+def decode_tree_node(payload: object, vocab_size: int, sender: str) -> tuple[tuple[int, ...], NextToken]:
+    """A lookahead tree node: its path of token ids (checked like every id a server
+    sends), then its distribution."""
+    path = payload.get("path") if isinstance(payload, dict) else None
+    if not isinstance(path, list) or not all(type(t) is int for t in path):
+        raise UserError(f"{sender} sent a lookahead tree node without a path of token ids")
+    check_token_ids(path, vocab_size, sender)
+    return tuple(path), decode_distribution(payload, vocab_size, sender)

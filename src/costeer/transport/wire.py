@@ -8,11 +8,11 @@ characters before it reaches a message or a terminal (`printable`)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import queue
 import re
 import stat
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -23,6 +23,8 @@ import httpx
 
 from ..errors import UserError
 from .guard import is_loopback
+
+log = logging.getLogger(__name__)
 
 # Far above any honest reply (the full float32 vector of a 151,936-token vocabulary is
 # 0.8 MB in base64, a 64-node lookahead tree of top-1024 nodes 0.7 MB), far below
@@ -90,11 +92,10 @@ class WireLog:
             mode = stat.S_IMODE(os.fstat(fd).st_mode)
             if mode & 0o077:
                 os.fchmod(fd, 0o600)
-                print(f"costeer: the wire log {path} was readable by others ({mode:04o}); it is now 0600",
-                      file=sys.stderr)
+                log.warning("costeer: the wire log %s was readable by others (%04o); it is now 0600", path, mode)
         except OSError as exc:  # not ours to change: say so, and log anyway
-            print(f"costeer: warning: the wire log {path} is readable by others and cannot be made private: "
-                  f"{exc.strerror}", file=sys.stderr)
+            log.warning("costeer: warning: the wire log %s is readable by others and cannot be made private: %s",
+                        path, exc.strerror)
         self._file = os.fdopen(fd, "a", encoding="utf-8")
         self._lock = threading.Lock()
 
@@ -125,8 +126,8 @@ class WireClient:
         self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout_s)
         url = self._http.base_url
         if api_key and url.scheme == "http" and not is_loopback(url.host):
-            print(f"costeer: warning: the API key goes to {url.host} over plain http://, readable by anyone on the "
-                  "network path; use https://", file=sys.stderr)
+            log.warning("costeer: warning: the API key goes to %s over plain http://, readable by anyone on the "
+                        "network path; use https://", url.host)
         self.timeout_s = timeout_s
         self.max_reply_bytes = max_reply_bytes
         self._log = WireLog(wire_log) if wire_log else None

@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import threading
-import time
+from dataclasses import replace
 from typing import Callable
-
-import numpy as np
 
 from ...backends.base import LanguageModel, vocabulary_digest
 from ...cloud import CloudSession, RemoteCloud
 from ...distribution import NextToken, check_token_ids
 from ...errors import UserError
 from ...prompts import PublicChat
-from ..protocol import API_PREFIX, FLOATS, IDS, Lookahead, Vocabulary, decode_array
+from ..protocol import API_PREFIX, Lookahead, Vocabulary, decode_distribution, decode_tree_node
 from ..wire import CloudRefused, CloudUnreachable, WireClient, printable
-
-RESUME_BACKOFF_S = (0.5, 4.0)  # first pause between tries to reopen a session, doubling up to the second
+from .lookahead import TreeWalk
+from .resume import Resumer
 
 
 class ServedCloud(RemoteCloud):
@@ -91,19 +88,6 @@ class ServedCloud(RemoteCloud):
         self._wire.close()
 
 
-def _resumable(exc: Exception) -> str | None:
-    """Why `exc` may be a server going away (a reason to report), or None: it is not,
-    so it fails at once (a bad key, a bad request, a cap)."""
-    if isinstance(exc, CloudUnreachable):
-        return exc.reason
-    if isinstance(exc, CloudRefused):
-        if exc.status == 404 and exc.kind == "unknown_session":
-            return "it no longer knows the session"
-        if exc.status in (429, 502, 503, 504):  # busy, or a proxy in front of a server that is down
-            return f"HTTP {exc.status}"
-    return None
-
-
 class ServedSession(CloudSession):
     """A session that survives the server going away: it keeps every token it appended,
     and after a failure that may be a restart it opens a new session with the same
@@ -114,21 +98,17 @@ class ServedSession(CloudSession):
                  lookahead: Lookahead | None = None) -> None:
         self._cloud = cloud
         self._wire = wire = cloud._wire
+        self._sender = f"the cloud at {wire.base_url}"
         self.vocab_size = vocab_size = cloud.vocab_size
         self._first_k = first_k if first_k is not None and first_k < vocab_size else None
         self._chosen: list[int] = []  # every token appended, sent or still walked: what a new session gets
-        self.resumes = 0
-        self._closing = threading.Event()  # close() ends a wait between tries
+        self._resumer = Resumer(cloud.retry_for_s, self._sender)
         self._capped = False  # the server sent fewer values than asked: it has a cap of its own
         self._start = wire.counters.copy()
-        self._tree: dict[tuple[int, ...], NextToken] = {}  # path after the server's position -> distribution
-        self._walked: list[int] = []  # tokens chosen along the tree, not yet sent
-        self._tree_tokens = 0  # tokens whose distribution came from a tree, not a request
         self._tree_k = lookahead.top_k if lookahead is not None else None
-        # a chain (width 1) is streamed: each node reaches the device the moment the
-        # cloud has computed it, so the device works on node 1 while the cloud computes node 2
+        self._walk = TreeWalk(self._decode_node)
+        # a chain (width 1) is streamed: the device works on node 1 while the cloud computes node 2
         self._streamed = lookahead is not None and lookahead.width == 1
-        self._stream = None
         self._open_request: dict = {"messages": list(chat), "max_new_tokens": max_new_tokens, "top_k": self._first_k}
         if lookahead is not None:
             self._open_request["lookahead"] = lookahead.model_dump()
@@ -137,78 +117,49 @@ class ServedSession(CloudSession):
         self.prompt_tokens = int(opened["prompt_tokens"])
         self._store(opened["distribution"], self._first_k)
 
-    def _top(self, dist: dict, asked: int | None) -> NextToken:
+    @property
+    def resumes(self) -> int:
+        return self._resumer.resumes
+
+    def _decode(self, payload: object, asked: int | None) -> NextToken:
         """A distribution the server sent, checked before any of it is used."""
-        try:
-            lse = float(dist["lse"])
-            if dist.get("full_logits_b64"):
-                logits = decode_array(dist["full_logits_b64"], FLOATS).astype(np.float32)
-                if len(logits) != self.vocab_size:
-                    raise ValueError(f"{len(logits)} logits for a vocabulary of {self.vocab_size}")
-                return NextToken(logits, lse, self.vocab_size)
-            ids = decode_array(dist["top_ids_b64"], IDS).astype(np.int64)
-            logits = decode_array(dist["top_logits_b64"], FLOATS).astype(np.float32)
-            if len(ids) != len(logits):
-                raise ValueError(f"{len(ids)} token ids for {len(logits)} logits")
-        except (KeyError, TypeError, ValueError) as exc:
-            raise UserError(f"the cloud at {self._wire.base_url} sent a malformed distribution "
-                            f"({printable(str(exc))})") from None
-        check_token_ids(ids, self.vocab_size, f"the cloud at {self._wire.base_url}")
-        if asked is None or len(ids) < asked:
-            self._capped = True  # never ask this server for more than it sends
-        return NextToken(logits, lse, self.vocab_size, ids=ids, can_widen=not self._capped)
+        return self._capping(decode_distribution(payload, self.vocab_size, self._sender), asked)
 
-    def _store(self, dist: dict, asked: int | None) -> None:
-        self._view = self._top(dist, asked)
-        if dist.get("tree") is not None:
-            self._tree = {self._tree_path(node): self._top(node, self._tree_k) for node in dist["tree"]}
+    def _decode_node(self, payload: object) -> tuple[tuple[int, ...], NextToken]:
+        path, view = decode_tree_node(payload, self.vocab_size, self._sender)
+        return path, self._capping(view, self._tree_k)
 
-    def _tree_path(self, node: object) -> tuple[int, ...]:
-        """A tree node's path of token ids, checked like every id the server sends."""
-        path = node.get("path") if isinstance(node, dict) else None
-        if not isinstance(path, list) or not all(type(t) is int for t in path):
-            raise UserError(f"the cloud at {self._wire.base_url} sent a lookahead tree node without a path "
-                            "of token ids")
-        check_token_ids(path, self.vocab_size, f"the cloud at {self._wire.base_url}")
-        return tuple(path)
+    def _capping(self, view: NextToken, asked: int | None) -> NextToken:
+        """A top-k with fewer values than asked shows the server has a cap of its own:
+        from then on it is never asked for more."""
+        if view.complete:
+            return view
+        if asked is None or len(view.ids) < asked:
+            self._capped = True
+        return replace(view, can_widen=False) if self._capped else view
+
+    def _store(self, reply: dict, asked: int | None) -> None:
+        """A reply at the session's position: its distribution, and its tree if it has one."""
+        self._view = self._decode(reply, asked)
+        if reply.get("tree") is not None:
+            self._walk.receive(reply["tree"])
+
+    def _step_path(self) -> str:
+        return f"{API_PREFIX}/sessions/{self._session}/step"
 
     def _step(self, tokens: list[int], k: int | None) -> None:
         """Append tokens; the reply is the distribution there (and a new tree, if any)."""
-        path = f"{API_PREFIX}/sessions/{self._session}/step"
         request = {"tokens": tokens, "top_k": k}  # a session opened with lookahead sends a tree with every step
-        self._end_stream()  # the server moves: the old walk and tree are done
-        self._tree, self._walked = {}, []
+        self._walk.restart()  # the server moves: the old walk and tree are done
         if self._streamed:
-            self._stream = self._wire.stream("POST", path, {**request, "stream": True})
-            first = self._stream.next()
+            stream = self._wire.stream("POST", self._step_path(), {**request, "stream": True})
+            self._walk.receive_stream(stream)
+            first = stream.next()
             if first is None:
-                raise UserError(f"the cloud at {self._wire.base_url} answered a step with nothing")
+                raise UserError(f"{self._sender} answered a step with nothing")
             self._store(first, k)
         else:
-            self._store(self._wire.request("POST", path, request), k)
-
-    def _node(self, path: tuple[int, ...]) -> NextToken | None:
-        """The tree's node for `path`: received already, or read from the stream as the
-        cloud computes it. A chain's nodes come in order, so a node as deep as `path` on
-        another branch means `path` will not come."""
-        while path not in self._tree and self._stream is not None:
-            try:
-                line = self._stream.next()
-            except CloudUnreachable:
-                line = None  # the stream dropped: the walk ends here; the step that follows resumes if need be
-            if line is None:
-                self._end_stream()
-                break
-            got = self._tree_path(line)
-            self._tree[got] = self._top(line, self._tree_k)
-            if len(got) >= len(path) and got != path:
-                break
-        return self._tree.get(path)
-
-    def _end_stream(self) -> None:
-        if self._stream is not None:
-            self._stream.close()
-            self._stream = None
+            self._store(self._wire.request("POST", self._step_path(), request), k)
 
     def next_tokens(self) -> list[NextToken]:
         return [self._view]
@@ -219,21 +170,19 @@ class ServedSession(CloudSession):
         k = k if k is not None and k < self.vocab_size else None
 
         def look() -> None:
-            request = {"tokens": [], "top_k": k, **({"path": self._walked} if self._walked else {})}
-            reply = self._wire.request("POST", f"{API_PREFIX}/sessions/{self._session}/step", request)
-            self._view = self._top(reply, k)
+            walked = self._walk.walked
+            request = {"tokens": [], "top_k": k, **({"path": walked} if walked else {})}
+            self._view = self._decode(self._wire.request("POST", self._step_path(), request), k)
         self._resuming(look, k)
 
     def advance(self, token_id: int) -> None:
         token = int(token_id)
         self._chosen.append(token)
-        node = self._node((*self._walked, token))
+        node = self._walk.descend(token)
         if node is not None:  # the cloud computed this position already: no request
-            self._walked.append(token)
             self._view = node
-            self._tree_tokens += 1
             return
-        self._resuming(lambda: self._step([*self._walked, token], self._first_k), self._first_k)
+        self._resuming(lambda: self._step([*self._walk.walked, token], self._first_k), self._first_k)
 
     def _resuming(self, send: Callable[[], None], k: int | None) -> None:
         """send(), which leaves the view at the session's position with top-k `k`; if the
@@ -241,37 +190,10 @@ class ServedSession(CloudSession):
         try:
             send()
         except (CloudUnreachable, CloudRefused) as exc:
-            if self._cloud.retry_for_s <= 0 or _resumable(exc) is None:
+            if not self._resumer.applies_to(exc):
                 raise
-            self._resume(k, exc)
-
-    def _resume(self, k: int | None, failure: CloudUnreachable | CloudRefused) -> None:
-        """Try to reopen for retry_for_s seconds, pausing between tries; then give up in one line."""
-        self._end_stream()
-        self._tree, self._walked = {}, []  # a new session starts with every chosen token sent
-        window = self._cloud.retry_for_s
-        deadline = time.monotonic() + window
-        pause, tries = RESUME_BACKOFF_S[0], 0
-        while True:
-            reason = _resumable(failure)
-            if reason is None:
-                raise failure
-            left = deadline - time.monotonic()
-            if left <= 0 or self._closing.is_set():
-                raise UserError(f"the cloud at {self._wire.base_url} stopped answering ({reason}) and did not come "
-                                f"back within {window:g} s") from None
-            if tries:  # a restarted server answers at once: the first try does not wait
-                hint = failure.retry_after if isinstance(failure, CloudRefused) else None
-                if self._closing.wait(min(hint or pause, left)):
-                    continue
-                pause = min(2 * pause, RESUME_BACKOFF_S[1])
-            tries += 1
-            try:
-                self._reopen(k)
-                self.resumes += 1
-                return
-            except (CloudUnreachable, CloudRefused) as exc:
-                failure = exc
+            self._walk.restart()  # a new session starts with every chosen token sent
+            self._resumer.reopen(lambda: self._reopen(k), exc)
 
     def _reopen(self, k: int | None) -> None:
         """A new session at the device's position: the same public messages and settings, then
@@ -285,21 +207,21 @@ class ServedSession(CloudSession):
         size = self._cloud.max_tokens_per_step
         for start in range(0, len(chosen), size):
             last = start + size >= len(chosen)
-            reply = self._wire.request("POST", f"{API_PREFIX}/sessions/{self._session}/step",
+            reply = self._wire.request("POST", self._step_path(),
                                        {"tokens": chosen[start:start + size], "top_k": k if last else 1, "lookahead": last})
         self._store(reply, k)
-        if self._closing.is_set():  # closed while reopening: leave nothing behind
+        if self._resumer.closing.is_set():  # closed while reopening: leave nothing behind
             self.close()
 
     def traffic(self) -> dict:
         counters = self._wire.counters.since(self._start)
-        counters["lookahead_tokens"] = self._tree_tokens
+        counters["lookahead_tokens"] = self._walk.tokens
         counters["resumes"] = self.resumes
         return counters
 
     def close(self) -> None:
-        self._closing.set()
-        self._end_stream()
+        self._resumer.closing.set()
+        self._walk.end_stream()
         if self._session:
             session, self._session = self._session, None
             try:

@@ -1,2 +1,2 @@
-"""`costeer serve`: the cloud model behind an HTTP API (app.py), its compute thread and
-batches (scheduler.py) and its caps (limits.py)."""
+"""`costeer serve`: the cloud model behind an HTTP API (app.py), its sessions (sessions.py),
+its compute thread and batches (scheduler.py), its caps (limits.py) and refusals (errors.py)."""

@@ -7,8 +7,8 @@ through one forward pass together; a session with a lookahead tree, or too long 
 a slot, gets a cache of its own, worked on between batches.
 
 Idle sessions expire, and every session after session_max_age_s however busy; the
-number of sessions (in all and per API key), the KV cells they hold together, prompt
-size and tokens are capped; every refusal is a 4xx JSON body naming the problem, and
+number of sessions (in all and per API key), the KV cells they hold together (the
+session table: sessions.py), prompt size and tokens are capped; every refusal is a 4xx JSON body naming the problem, and
 an unexpected failure a 500 body that names nothing private.
 
 Before the app reads a byte of a body, a guard (guard.py) checks the Host, the Origin,
@@ -24,16 +24,10 @@ no request ever runs on freed model state.
 
 from __future__ import annotations
 
-import collections
 import contextlib
-import hmac
 import json
 import logging
-import math
 import secrets
-import threading
-import time
-from dataclasses import dataclass, field
 from typing import AsyncIterator, Iterator, Sequence
 
 import numpy as np
@@ -44,28 +38,15 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ...backends.base import LanguageModel, StreamGroup, check_window
 from ...distribution import NextToken
 from ...errors import UserError
+from .errors import ApiError, error_body, invalid_request, unknown_session
 from .limits import ServerLimits
 from .scheduler import BatchedStreams, Scheduler, SchedulerClosed, SchedulerDown, describe_failure
-from ..protocol import (API_PREFIX, FLOATS, IDS, MAX_LOOKAHEAD_NODES, Distribution, ErrorBody, Lookahead, ModelInfo,
-                       OpenSession, SessionOpened, Step, TreeNode, Vocabulary, encode_array)
+from .sessions import Session, SessionTable
+from ..protocol import (API_PREFIX, MAX_LOOKAHEAD_NODES, Distribution, ErrorBody, Lookahead, ModelInfo, OpenSession,
+                        SessionOpened, Step, Vocabulary, encode_distribution, encode_tree_node)
 
 
 log = logging.getLogger(__name__)
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.kind, self.message, self.headers = status, kind, message, headers
-
-
-def _unknown_session() -> ApiError:
-    return ApiError(404, "unknown_session", "no such session (closed, expired, or never opened)")
-
-
-def _error_body(status: int, kind: str, message: str) -> dict[str, str]:
-    """The guard's refusals in the app's own shape (ErrorBody)."""
-    return ErrorBody(error=kind, message=message).model_dump()
 
 
 class _ContainFailures:
@@ -93,7 +74,7 @@ class _ContainFailures:
             log.error("%s %s failed: %s", scope.get("method"), route, describe_failure(exc))
             if started:  # a stream already under way: uvicorn closes the connection
                 return
-            body = json.dumps(_error_body(500, "internal_error", "the server failed on this request")).encode()
+            body = json.dumps(error_body(500, "internal_error", "the server failed on this request")).encode()
             await send({"type": "http.response.start", "status": 500,
                         "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
             await send({"type": "http.response.body", "body": body})
@@ -119,70 +100,18 @@ def check_exposure(host: str, api_keys: Sequence[str], insecure: bool) -> str | 
             "use the model and fill its sessions")
 
 
-@dataclass
-class _Session:
-    id: str
-    key: str | None
-    group: StreamGroup
-    prompt_tokens: int
-    budget: int  # tokens the session may still append
-    position: int
-    kv_tokens: int  # KV cells reserved for it: prompt, max_new_tokens and its lookahead tree
-    slot: int | None  # its slot in the shared cache; None: a cache of its own
-    lookahead: Lookahead | None = None
-    last_used: float = field(default_factory=time.monotonic)  # when a step last appended tokens (looks do not count)
-    created: float = field(default_factory=time.monotonic)  # for session_max_age_s
-    active: int = 0  # requests using it now (guarded by sessions_lock): a session in use is not idle
-    closed: bool = False  # set, with the group closed, only while holding `lock`
-    steps: int = 0  # requests that moved it: a streaming tree stops once a newer one came
-    tree: Iterator | None = None  # a lookahead still being computed (by a stream), only under `lock`
-    # logits at the position and at each tree node sent since: a look reads them without
-    # the lock, so it neither waits for nor stops a tree being computed
-    views: dict[tuple[int, ...], np.ndarray] = field(default_factory=dict)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    # held by the step request computing on it; a second one is refused (409) at once
-    # rather than holding a worker thread while it waits
-    stepping: threading.Lock = field(default_factory=threading.Lock)
-
-
-@dataclass
-class _Usage:
-    """What open sessions and opens still prefilling hold (guarded by sessions_lock)."""
-
-    sessions: int = 0
-    kv_tokens: int = 0  # reserved by every session
-    private_kv_tokens: int = 0  # reserved by sessions with caches of their own
-    free_slots: list[int] = field(default_factory=list)
-    per_key: collections.Counter = field(default_factory=collections.Counter)  # sessions by API key
-
-
-def distribution_reply(view: NextToken, position: int, top_k: int | None) -> Distribution:
-    """The protocol's encoding of a next-token distribution: its top-k, or all of it."""
-    if top_k is None or top_k >= view.vocab_size:
-        return Distribution(position=position, lse=view.lse, full_logits_b64=encode_array(view.logits, FLOATS))
-    ids, logits = view.top(top_k)
-    return Distribution(position=position, lse=view.lse, top_ids_b64=encode_array(ids, IDS),
-                        top_logits_b64=encode_array(logits, FLOATS))
-
-
 def _distribution(group: StreamGroup, position: int, top_k: int | None, lookahead: Lookahead | None,
                   views: dict[tuple[int, ...], np.ndarray]) -> Distribution:
     """The next-token distribution, and the lookahead tree after it when asked for;
     `views` gets the logits of both."""
     views[()] = group.logits()[0].copy()
-    reply = distribution_reply(NextToken.local(views[()]), position, top_k)
+    reply = encode_distribution(NextToken.local(views[()]), position, top_k)
     if lookahead is not None:
         reply.tree = []
         for path, logits in group.lookahead(lookahead.width, lookahead.depth, lookahead.min_probability):
             views[path] = logits
-            reply.tree.append(tree_node(path, logits, lookahead.top_k))
+            reply.tree.append(encode_tree_node(path, NextToken.local(logits), lookahead.top_k))
     return reply
-
-
-def tree_node(path: tuple[int, ...], logits, top_k: int) -> TreeNode:
-    view = NextToken.local(logits)
-    ids, top = view.top(top_k)
-    return TreeNode(path=list(path), lse=view.lse, top_ids_b64=encode_array(ids, IDS), top_logits_b64=encode_array(top, FLOATS))
 
 
 def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: ServerLimits = ServerLimits(),
@@ -194,17 +123,11 @@ def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: Serve
     requests naming a loopback host or it (a web page that rebinds its own name to
     127.0.0.1 cannot reach it). `body_timeout_s`: the time a request body may take."""
     api_keys = tuple(api_keys)
-    per_key_cap = limits.per_key_cap(len(api_keys))
-    sessions: dict[str, _Session] = {}
     # the shared cache holds max_sessions slots and is allocated now; sessions with
     # caches of their own share what is left of the KV budget
     engine = model.batch_engine(limits.max_sessions, limits.batch_slot_tokens, max_batch) \
         if limits.max_sessions * limits.batch_slot_tokens <= limits.max_kv_tokens else None
     scheduler = Scheduler(engine)
-    private_kv_budget = limits.max_kv_tokens - (engine.slots * engine.slot_tokens if engine else 0)
-    usage = _Usage(free_slots=list(range(engine.slots)) if engine else [])
-    # Lock order: a session's lock, then sessions_lock; never the reverse.
-    sessions_lock = threading.Lock()
 
     def on_compute(group: StreamGroup, work):
         """Work on a session's streams: a slot's calls queue for the batch themselves; a
@@ -217,14 +140,18 @@ def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: Serve
         except SchedulerDown:
             pass  # nothing runs on the compute thread any more: the cache goes with the process
 
+    def close_streams(session: Session) -> None:
+        stop_tree(session)
+        close_group(session.group)
+
+    table = SessionTable(limits, slots=engine.slots if engine else 0,
+                         private_kv_budget=limits.max_kv_tokens - (engine.slots * engine.slot_tokens if engine else 0),
+                         per_key_cap=limits.per_key_cap(len(api_keys)), close_streams=close_streams)
+
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
-        # free every KV cache while the model is still loaded (not in arbitrary order at exit)
-        with sessions_lock:
-            remaining = list(sessions.values())
-        for session in remaining:
-            retire(session)
+        table.retire_all()  # free every KV cache while the model is still loaded (not in arbitrary order at exit)
         scheduler.stop()
 
     app = FastAPI(
@@ -250,25 +177,19 @@ def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: Serve
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(status_code=exc.status, content=ErrorBody(error=exc.kind, message=exc.message).model_dump(),
-                            headers=exc.headers)
+        return exc.response()
 
     @app.exception_handler(SchedulerClosed)
     async def _shutting_down(_: Request, exc: SchedulerClosed) -> JSONResponse:
-        return JSONResponse(status_code=503, content=ErrorBody(error="shutting_down", message=str(exc)).model_dump(),
-                            headers={"Retry-After": "5"})
+        return ApiError(503, "shutting_down", str(exc), {"Retry-After": "5"}).response()
 
     @app.exception_handler(SchedulerDown)
     async def _down(_: Request, exc: SchedulerDown) -> JSONResponse:
-        return JSONResponse(status_code=503, content=ErrorBody(error="unavailable", message=str(exc)).model_dump())
+        return ApiError(503, "unavailable", str(exc)).response()
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        message = f"{where}: {first.get('msg', 'invalid request')}" if where else first.get("msg", "invalid request")
-        kind = "malformed_json" if first.get("type") == "json_invalid" else "invalid_request"
-        return JSONResponse(status_code=422, content=ErrorBody(error=kind, message=message).model_dump())
+        return invalid_request(exc).response()
 
     def caller_key(request: Request) -> str | None:
         """The key the guard matched; it refused the request, unread, if none did."""
@@ -277,126 +198,8 @@ def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: Serve
             raise ApiError(401, "unauthorized", "a valid API key is required (Authorization: Bearer KEY)")
         return key
 
-    def close_locked(session: _Session) -> bool:
-        """Close the session's streams and free its reservation; the caller holds session.lock.
-        False when it was already closed."""
-        if session.closed:
-            return False
-        session.closed = True
-        try:
-            stop_tree(session)
-            close_group(session.group)
-        finally:
-            with sessions_lock:
-                if sessions.get(session.id) is session:
-                    del sessions[session.id]
-            release(session.kv_tokens, session.slot, session.key)
-        return True
-
-    def retire(session: _Session) -> bool:
-        with session.lock:  # waits for a step that is computing on it
-            return close_locked(session)
-
-    def too_old(session: _Session, now: float) -> bool:
-        return now - session.created > limits.session_max_age_s
-
-    def expire_idle() -> None:
-        now = time.monotonic()
-        with sessions_lock:
-            expired = [s for s in sessions.values()
-                       if s.active == 0 and (now - s.last_used > limits.session_ttl_s or too_old(s, now))]
-            for s in expired:
-                del sessions[s.id]  # no request can find it from here on
-        for s in expired:
-            retire(s)
-
-    @contextlib.contextmanager
-    def using(session_id: str, key: str | None) -> Iterator[_Session]:
-        """The caller's session, marked in use (so it does not expire) for the request's duration.
-        Only a step that appends tokens renews its idle time: a device looking at it in a
-        loop does not keep its KV cells from others."""
-        expire_idle()
-        with sessions_lock:
-            session = sessions.get(session_id)
-            # another key's session is reported as unknown: its existence is not disclosed
-            if session is None or (session.key is not None and not hmac.compare_digest(session.key, key or "")):
-                raise _unknown_session()
-            aged = too_old(session, time.monotonic())
-            if aged:  # past its lifetime while in use: closed now, as if expired
-                del sessions[session.id]
-            else:
-                session.active += 1
-        if aged:
-            retire(session)
-            raise _unknown_session()
-        try:
-            yield session
-        finally:
-            with sessions_lock:
-                session.active -= 1
-
     def fits_slot(kv_needed: int, lookahead: Lookahead | None) -> bool:
         return engine is not None and lookahead is None and kv_needed + 1 <= engine.slot_tokens
-
-    def retry_after_s(kv_needed: int, slotted: bool) -> str:
-        """Seconds until enough idle sessions expire to admit this open (a hint)."""
-        now = time.monotonic()
-        free_sessions = limits.max_sessions - usage.sessions
-        free_kv = len(usage.free_slots) if slotted else private_kv_budget - usage.private_kv_tokens
-        needed = 1 if slotted else kv_needed
-        for s in sorted((s for s in sessions.values() if s.active == 0), key=lambda s: s.last_used):
-            free_sessions += 1
-            free_kv += (s.slot is not None) if slotted else (0 if s.slot is not None else s.kv_tokens)
-            if free_sessions >= 1 and free_kv >= needed:
-                return str(max(1, math.ceil(s.last_used + limits.session_ttl_s - now)))
-        return str(max(1, limits.session_ttl_s))  # held by sessions in use or still opening
-
-    def key_retry_after_s(key: str) -> str:
-        """Seconds until the first of this key's idle sessions expires (a hint)."""
-        now = time.monotonic()
-        ends = [min(s.last_used + limits.session_ttl_s, s.created + limits.session_max_age_s)
-                for s in sessions.values() if s.key == key and s.active == 0]
-        return str(max(1, math.ceil(min(ends) - now))) if ends else str(max(1, limits.session_ttl_s))
-
-    def reserve(kv_needed: int, wants_slot: bool, key: str | None) -> int | None:
-        """Take a session, and a slot of the shared cache or kv_needed cells of the private
-        budget, or refuse with 429; atomic, so concurrent opens cannot overshoot. The slot, if any."""
-        with sessions_lock:
-            # one key's cap first: a key at its cap is told so, whatever the others hold
-            if key is not None and usage.per_key[key] >= per_key_cap:
-                raise ApiError(429, "too_many_sessions_for_key", f"this API key holds its maximum of {per_key_cap} "
-                               "sessions (--max-sessions-per-key); close one or retry later",
-                               {"Retry-After": key_retry_after_s(key)})
-            if usage.sessions >= limits.max_sessions:
-                raise ApiError(429, "too_many_sessions", f"the server holds its maximum of {limits.max_sessions} sessions; close one or retry later",
-                               {"Retry-After": retry_after_s(kv_needed, wants_slot)})
-            # the lowest free slot: sessions' slots stay together, which batches faster (backends/llama_cpp/batch.py)
-            slot = usage.free_slots.pop(usage.free_slots.index(min(usage.free_slots))) \
-                if wants_slot and usage.free_slots else None
-            if slot is None:
-                if usage.private_kv_tokens + kv_needed > private_kv_budget:
-                    raise ApiError(429, "server_memory_full", f"the server's sessions hold {usage.kv_tokens} of its {limits.max_kv_tokens} "
-                                   f"KV tokens; this session needs {kv_needed}; close one or retry later",
-                                   {"Retry-After": retry_after_s(kv_needed, False)})
-                usage.private_kv_tokens += kv_needed
-            usage.sessions += 1
-            usage.kv_tokens += kv_needed
-            if key is not None:
-                usage.per_key[key] += 1
-            return slot
-
-    def release(kv_needed: int, slot: int | None, key: str | None) -> None:
-        with sessions_lock:
-            usage.sessions -= 1
-            usage.kv_tokens -= kv_needed
-            if key is not None:
-                usage.per_key[key] -= 1
-                if not usage.per_key[key]:
-                    del usage.per_key[key]
-            if slot is None:
-                usage.private_kv_tokens -= kv_needed
-            else:
-                usage.free_slots.append(slot)
 
     @app.get(f"{API_PREFIX}/model", response_model=ModelInfo)
     def model_info(key: str | None = Depends(caller_key)) -> ModelInfo:
@@ -412,7 +215,7 @@ def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: Serve
 
     @app.post(f"{API_PREFIX}/sessions", response_model=SessionOpened, responses={401: {"model": ErrorBody}, 413: {"model": ErrorBody}, 429: {"model": ErrorBody}})
     def open_session(body: OpenSession, key: str | None = Depends(caller_key)) -> SessionOpened:
-        expire_idle()
+        table.expire_idle()
         if body.max_new_tokens > limits.max_new_tokens:
             raise ApiError(422, "too_many_new_tokens", f"max_new_tokens {body.max_new_tokens} exceeds the server's limit of {limits.max_new_tokens}")
         chars = sum(len(m.content) for m in body.messages)
@@ -438,11 +241,11 @@ def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: Serve
                                f"{body.lookahead.width} has {tree_nodes} nodes; the limit is {MAX_LOOKAHEAD_NODES}")
         kv_needed = len(ids) + body.max_new_tokens + (body.lookahead.depth + 1 if body.lookahead else 0)
         slotted = fits_slot(kv_needed, body.lookahead)
-        if not slotted and kv_needed > private_kv_budget:  # could never be admitted: not worth a retry
+        if not slotted and kv_needed > table.private_kv_budget:  # could never be admitted: not worth a retry
             raise ApiError(413, "prompt_too_large", f"prompt of {len(ids)} tokens plus {body.max_new_tokens} new tokens exceeds "
-                           f"the server's KV budget of {private_kv_budget} for a session of this size")
-        slot = reserve(kv_needed, slotted, key)
-        session: _Session | None = None
+                           f"the server's KV budget of {table.private_kv_budget} for a session of this size")
+        slot = table.reserve(kv_needed, slotted, key)
+        session: Session | None = None
         try:
             if slot is not None:
                 group: StreamGroup = BatchedStreams(scheduler, slot, ids)
@@ -458,18 +261,17 @@ def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: Serve
             except BaseException:
                 close_group(group)
                 raise
-            session = _Session(secrets.token_urlsafe(16), key, group, len(ids), body.max_new_tokens, len(ids), kv_needed,
-                               slot, lookahead=body.lookahead, views=views)
-            with sessions_lock:
-                sessions[session.id] = session
+            session = Session(secrets.token_urlsafe(16), key, group, len(ids), body.max_new_tokens, len(ids), kv_needed,
+                              slot, lookahead=body.lookahead, views=views)
+            table.add(session)
         finally:
             if session is None:  # the prefill failed: give the reservation back
-                release(kv_needed, slot, key)
+                table.release(kv_needed, slot, key)
         return SessionOpened(session_id=session.id, prompt_tokens=len(ids), distribution=first)
 
     @app.post(f"{API_PREFIX}/sessions/{{session_id}}/step", response_model=Distribution, responses={404: {"model": ErrorBody}, 422: {"model": ErrorBody}})
     def step(session_id: str, body: Step, key: str | None = Depends(caller_key)) -> Distribution:
-        with using(session_id, key) as session:
+        with table.using(session_id, key) as session:
             if len(body.tokens) > limits.max_tokens_per_step:
                 raise ApiError(422, "too_many_tokens", f"{len(body.tokens)} tokens in one step exceed the limit of {limits.max_tokens_per_step}")
             bad = [t for t in body.tokens if not 0 <= t < model.vocab_size]
@@ -479,8 +281,8 @@ def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: Serve
                 logits = session.views.get(tuple(body.path))
                 if logits is None or session.closed:
                     raise ApiError(404, "unknown_node", "no such node in the session's latest lookahead tree") \
-                        if body.path and not session.closed else _unknown_session()
-                return distribution_reply(NextToken.local(logits), session.position + len(body.path), body.top_k)
+                        if body.path and not session.closed else unknown_session()
+                return encode_distribution(NextToken.local(logits), session.position + len(body.path), body.top_k)
             if body.path:
                 raise ApiError(422, "invalid_request", "path goes with a look (no tokens), not with tokens to append")
             if not session.stepping.acquire(blocking=False):
@@ -491,12 +293,12 @@ def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: Serve
             finally:
                 session.stepping.release()
 
-    def append_step(session: _Session, body: Step) -> Distribution | StreamingResponse:
+    def append_step(session: Session, body: Step) -> Distribution | StreamingResponse:
         """Append the step's tokens; under session.stepping. The session's lock is waited
         for: a stream may hold it for one tree node, a close to free the streams."""
         with session.lock:
             if session.closed:  # deleted or expired while this request waited for the lock
-                raise _unknown_session()
+                raise unknown_session()
             if len(body.tokens) > session.budget:
                 raise ApiError(422, "session_budget_exhausted", f"the session may append {session.budget} more tokens, not {len(body.tokens)}")
             session.steps += 1
@@ -513,13 +315,13 @@ def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: Serve
                     return _distribution(session.group, session.position, body.top_k, None if body.stream else tree,
                                          session.views)
                 reply = on_compute(session.group, append)
-            session.last_used = time.monotonic()  # only appending renews a session's idle time
+            table.renew(session)  # only appending renews a session's idle time
             if not (body.stream and tree):
                 return reply
             session.tree = session.group.lookahead(tree.width, tree.depth, tree.min_probability)  # computed as the stream goes
             return StreamingResponse(stream_tree(session, reply, tree.top_k, session.steps), media_type="application/x-ndjson")
 
-    def stop_tree(session: _Session) -> None:
+    def stop_tree(session: Session) -> None:
         """End a lookahead still being computed, so the group drops its partial work; under session.lock."""
         if session.tree is not None:
             tree, session.tree = session.tree, None
@@ -529,7 +331,7 @@ def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: Serve
                 pass  # nothing computes any more: the partial tree goes with the process
 
     @contextlib.contextmanager
-    def failing_closes(session: _Session) -> Iterator[None]:
+    def failing_closes(session: Session) -> Iterator[None]:
         """A failure while computing leaves the session in an unknown state: it is closed, not served."""
         try:
             yield
@@ -537,10 +339,10 @@ def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: Serve
             raise  # the server is going down: a 503, not a failure of this session
         except Exception as exc:
             log.error("step failed; session closed: %s", describe_failure(exc))
-            close_locked(session)
+            table.close_locked(session)
             raise ApiError(500, "internal_error", "the step failed on the server; the session is closed") from None
 
-    def stream_tree(session: _Session, reply: Distribution, top_k: int, step: int) -> Iterator[str]:
+    def stream_tree(session: Session, reply: Distribution, top_k: int, step: int) -> Iterator[str]:
         """The distribution, then each tree node as it is computed. The session's lock is
         held while a node is computed, never across a yield (a client that goes away
         leaves the stream suspended), and a newer request on the session stops it."""
@@ -558,16 +360,16 @@ def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: Serve
                 except Exception as exc:
                     log.error("lookahead failed; session closed: %s", describe_failure(exc))
                     session.tree = None
-                    close_locked(session)
+                    table.close_locked(session)
                     return
                 session.views[path] = logits
-            yield tree_node(path, logits, top_k).model_dump_json() + "\n"
+            yield encode_tree_node(path, NextToken.local(logits), top_k).model_dump_json() + "\n"
 
     @app.delete(f"{API_PREFIX}/sessions/{{session_id}}", status_code=204, responses={404: {"model": ErrorBody}})
     def close_session(session_id: str, key: str | None = Depends(caller_key)) -> None:
-        with using(session_id, key) as session:
-            if not retire(session):  # a concurrent DELETE (or a failed step) closed it first
-                raise _unknown_session()
+        with table.using(session_id, key) as session:
+            if not table.retire(session):  # a concurrent DELETE (or a failed step) closed it first
+                raise unknown_session()
 
     @app.get("/healthz", response_model=None)
     def health(request: Request) -> dict[str, object] | JSONResponse:
@@ -578,12 +380,12 @@ def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: Serve
             return JSONResponse(status_code=503, content={"ok": False})
         if api_keys and getattr(request.state, "api_key", None) is None:
             return {"ok": True}
-        with sessions_lock:
-            return {"ok": True, "sessions": len(sessions), "kv_tokens": usage.kv_tokens,
-                    "max_sessions": limits.max_sessions, "max_kv_tokens": limits.max_kv_tokens,
-                    "batch_slots": engine.slots if engine else 0, "batch_slots_free": len(usage.free_slots),
-                    "max_batch": engine.max_batch if engine else 1, "forward_passes": scheduler.stats.decode_calls,
-                    "batched_tokens": scheduler.stats.decoded_tokens, "decode_s": round(scheduler.stats.decode_s, 3)}
+        held = table.occupancy()
+        return {"ok": True, "sessions": held.sessions, "kv_tokens": held.kv_tokens,
+                "max_sessions": limits.max_sessions, "max_kv_tokens": limits.max_kv_tokens,
+                "batch_slots": engine.slots if engine else 0, "batch_slots_free": held.free_slots,
+                "max_batch": engine.max_batch if engine else 1, "forward_passes": scheduler.stats.decode_calls,
+                "batched_tokens": scheduler.stats.decoded_tokens, "decode_s": round(scheduler.stats.decode_s, 3)}
 
     return app
 
@@ -603,7 +405,7 @@ def _guard(app: FastAPI, api_keys: tuple[str, ...], limits: ServerLimits, host: 
     policy = GuardPolicy(api_keys=api_keys, open_paths=OPEN_PATHS, allowed_hosts=hosts, allowed_origins=frozenset(),
                          require_json=True, max_body_bytes=limits.max_body_bytes, body_timeout_s=body_timeout_s)
     app.add_middleware(_ContainFailures)
-    app.add_middleware(Guard, policy=policy, render=_error_body)  # added last: outside the other, first to run
+    app.add_middleware(Guard, policy=policy, render=error_body)  # added last: outside the other, first to run
     app.state.guard_policy = policy
 
 

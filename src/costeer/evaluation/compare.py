@@ -1,0 +1,121 @@
+"""Comparing `costeer eval` runs on the examples they share (what scripts/compare_runs.py
+and scripts/choose_auto.py print; scripts/diagnose_steering.py reads runs through it too).
+
+A run's answers are named RUN_DIR:METHOD, optionally RUN_DIR:METHOD=LABEL. The reports
+are Markdown text, returned for the caller to print.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from ..errors import UserError
+from .metrics import REFERENCE_METRICS
+from .stats import bootstrap_mean, paired_bootstrap
+from .store import read_rows
+
+Answers = dict[str, dict]  # row id -> one method's eval row
+
+# `--method auto`: the rule fixed before the numbers were looked at
+RULE_METRICS = ("rougeL", "meteor", "semantic")
+NOT_CANDIDATES = frozenset({"llm", "llm-context"})  # the baseline, and the privacy-violating bound
+
+
+def rows_of(run: Path) -> list[dict]:
+    """A `costeer eval` folder's rows, read as the eval itself reads them (a torn last line dropped)."""
+    path = run / "results.jsonl"
+    if not path.is_file():
+        raise UserError(f"no {path}: expected a `costeer eval` folder")
+    return read_rows(path)[0]
+
+
+def load_answers(spec: str) -> tuple[str, Answers]:
+    """RUN_DIR:METHOD[=LABEL] -> (its label, default RUN_NAME:METHOD; its answers by row id)."""
+    where, _, label = spec.partition("=")
+    run, _, method = where.partition(":")  # methods may hold a colon (mix:1), paths here do not
+    path = Path(run) / "results.jsonl"
+    if not run or not method or not path.is_file():
+        raise UserError(f"expected RUN_DIR:METHOD with RUN_DIR/results.jsonl, got {spec!r}")
+    rows = rows_of(Path(run))
+    return label or f"{Path(run).name}:{method}", {r["id"]: r for r in rows if r["method"] == method}
+
+
+def methods_of(run: Path) -> list[str]:
+    """A `costeer eval` folder's methods, in the order they first appear in its results."""
+    return list(dict.fromkeys(row["method"] for row in rows_of(run)))
+
+
+def compare_report(specs: Sequence[str], exclude: Sequence[str] = ()) -> str:
+    """The first RUN_DIR:METHOD against each other on the rows they share: each one's mean
+    per metric with its 95% bootstrap CI, then the first minus each, paired, with p.
+    `exclude`: leave out the rows these answered (the rows a choice was made on)."""
+    runs = [load_answers(spec) for spec in specs]
+    left_out = set().union(*(set(load_answers(spec)[1]) for spec in exclude))
+    ids = sorted(set.intersection(*(set(rows) for _, rows in runs)) - left_out)
+    if not ids:
+        raise UserError("the runs share no examples")
+    metrics = [m.key for m in REFERENCE_METRICS]
+    lines = [f"{len(ids)} examples in common" + (f", {len(left_out)} left out" if left_out else "") + "\n",
+             "| run | " + " | ".join(metrics) + " | tok/s |",
+             "|---|" + "---|" * (len(metrics) + 1)]
+    for label, rows in runs:
+        cells = []
+        for key in [*metrics, "tokens_per_second"]:
+            e = bootstrap_mean([rows[i][key] for i in ids])
+            cells.append(f"{e.mean:.3f} [{e.low:.3f}, {e.high:.3f}]")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    first_label, first = runs[0]
+    lines += [f"\n{first_label} minus each (95% paired-bootstrap CI, p):\n",
+              "| against | " + " | ".join(metrics) + " |",
+              "|---|" + "---|" * len(metrics)]
+    for label, rows in runs[1:]:
+        cells = []
+        for key in metrics:
+            c = paired_bootstrap([first[i][key] for i in ids], [rows[i][key] for i in ids])
+            cells.append(f"{c.mean_diff:+.3f} [{c.low:+.3f}, {c.high:+.3f}] p={c.p_value:.3f}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def method_of(spec: str) -> str:
+    return spec.partition("=")[0].partition(":")[2]
+
+
+def auto_candidates(spec: str) -> dict[str, Answers]:
+    """RUN_DIR alone: every method in it but NOT_CANDIDATES; RUN_DIR:METHOD: that one."""
+    if not Path(spec).is_dir():
+        return {method_of(spec): load_answers(spec)[1]}
+    rows = rows_of(Path(spec))
+    methods = sorted({r["method"] for r in rows} - NOT_CANDIDATES)
+    return {m: {r["id"]: r for r in rows if r["method"] == m} for m in methods}
+
+
+def auto_report(baseline: str, specs: Sequence[str], reference: str | None = None) -> str:
+    """Candidates ranked by the `auto` rule: the mean over RULE_METRICS of each metric's mean
+    paired difference against `baseline` (RUN_DIR:llm), on the rows every run shares, best
+    first; `reference` (RUN_DIR:llm-context) is shown last, never ranked."""
+    _, base = load_answers(baseline)
+    pool: dict[str, Answers] = {}
+    for spec in specs:
+        pool.update(auto_candidates(spec))
+    shown = dict(pool)
+    if reference:
+        shown[f"({method_of(reference)})"] = load_answers(reference)[1]
+    ids = sorted(set(base).intersection(*(set(v) for v in shown.values())))
+    if not ids:
+        raise UserError("the runs share no examples with the baseline")
+    table = []
+    for name, rows in shown.items():
+        diffs = [paired_bootstrap([rows[i][k] for i in ids], [base[i][k] for i in ids]) for k in RULE_METRICS]
+        table.append((sum(d.mean_diff for d in diffs) / len(diffs), name, diffs))
+    table.sort(key=lambda t: (t[1].startswith("("), -t[0]))
+    lines = [f"{len(ids)} dev examples shared by every run; rule: mean of the paired differences against llm in "
+             f"{', '.join(RULE_METRICS)}\n",
+             "| rank | method | rule score | " + " | ".join(f"{k} vs llm [95% CI]" for k in RULE_METRICS) + " |",
+             "|---|---|---|" + "---|" * len(RULE_METRICS)]
+    for rank, (score, name, diffs) in enumerate(table, 1):
+        cells = [f"{d.mean_diff:+.4f} [{d.low:+.4f}, {d.high:+.4f}]" for d in diffs]
+        label = "-" if name.startswith("(") else str(rank)
+        lines.append(f"| {label} | `{name}` | {score:+.4f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
