@@ -38,9 +38,9 @@ def row_keys(path) -> list[tuple[str, str]]:
     (["--dataset", "preference:concise", "--out", "x", "--limit", "0"], "--limit"),
     (["--dataset", "/nonexistent/cogenesis", "--out", "x"], "dataset not found"),
 ])
-def test_eval_mistakes_exit_2_with_one_line(tmp_path, args, message):
+def test_eval_mistakes_exit_2_with_one_line(tmp_path, args, message, costeer_in_process):
     args = [str(tmp_path / a) if a == "x" else a for a in args]
-    result = costeer_eval(*args, timeout=120)
+    result = costeer_in_process("eval", *args)  # in this process: the subprocess tests below cross its boundary
     assert result.returncode == 2 and "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
@@ -62,7 +62,16 @@ def test_eval_on_the_default_models_then_a_rerun_writes_nothing(tmp_path):
         assert 0 <= row["rougeL"] <= 1 and 0 <= row["meteor"] <= 1 and -1 <= row["semantic"] <= 1
     report = (out / "report.md").read_text()
     assert "| `costeer` | 2 |" in report and first.stdout.strip() == f"report: {out / 'report.md'}"
-    assert CANARY not in report + results.read_text()
+    # the answers themselves may repeat what the private context says (steering copies it at
+    # times: the default pair's costeer answer to t0 opens "Profile canary-5521"); nothing
+    # else in the report or the results may
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    answers = {row["text"] for row in rows}
+    scrubbed = report
+    for text in sorted(answers, key=len, reverse=True):
+        scrubbed = scrubbed.replace(text, "")
+    assert CANARY not in scrubbed
+    assert all(CANARY not in json.dumps({k: v for k, v in row.items() if k != "text"}) for row in rows)
 
     before = results.read_bytes()
     again = costeer_eval(*args)
