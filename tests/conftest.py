@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,31 @@ BIRTHDAY_PROMPT = "Write a two-sentence invitation to my birthday party."
 PROFILE_FACTS = ("Thaddeus", "Tromsø", "Polaria", "ice sculpt", "reindeer", "Ingrid", "Pølse", "frosty")
 
 
+def _one_default_ssl_context() -> None:
+    """Every httpx client (costeer's wire client, the openai SDK's, each httpx.get) parses the
+    CA bundle into an SSL context of its own: 40 ms of CPU, some 800 times a suite, for
+    clients that speak plain HTTP to loopback. Here the default context (verify on, no
+    client certificate) is built once per CA setting and shared, as httpx suggests for
+    programs that make many clients; any other request builds its own, as before."""
+    from httpx._transports import default as transports
+
+    build = transports.create_ssl_context
+    built: dict[tuple[str | None, str | None], object] = {}
+
+    def create_ssl_context(verify=True, cert=None, trust_env=True):
+        if verify is not True or cert is not None or not trust_env:
+            return build(verify=verify, cert=cert, trust_env=trust_env)
+        where = (os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR"))
+        if where not in built:
+            built[where] = build()
+        return built[where]
+
+    transports.create_ssl_context = create_ssl_context
+
+
+_one_default_ssl_context()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def private_context_cache(tmp_path_factory):
     """Every test, and every `costeer` it starts, keeps its context cache in a temporary
@@ -27,6 +53,15 @@ def private_context_cache(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("COSTEER_CONTEXT_CACHE_DIR", str(folder))
         yield folder
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """torch, once a test has loaded it (tiny Hugging Face models, the eval's embedding model),
+    computes on one thread: on 2 shared cores its 2 OpenMP threads spin against each other
+    and the test's own server threads, which cost these tiny models 2-3 times the CPU."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
@@ -99,7 +134,7 @@ def costeer_in_process(capfd, caplog) -> Callable[..., CliResult]:
     (native libraries' output counts too), plus the lines Python would have printed there
     itself: warnings its default filters show, and records of loggers that have no handler.
     The environment is restored after each call, as a process's would vanish with it."""
-    from costeer.cli import main
+    from costeer import cli
 
     def run(*args: str, env: dict[str, str] | None = None) -> CliResult:
         saved = dict(os.environ)
@@ -110,7 +145,7 @@ def costeer_in_process(capfd, caplog) -> Callable[..., CliResult]:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("default")
                 try:
-                    code = main(list(args))
+                    code = cli.main(list(args))
                 except SystemExit as exc:
                     code = exc.code
         finally:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import sys
 import time
 from typing import Iterator
+
+import uvicorn
 
 from costeer.bench.processes import free_port, running  # noqa: F401  (tests import both from here)
 
@@ -34,16 +37,53 @@ def llama_cpp_server(model_path: str, port: int) -> contextlib.AbstractContextMa
     return running(command, "/v1/models", port)
 
 
+class QuickStopServer(uvicorn.Server):
+    """uvicorn's server (0.54), stopping as it does but polling every 10 ms where it waits
+    0.1 s: for `should_exit` between its ticks, and for connections and tasks to end once
+    it stops. The suite starts and stops some 150 servers in process: 0.15 s each."""
+
+    async def main_loop(self) -> None:
+        counter = 0
+        should_exit = await self.on_tick(counter)
+        while not should_exit:
+            for _ in range(10):
+                await asyncio.sleep(0.01)
+                if self.should_exit:
+                    return
+            counter = (counter + 1) % 864_000
+            should_exit = await self.on_tick(counter)
+
+    async def shutdown(self, sockets: list | None = None) -> None:
+        for server in self.servers:  # stop accepting connections; ask the open ones to close
+            server.close()
+        for sock in sockets or []:
+            sock.close()
+        for connection in list(self.server_state.connections):
+            connection.shutdown()
+        # wait for responses in flight and background tasks, up to the graceful timeout
+        timeout = self.config.timeout_graceful_shutdown
+        deadline = None if timeout is None else time.monotonic() + timeout
+        state = self.server_state
+        while (state.connections or state.tasks) and not self.force_exit:
+            if deadline is not None and time.monotonic() > deadline:
+                for task in state.tasks:
+                    task.cancel(msg="Task cancelled, timeout graceful shutdown exceeded")
+                break
+            await asyncio.sleep(0.01)
+        for server in self.servers:
+            await server.wait_closed()
+        if not self.force_exit:
+            await self.lifespan.shutdown()
+
+
 @contextlib.contextmanager
 def app_in_thread(app, port: int | None = None) -> Iterator[str]:
     """Serve an ASGI app with uvicorn on loopback from a thread of this process: real
     HTTP and real concurrency, without a model load per test."""
     import threading
 
-    import uvicorn
-
     port = port or free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+    server = QuickStopServer(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

@@ -14,6 +14,7 @@ schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, settings  # noqa: E402
 from schemathesis.checks import not_a_server_error  # noqa: E402
 
+from conftest import examples  # noqa: E402
 from costeer.transport.server.app import create_app  # noqa: E402
 from fakes import NumpyModel  # noqa: E402
 
@@ -23,12 +24,13 @@ schema = schemathesis.openapi.from_asgi("/openapi.json", APP)
 
 
 @schema.parametrize()
-@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+# per operation; the suite runs fewer (test_log_canary.py fuzzes this API too), COSTEER_FUZZ_FULL=1 all
+@settings(max_examples=examples(25, 60), deadline=None, suppress_health_check=list(HealthCheck))
 def test_no_request_makes_the_server_fail(case):
     case.call_and_validate(headers={"Authorization": f"Bearer {KEY}"}, checks=[not_a_server_error])
 
 
 @schema.parametrize()
-@settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=examples(10, 20), deadline=None, suppress_health_check=list(HealthCheck))
 def test_no_request_without_a_key_makes_the_server_fail(case):
     case.call_and_validate(checks=[not_a_server_error])

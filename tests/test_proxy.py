@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import subprocess
-import sys
 import threading
 import time
 
@@ -433,11 +430,6 @@ def test_a_cloud_that_refuses_is_a_502():
     assert "API key" in response.json()["error"]["message"] and CANARY not in response.text
 
 
-def costeer_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "costeer.cli", *args], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, **(env or {})})
-
-
 @pytest.mark.parametrize("args, message", [
     (["proxy", "--context", "/nonexistent/profile.md"], "context file not found"),
     (["proxy", "--temperature", "-1"], "temperature"),
@@ -450,9 +442,9 @@ def costeer_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Com
     (["proxy", "--methods", "costeer,mix:9"], "mix:NUMBER with -8 <= NUMBER <= 8"),
     (["proxy", "--allow-origin", "evil.example"], "--allow-origin takes scheme://host[:port]"),
 ])
-def test_proxy_command_mistakes_are_one_line_errors(args, message, tmp_path):
+def test_proxy_command_mistakes_are_one_line_errors(args, message, tmp_path, costeer_in_process):
     # a config folder of its own: no key file is made in the user's
-    result = costeer_cli(*args, env={"XDG_CONFIG_HOME": str(tmp_path), "COSTEER_PROXY_API_KEY": ""})
+    result = costeer_in_process(*args, env={"XDG_CONFIG_HOME": str(tmp_path), "COSTEER_PROXY_API_KEY": ""})
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr
     assert not (tmp_path / "costeer").exists()  # refused before any key file is made

@@ -13,6 +13,7 @@ schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, settings  # noqa: E402
 from schemathesis.checks import not_a_server_error  # noqa: E402
 
+from conftest import examples  # noqa: E402
 from costeer import CoSteer  # noqa: E402
 from costeer.proxy.access import MethodAllowList, ProxyAccess  # noqa: E402
 from costeer.proxy.app import create_proxy_app  # noqa: E402
@@ -31,7 +32,9 @@ schema = schemathesis.openapi.from_asgi("/openapi.json", APP, headers=AUTH)
 
 
 @schema.parametrize()
-@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+# per operation; schemathesis generating a case costs ten times the proxy answering it: the
+# suite runs a quarter, COSTEER_FUZZ_FULL=1 all 200 (test_proxy_security.py fuzzes over HTTP too)
+@settings(max_examples=examples(50, 200), deadline=None, suppress_health_check=list(HealthCheck))
 def test_no_request_makes_the_proxy_fail(case):
     response = case.call_and_validate(headers=AUTH, checks=[not_a_server_error])
     if response.status_code >= 400:  # every refusal in OpenAI's error shape

@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from conftest import examples
 from costeer import CoSteer
 from costeer.cli import build_parser, main
 from costeer.errors import UserError
@@ -424,10 +425,12 @@ def verbose_proxy(app, port: int):
 
 
 # cases per operation; GET /v1/models has no parameters and runs out after a few. Generating
-# a chat request takes schemathesis about 60 ms here, so the suite runs a fifth of the full
-# 2,000-odd cases (about 25 s); COSTEER_FUZZ_FULL=1 runs them all (about 110 s)
+# a chat request takes schemathesis about 60 ms here, ten times what answering it takes, so
+# the suite runs a twentieth of the full 2,000-odd cases (about 6 s; test_proxy_fuzz.py
+# fuzzes the same schema in process, 50 cases an operation); COSTEER_FUZZ_FULL=1 runs them
+# all (about 110 s)
 _FULL = {"POST /v1/chat/completions": 1400, "GET /v1/models/{name}": 600, "GET /v1/models": 50}
-FUZZ_CASES = _FULL if os.environ.get("COSTEER_FUZZ_FULL") == "1" else {k: max(10, v // 5) for k, v in _FULL.items()}
+FUZZ_CASES = {k: examples(max(10, v // 20), v) for k, v in _FULL.items()}
 SERVED = "costeer,auto,llm,slm,slm-context,light,costeer-plausible,mix,unsure,bounded,cos:*,ada:*"
 # models the fuzz puts into a generated body now and then, so that many cases generate
 MODELS = ["costeer", "auto", "llm", "slm-context", "light", "costeer-plausible", "mix:0.5", "unsure:3", "bounded:2",

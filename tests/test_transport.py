@@ -177,7 +177,7 @@ def test_session_cap_and_idle_expiry(tmp_path):
             assert third.status_code == 429 and third.json()["error"] == "too_many_sessions"
             import time
 
-            time.sleep(3)  # both idle past their 2 s time-to-live
+            time.sleep(2.1)  # both idle past their 2 s time-to-live, counted from before the 429
             assert http.post("/v1/sessions", json=body).status_code == 200
             sid = first.json()["session_id"]
             assert http.post(f"/v1/sessions/{sid}/step", json={"tokens": [1]}).json()["error"] == "unknown_session"
@@ -272,7 +272,7 @@ def test_a_cloud_that_does_not_answer_in_time_is_one_clear_error():
 
     @slow.get("/v1/model")
     async def model() -> dict:
-        await asyncio.sleep(5)
+        await asyncio.sleep(2)  # well past the client's 0.5 s; the server's shutdown waits for it
         return {}
 
     with app_in_thread(slow) as url:
