@@ -20,14 +20,18 @@ BIRTHDAY_PROMPT = "Write a two-sentence invitation to my birthday party."
 PROFILE_FACTS = ("Thaddeus", "Tromsø", "Polaria", "ice sculpt", "reindeer", "Ingrid", "Pølse", "frosty")
 
 
-def _one_default_ssl_context() -> None:
-    """Every httpx client (costeer's wire client, the openai SDK's, each httpx.get) parses the
-    CA bundle into an SSL context of its own: 40 ms of CPU, some 800 times a suite, for
-    clients that speak plain HTTP to loopback. Here the default context (verify on, no
-    client certificate) is built once per CA setting and shared, as httpx suggests for
-    programs that make many clients; any other request builds its own, as before."""
-    from httpx._transports import default as transports
+def _one_default_ssl_context(package: str) -> None:
+    """Every client of httpx (costeer's wire client, each httpx.get) or of its fork httpx2 (the
+    openai SDK's) parses the CA bundle into an SSL context of its own: 40-50 ms of CPU, some
+    1,000 times a suite, for clients that speak plain HTTP to loopback. Here the default
+    context (verify on, no client certificate) is built once per CA setting and shared, as
+    httpx suggests for programs that make many clients; any other request builds its own."""
+    import importlib
 
+    try:
+        transports = importlib.import_module(f"{package}._transports.default")
+    except ImportError:
+        return
     build = transports.create_ssl_context
     built: dict[tuple[str | None, str | None], object] = {}
 
@@ -42,7 +46,8 @@ def _one_default_ssl_context() -> None:
     transports.create_ssl_context = create_ssl_context
 
 
-_one_default_ssl_context()
+_one_default_ssl_context("httpx")
+_one_default_ssl_context("httpx2")
 
 
 @pytest.fixture(scope="session", autouse=True)
