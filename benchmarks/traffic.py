@@ -140,7 +140,7 @@ def main() -> int:
 
 def check_server(cs, runs, max_new_tokens, policy) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from servers import costeer_serve, free_port
+    from support.servers import costeer_serve, free_port
 
     with costeer_serve(port=free_port()) as url:
         remote = CoSteer(cloud=CloudConfig(url), quiet=True)

@@ -8,16 +8,13 @@ import os
 import sys
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import pytest
 from hypothesis import settings
 
-EXAMPLE_PROFILE = Path(__file__).resolve().parents[1] / "src" / "costeer" / "examples" / "profile.md"
-BIRTHDAY_PROMPT = "Write a two-sentence invitation to my birthday party."
-# Facts only the example profile holds; the cloud model alone cannot know them.
-PROFILE_FACTS = ("Thaddeus", "Tromsø", "Polaria", "ice sculpt", "reindeer", "Ingrid", "Pølse", "frosty")
+from support.example_profile import EXAMPLE_PROFILE
+from support.fuzz import FUZZ_FULL
 
 
 def _one_default_ssl_context(package: str) -> None:
@@ -84,10 +81,6 @@ def profile_text() -> str:
     return EXAMPLE_PROFILE.read_text(encoding="utf-8")
 
 
-def facts_in(text: str) -> list[str]:
-    return [f for f in PROFILE_FACTS if f.lower() in text.lower()]
-
-
 @pytest.fixture
 def library_stderr(caplog) -> Callable[[], str]:
     """What a Python program that set up no logging sees on stderr from costeer's library
@@ -105,18 +98,10 @@ def library_stderr(caplog) -> Callable[[], str]:
     return read
 
 
-# --- how hard the random tests push ---------------------------------------------------------
-# The suite runs a sample of every fuzz run and property test, sized so that the model-free
-# suite stays fast on 2 cores; COSTEER_FUZZ_FULL=1 runs each at its full strength.
-FUZZ_FULL = os.environ.get("COSTEER_FUZZ_FULL") == "1"
+# --- how hard the random tests push (support/fuzz.py) -----------------------------------------
 settings.register_profile("suite")  # hypothesis's defaults
 settings.register_profile("full", max_examples=1000)  # for @given tests that set no count of their own
 settings.load_profile("full" if FUZZ_FULL else "suite")
-
-
-def examples(suite: int, full: int) -> int:
-    """Random cases for a fuzz or property test: `suite` in the suite, `full` with COSTEER_FUZZ_FULL=1."""
-    return full if FUZZ_FULL else suite
 
 
 # --- `costeer ARGS` in this process ----------------------------------------------------------

@@ -12,7 +12,7 @@ Every term is linear in B and delta and log_softmax only shifts by a constant, s
 log pi_k = log_softmax(B + c_k * delta) for a scalar c_k that depends only on the
 hyperparameters. `steering_coefficient` computes c = c_{T+1}; `fuse_closed_form`
 applies it. `fuse_ftrl_loop` is the published loop, kept to reproduce the paper
-and to prove the two equal (see tests/test_fusion.py).
+and to prove the two equal (see tests/core/test_fusion.py).
 """
 
 from __future__ import annotations

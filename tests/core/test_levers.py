@@ -1,0 +1,98 @@
+"""The personalization levers of issue 12 as policies over the one loop, each checked
+against a from-scratch reference decoder on the fake models (every step recomputed
+from the whole prefix), embedded and in split mode: `unsure:W` (weight by the
+cloud's doubt), `bounded:B` (clipped delta) and `ada` (two-way AdaCoSteer, which
+skips the device while paused and catches it up in one batch)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from costeer import CoSteer
+from costeer.errors import UserError
+from costeer.fusion import SteeringParams, local_delta, log_softmax
+from costeer.methods import make_policy
+from costeer.prompts import PAPER_SYSTEM_PROMPT, build_prompts
+from support.fakes import NumpyModel
+
+PROMPT = "Write a note for my friend."
+CONTEXTS = ["My name is Ingrid and I live in Tromso.", "I love the sea; call me Sven.", "ab" * 20]
+C = SteeringParams().coefficient
+
+
+def reference(method: str, context: str, n: int, counts: dict | None = None) -> list[int]:
+    """Greedy tokens of `method`, each step from logits recomputed over the whole prefix
+    (`counts`, for ada: paused steps and resumes after a pause)."""
+    counts = {} if counts is None else counts
+    counts.update(paused=0, resumed=0)
+    llm, slm = NumpyModel(1), NumpyModel(2, sharpness=1.0)
+    pair = build_prompts(PROMPT, context, PAPER_SYSTEM_PROMPT)
+    cloud_p, with_p, without_p = llm.encode_chat(pair.public), slm.encode_chat(pair.private), slm.encode_chat(pair.public)
+    name, _, value = method.partition(":")
+    tokens: list[int] = []
+    streak = 0
+    for _ in range(n):
+        z = llm.logits_after(cloud_p + tokens).astype(np.float64)
+        p_max = float(np.exp(log_softmax(z).max()))
+        zw = slm.logits_after(with_p + tokens).astype(np.float64)
+        zwo = slm.logits_after(without_p + tokens).astype(np.float64)
+        if name == "unsure":
+            scores = z + float(value) * (1 - p_max) * (zw - zwo)
+        elif name == "bounded":
+            scores = z + np.clip(C * local_delta(zw, zwo), -float(value), float(value))
+        elif name == "ada":
+            confident = p_max >= float(value or 0.9)
+            scores = z if streak >= 3 and confident else z + C * (zw - zwo)
+            counts["paused"] += streak >= 3 and confident
+            counts["resumed"] += streak >= 3 and not confident
+            streak = streak + 1 if confident else 0
+        token = int(np.argmax(scores))
+        if token in llm.eos_token_ids:
+            break
+        tokens.append(token)
+    return tokens
+
+
+def pair() -> CoSteer:
+    return CoSteer(llm=NumpyModel(1), slm=NumpyModel(2, sharpness=1.0), context_cache=False)
+
+
+@pytest.mark.parametrize("method", ["unsure:3", "unsure:40", "bounded:0.5", "bounded:3", "ada", "ada:0.5", "ada:0.99"])
+@pytest.mark.parametrize("context", CONTEXTS)
+def test_each_lever_equals_its_reference(method, context):
+    g = pair().generate(PROMPT, context, method=method, max_new_tokens=24)
+    assert g.token_ids == reference(method, context, 24)
+
+
+def test_ada_pauses_and_resumes_and_skips_device_passes():
+    """With a threshold the sharp fake cloud often meets, steering pauses; it resumes
+    where the cloud hesitates (two-way), and the device runs fewer forward passes."""
+    runs = {}
+    for method in ("costeer", "ada:0.3"):
+        cs = pair()
+        device = cs.model("slm")
+        g = cs.generate(PROMPT, CONTEXTS[0], method=method, max_new_tokens=40)
+        runs[method] = (g, device.forward_passes)
+    ada, passes = runs["ada:0.3"]
+    counts: dict = {}
+    assert ada.token_ids == reference("ada:0.3", CONTEXTS[0], 40, counts)
+    assert 0 < ada.paused_steps == counts["paused"] < ada.new_tokens
+    assert counts["resumed"] > 0  # two-way: steered again after a pause (one-way never is)
+    assert passes < runs["costeer"][1] - ada.paused_steps // 2  # paused tokens caught up in batches
+
+
+def test_levers_refuse_meaningless_parameters():
+    for bad in ("bounded:0", "bounded:-1", "ada:1", "ada:0", "ada:1.5"):
+        with pytest.raises(UserError):
+            make_policy(bad)
+
+
+def test_auto_is_the_method_chosen_on_dev_under_its_own_name():
+    from costeer.methods import AUTO_METHOD
+
+    cs = pair()
+    auto = cs.generate(PROMPT, CONTEXTS[0], method="auto", max_new_tokens=24)
+    chosen = cs.generate(PROMPT, CONTEXTS[0], method=AUTO_METHOD, max_new_tokens=24)
+    assert auto.method == "auto" and auto.token_ids == chosen.token_ids
+    assert auto.steering_coefficient == chosen.steering_coefficient

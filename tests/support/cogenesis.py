@@ -1,0 +1,22 @@
+"""CoGenesis-format splits written on the spot, for the evaluation's tests."""
+
+import json
+from pathlib import Path
+
+CANARY = "canary-5521"
+
+
+def write_split(folder: Path, name: str = "dev", n: int = 3, **overrides) -> Path:
+    """A CoGenesis-format split: ctx_NAME.json (tasks with a private context) and ctx_NAME_wo.json."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with_ctx = [{"tid": f"t{i}", "conversations": [
+        {"from": "user", "value": f"Profile: {CANARY} likes owls.\n\nTask {i}: write a note."},
+        {"from": "assistant", "value": f"Reference {i}."}]} for i in range(n)]
+    without = [{"tid": f"t{i}", "conversations": [
+        {"from": "user", "value": f"Task {i}: write a note."},
+        {"from": "assistant", "value": f"Reference {i}."}]} for i in range(n)]
+    with_ctx = overrides.get("with_ctx", with_ctx)
+    without = overrides.get("without", without)
+    (folder / f"ctx_{name}.json").write_text(json.dumps(with_ctx))
+    (folder / f"ctx_{name}_wo.json").write_text(json.dumps(without))
+    return folder / f"ctx_{name}.json"
