@@ -7,7 +7,7 @@ context steers it token by token through its local delta.
 from .context_cache import ContextCache
 from .errors import UserError
 from .fusion import SteeringParams, fuse_closed_form, fuse_ftrl_loop, local_delta, steering_coefficient
-from .api import CloudConfig, CoSteer, Generation, GenerationRequest
+from .api import CloudConfig, CoSteer, Generation, GenerationRequest, Score
 from .methods import METHODS
 from .prompts import PAPER_SYSTEM_PROMPT, load_context
 from .sampling import SamplingConfig
@@ -22,6 +22,7 @@ __all__ = [
     "METHODS",
     "PAPER_SYSTEM_PROMPT",
     "SamplingConfig",
+    "Score",
     "SteeringParams",
     "UserError",
     "fuse_closed_form",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 from .backends import LanguageModel, load_model, same_tokenizer
@@ -20,8 +20,9 @@ from .fusion import SteeringParams
 from .methods import DEFAULT_TOP_K, Fusion, Policy, Role, StreamSpec, make_policy
 from .prompts import PromptPair, build_prompts, declassify
 from .sampling import TokenPicker
+from .scoring import Score, score_continuations
 
-__all__ = ["CloudConfig", "CoSteer", "Generation", "GenerationRequest"]
+__all__ = ["CloudConfig", "CoSteer", "Generation", "GenerationRequest", "Score"]
 
 log = logging.getLogger(__name__)
 
@@ -134,11 +135,11 @@ class CoSteer:
             return declassify(pair.private)  # allowed: _policy checked send_private_context_to_cloud
         return pair.private
 
-    def _models_for(self, policy: Policy) -> dict[Role, StreamSource]:
-        """The policy's models as the loop opens them: beside a cloud of another tokenizer,
-        the device model follows the cloud's tokens; with the context cache, local models
+    def _models_for(self, roles: set[Role]) -> dict[Role, StreamSource]:
+        """The models as the loop opens them: beside a cloud of another tokenizer, the
+        device model follows the cloud's tokens; with the context cache, local models
         start private prompts from their saved prefill."""
-        models = {role: self.model(role) for role in policy.roles}
+        models = {role: self.model(role) for role in roles}
         if len(models) == 2:
             models["slm"] = self._aligned_device(models["llm"], models["slm"])
         if self.context_cache is not None:
@@ -182,7 +183,7 @@ class CoSteer:
         """
         request = _request(request, keywords)
         policy = self._policy(request.method, request.steering, request.fusion)
-        models = self._models_for(policy)
+        models = self._models_for(policy.roles)
         pair = build_prompts(prompt, context, request.system_prompt)
         truncated = False
         private_role = next((s.role for s in policy.streams if s.prompt == "private"), None)
@@ -208,8 +209,68 @@ class CoSteer:
         if request.max_context_tokens is not None:
             raise TypeError("generate_from_messages takes the conversations whole: max_context_tokens does not apply")
         policy = self._policy(request.method, request.steering, request.fusion)
-        models = self._models_for(policy)
+        models = self._models_for(policy.roles)
         return self._run(policy, models, PromptPair(public, private), request, on_text, False)
+
+    def score(
+        self,
+        prompt: str | Sequence[ChatMessage],
+        continuations: str | Sequence[str],
+        context: str = "",
+        request: GenerationRequest | None = None,
+        *,
+        batched: bool = False,
+        **keywords,
+    ) -> Score | list[Score]:
+        """How likely each continuation is as the answer to `prompt`, under the request's
+        method: teacher-forced through the distribution generation picks from (the fused
+        one for `costeer` and its levers), per token and in total (natural logs, temperature
+        1). A string gives one `Score`, a list one each, the prompt prefilled once.
+        `batched` feeds each continuation in few passes: faster, with llama.cpp's batch
+        rounding. Runs embedded (see scoring.py for what split mode would cost)."""
+        request = _request(request, keywords)
+        texts = [continuations] if isinstance(continuations, str) else list(continuations)
+        policy = self._scoring_policy(request.method, request)
+        models = self._models_for(policy.roles)
+        ids = _continuation_ids(models[policy.streams[0].role], texts)
+        pair = build_prompts(prompt, context, request.system_prompt)
+        private_role = next((s.role for s in policy.streams if s.prompt == "private"), None)
+        if private_role and context:
+            pair, _ = _fit_context(models[private_role], prompt, context, request.system_prompt, max(map(len, ids)),
+                                   request.max_context_tokens)
+        scores = self._score({policy.name: request.method}, request, models, pair, ids, batched)[policy.name]
+        return scores[0] if isinstance(continuations, str) else scores
+
+    def score_from_messages(self, public: list[ChatMessage], private: list[ChatMessage], continuations: Sequence[str],
+                            methods: Sequence[str], request: GenerationRequest | None = None, *,
+                            batched: bool = False, **keywords) -> dict[str, list[Score]]:
+        """`score` under several methods at once, with both conversations given in full (as
+        `generate_from_messages`): each model and prompt runs once for all the methods.
+        Keyed by the methods as given; the request's own method is not used."""
+        request = _request(request, keywords)
+        if not methods:
+            raise UserError("no methods to score under")
+        names = {m: self._scoring_policy(m, request).name for m in methods}
+        models = self._models_for({role for m in methods for role in make_policy(m).roles})
+        first = self._scoring_policy(methods[0], request).streams[0].role
+        ids = _continuation_ids(models[first], list(continuations))
+        made = self._score({m: m for m in methods}, request, models, PromptPair(public, private), ids, batched)
+        return {m: [replace(s, method=names[m]) for s in made[m]] for m in methods}
+
+    def _scoring_policy(self, method: str, request: GenerationRequest) -> Policy:
+        policy = self._policy(method, request.steering, request.fusion)
+        if self._cloud and "llm" in policy.roles:
+            raise UserError("costeer score runs with the cloud model on this machine (--llm), not with --cloud: "
+                            "each position would need the cloud's whole distribution, about 600 KB a token")
+        return policy
+
+    def _score(self, methods: dict[str, str], request: GenerationRequest, models: dict[Role, StreamSource],
+               pair: PromptPair, ids: list[list[int]], batched: bool) -> dict[str, list[Score]]:
+        """`methods`: name in the result -> method."""
+        makers = {name: (lambda m=m: self._policy(m, request.steering, request.fusion)) for name, m in methods.items()}
+        specs = dict.fromkeys(spec for make in makers.values() for spec in make().streams)
+        prompts = {spec: models[spec.role].encode_chat(self._chat_for(spec, pair)) for spec in specs}
+        return score_continuations(makers, models, prompts, ids, batched)
 
     def _run(self, policy: Policy, models: dict[Role, StreamSource], pair: PromptPair, request: GenerationRequest,
              on_text: Callable[[str], None] | None, truncated: bool) -> Generation:
@@ -281,3 +342,11 @@ def _fit_context(
     if truncated:
         log.warning("costeer: private context cut to its first %s of %s tokens", limit, len(context_ids))
     return pair, truncated
+
+
+def _continuation_ids(model: StreamSource, texts: list[str]) -> list[list[int]]:
+    """Continuations as the model's tokens; markup in them stays text, as in generated text."""
+    ids = [list(model.tokenize(t, special=False)) for t in texts]
+    if not ids or not all(ids):
+        raise UserError("nothing to score: give at least one continuation, none empty")
+    return ids

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -116,13 +117,17 @@ def _add_cloud_args(p: argparse.ArgumentParser, own_api_key: bool = False) -> No
 
 
 def _add_decoding_args(p: argparse.ArgumentParser, prompt_args: bool = True) -> None:
-    d = SteeringParams()
     p.add_argument("--max-new-tokens", type=_positive_int, default=256)
     p.add_argument("--temperature", type=_finite_float, default=0.0, help="0 (default) decodes greedily")
     p.add_argument("--top-p", type=_finite_float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    _add_steering_args(p, prompt_args)
+
+
+def _add_steering_args(p: argparse.ArgumentParser, prompt_args: bool = True) -> None:
+    d = SteeringParams()
     p.add_argument("--iterations", "-T", type=int, default=d.iterations, help="FTRL iterations T (default 20)")
     p.add_argument("--alpha", type=_finite_float, default=d.alpha)
     p.add_argument("--beta", type=_finite_float, default=d.beta)
@@ -152,6 +157,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cloud_args(gen)
     _add_model_args(gen)
     _add_decoding_args(gen)
+
+    score = sub.add_parser("score", help="how likely given answers are under each method (teacher-forced "
+                           "log-likelihood; the cloud model runs here)")
+    score.add_argument("--prompt", required=True, help="the public request")
+    score.add_argument("--answer", action="append", default=[], metavar="TEXT",
+                       help="a continuation to score as the reply (repeatable)")
+    score.add_argument("--answer-file", action="append", default=[], metavar="FILE",
+                       help="a file whose whole text is one continuation (repeatable)")
+    score.add_argument("--context", action="append", default=[], metavar="FILE",
+                       help="private context file, a folder, or - for stdin (repeatable)")
+    score.add_argument("--context-text", default=None, help="private context given inline (visible in ps)")
+    score.add_argument("--methods", default="llm,costeer",
+                       help="comma-separated methods to score under (default llm,costeer): those of generate")
+    score.add_argument("--batched", action="store_true",
+                       help="feed each answer in few forward passes: faster, with llama.cpp's batch rounding "
+                            "(default: stepwise, the numbers generation sees)")
+    score.add_argument("--json", action="store_true", help="print one JSON object per method and answer")
+    _add_model_args(score)
+    _add_steering_args(score)
 
     demo = sub.add_parser("demo", help="the cloud model alone and CoSteer side by side on an example profile")
     demo.add_argument("--prompt", default=DEMO_PROMPT)
@@ -322,6 +346,55 @@ def cmd_generate(args: argparse.Namespace) -> int:
                   "waited for the rest of a character]", file=sys.stderr)
     _warn_inexact(g.traffic or {})
     return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from .api import CoSteer, GenerationRequest
+    from .prompts import PAPER_SYSTEM_PROMPT, load_context
+
+    context = load_context(args.context, args.context_text, text_from_command_line=True)
+    answers = list(args.answer) + [_read_text(f) for f in args.answer_file]
+    if not answers:
+        raise UserError("nothing to score: give --answer TEXT or --answer-file FILE")
+    methods = _method_list(args.methods)
+    request = GenerationRequest(method=methods[0], steering=_steering(args), fusion=args.fusion,
+                                system_prompt=PAPER_SYSTEM_PROMPT if args.system_prompt is None else args.system_prompt,
+                                max_context_tokens=args.max_context_tokens)
+    cs = CoSteer(args.llm, args.slm, backend=args.backend, context_cache=not args.no_context_cache)
+    table = {m: cs.score(args.prompt, answers, context, dataclasses.replace(request, method=m), batched=args.batched)
+             for m in methods}
+    if args.json:
+        for m, scores in table.items():
+            for i, sc in enumerate(scores):
+                print(json.dumps({"answer": i + 1, **sc.to_dict()}))
+        return 0
+    # one row per answer: its mean log-probability per token under each method; the best of each column starred
+    width = max(10, *(len(m) for m in methods))
+    print(f"{'answer':<8}{'tokens':>7}  " + "  ".join(f"{m:>{width}}" for m in methods))
+    best = {m: max(range(len(answers)), key=lambda i: table[m][i].mean) for m in methods}
+    for i, text in enumerate(answers):
+        cells = [f"{table[m][i].mean:.3f}{'*' if best[m] == i else ' '}" for m in methods]
+        print(f"{i + 1:<8}{len(table[methods[0]][i].token_ids):>7}  " + "  ".join(f"{c:>{width}}" for c in cells))
+    print("mean log-probability per token (natural log); * the likeliest answer under that method", file=sys.stderr)
+    return 0
+
+
+def _read_text(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror if isinstance(exc, OSError) else 'not UTF-8'}") from None
+
+
+def _method_list(text: str) -> list[str]:
+    from .methods import make_policy
+
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    if not methods:
+        raise UserError("--methods is empty")
+    for m in methods:
+        make_policy(m)  # an unknown method fails here, before a model loads
+    return list(dict.fromkeys(methods))
 
 
 def _warn_inexact(traffic: dict) -> None:
@@ -547,7 +620,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with _library_messages_on_stderr():
         try:
             args = build_parser().parse_args(argv)
-            return {"generate": cmd_generate, "demo": cmd_demo, "models": cmd_models, "cache": cmd_cache,
+            return {"generate": cmd_generate, "score": cmd_score, "demo": cmd_demo, "models": cmd_models, "cache": cmd_cache,
                     "serve": cmd_serve, "proxy": cmd_proxy, "eval": cmd_eval, "bench": cmd_bench}[args.command](args)
         except UserError as exc:
             print(f"costeer: error: {exc}", file=sys.stderr)

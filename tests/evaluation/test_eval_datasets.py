@@ -7,9 +7,11 @@ import pytest
 
 from costeer import PAPER_SYSTEM_PROMPT, UserError
 from costeer.evaluation.datasets import load_dataset, preference_kinds
-from support.cogenesis import CANARY, write_split
+from support.cogenesis import CANARY, write_prefeval, write_split
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data" / "cogenesis"
+SHARED_PAPER = SHARED.with_name("cogenesis-paper")
+SHARED_PREFEVAL = SHARED.with_name("prefeval") / "mcq"
 
 
 def test_a_split_loads_from_its_folder_its_file_or_its_wo_sibling(tmp_path):
@@ -81,3 +83,50 @@ def test_mistakes_are_user_errors_that_never_quote_the_data(tmp_path):
         assert CANARY not in str(info.value)
     with pytest.raises(UserError, match="unknown preference 'funny'"):
         load_dataset("preference:funny")
+
+
+def test_the_shared_paper_split_loads_like_the_ctx_one():
+    if not (SHARED_PAPER / "paper_dev.json").is_file():
+        pytest.skip("no CoGenesis paper data beside the repository")
+    ds = load_dataset(str(SHARED_PAPER))
+    assert ds.name.endswith("paper_dev.json") and len(ds.examples) == 161 and all(e.reference for e in ds.examples)
+    assert all(len(e.private[-1]["content"]) > len(e.public[-1]["content"]) for e in ds.examples)
+
+
+def test_a_folder_without_a_pair_of_files_is_refused(tmp_path):
+    (tmp_path / "dev.json").write_text("[]")
+    with pytest.raises(UserError, match="X.json with X_wo.json"):
+        load_dataset(str(tmp_path))
+
+
+def test_prefeval_items_hold_the_preference_in_the_device_prompt_only(tmp_path):
+    ds = load_dataset(f"prefeval-mcq:{write_prefeval(tmp_path / 'mcq')}")
+    assert ds.multiple_choice and [e.id for e in ds.examples] == ["pets-000", "travel-000", "travel-001"]
+    for e in ds.examples:
+        assert len(e.options) == 4 and e.options[0] == "Steak." and e.reference is None
+        assert CANARY in json.dumps(e.private) and CANARY not in json.dumps(e.public) + e.task
+        assert e.public[-1]["content"] == e.task and e.private[0] == e.public[0]
+
+
+@pytest.mark.parametrize("item, message", [
+    ({"preference": "p", "question": "q", "classification_task_options": ["only one"]}, "two or more"),
+    ({"preference": "p", "classification_task_options": ["a", "b"]}, "needs 'preference', 'question'"),
+    ({"preference": "p", "question": "q", "classification_task_options": ["a", " "]}, "non-empty"),
+    ("not an item", "needs"),
+])
+def test_a_broken_prefeval_item_is_named_by_file_and_number_not_by_content(tmp_path, item, message):
+    (tmp_path / "topic.json").write_text(json.dumps([item]))
+    with pytest.raises(UserError, match=message) as caught:
+        load_dataset(f"prefeval-mcq:{tmp_path}")
+    assert "topic.json item 0" in str(caught.value) and "'p'" not in str(caught.value)
+    with pytest.raises(UserError, match="folder of PrefEval"):
+        load_dataset(f"prefeval-mcq:{tmp_path / 'topic.json'}")
+
+
+def test_the_shared_prefeval_dev_topics_load_whole():
+    if not SHARED_PREFEVAL.is_dir():
+        pytest.skip("no PrefEval data beside the repository")
+    ds = load_dataset(f"prefeval-mcq:{SHARED_PREFEVAL}")
+    assert len(ds.examples) == 505 and len({e.id for e in ds.examples}) == 505
+    assert len({e.id.rsplit("-", 1)[0] for e in ds.examples}) == 10
+    assert all(len(e.options) == 4 for e in ds.examples)

@@ -7,20 +7,12 @@ import json
 
 import pytest
 
-from costeer import CoSteer, SteeringParams, UserError
+from costeer import SteeringParams, UserError
 from costeer.evaluation.runner import RESULTS, RUN_FILE, EvalSettings, run_eval
 from support.cogenesis import CANARY, write_split
-from support.tiny_hf import make_model_pair
 
 ROW_FIELDS = {"id", "method", "text", "rouge1", "rougeL", "meteor", "semantic", "words", "new_tokens", "elapsed_s",
               "tokens_per_second", "time_to_first_token_s"}
-
-
-@pytest.fixture(scope="module")
-def tiny_costeer(tmp_path_factory):
-    cs = CoSteer(*make_model_pair(tmp_path_factory.mktemp("eval-hf")), quiet=True)
-    yield cs
-    cs.close()
 
 
 def keys(path) -> list[tuple[str, str]]:

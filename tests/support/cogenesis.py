@@ -20,3 +20,15 @@ def write_split(folder: Path, name: str = "dev", n: int = 3, **overrides) -> Pat
     (folder / f"ctx_{name}.json").write_text(json.dumps(with_ctx))
     (folder / f"ctx_{name}_wo.json").write_text(json.dumps(without))
     return folder / f"ctx_{name}.json"
+
+
+def write_prefeval(folder: Path, topics: dict[str, int] | None = None) -> Path:
+    """A PrefEval mcq_options folder: topic files of items, the right option first."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for topic, n in (topics or {"travel": 2, "pets": 1}).items():
+        items = [{"preference": f"I ({CANARY}) never eat fish, item {i}.", "question": f"Where should I eat, {topic} {i}?",
+                  "explanation": "fish", "classification_task_options": [
+                      "Steak.", "Sushi.", "Fish grill.", "Oysters."]}
+                 for i in range(n)]
+        (folder / f"{topic}.json").write_text(json.dumps(items))
+    return folder

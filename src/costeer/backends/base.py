@@ -101,6 +101,23 @@ class StreamGroup(Streams):
         for t in token_ids:
             self.advance(t)
 
+    def logits_along(self, token_ids: Sequence[int], batched: bool = False) -> Iterator[np.ndarray]:
+        """Teacher forcing (scoring.py): before each of `token_ids`, every stream's next-token
+        logits, shape (n_streams, vocab_size), valid until the next item; the group takes
+        each token but the last. Stepwise, the numbers are exactly what decoding sees;
+        `batched` lets a backend feed several tokens a pass (faster, and rounded otherwise)."""
+        for i, token in enumerate(token_ids):
+            yield self.logits()
+            if i + 1 < len(token_ids):
+                self.advance(token)
+
+    # True where `restart` works: back to right after the prompts, as if just opened
+    restarts = False
+
+    def restart(self) -> None:
+        """Drop every token since the prompts (scoring several continuations of one prompt)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot restart")
+
     @property
     def prompt_lengths(self) -> list[int]:
         """Tokens in each stream's prompt."""

@@ -1,13 +1,19 @@
 """Evaluation datasets: CoGenesis-format splits and the packaged preference tasks.
 
-CoGenesis format: `ctx_X.json` holds rows `{"tid", "conversations": [user turn WITH the
-private context, ..., assistant reference]}` and its sibling `ctx_X_wo.json` the same
-tasks, in the same tid order, WITHOUT the context. The device model reads the first,
-the cloud model the second.
+CoGenesis format (its `ctx` and `paper` tasks): `X.json` holds rows `{"tid", "conversations":
+[user turn WITH the private context, ..., assistant reference]}` and its sibling `X_wo.json`
+the same tasks, in the same tid order, WITHOUT the context. The device model reads the
+first, the cloud model the second.
 
 Preference tasks (`preference:KIND`, as in the paper): public instructions shipped in
 `preference_prompts.json`; the private context is "Your answer should be as KIND as
 possible", appended to the instruction in the device model's prompt only.
+
+PrefEval multiple choice (`prefeval-mcq:DIR`, Zhao et al., ICLR 2025): a folder of topic files,
+each a list of items with a stated `preference` (the private context), a `question` (the
+public request) and four `classification_task_options`, of which the first follows the
+preference. Methods do not generate here: each option is scored as the answer
+(`CoSteer.score`) and the likeliest per token is the method's choice.
 
 Error messages name files and row numbers, never row contents (they are private).
 """
@@ -20,10 +26,11 @@ from pathlib import Path
 
 from ..backends.base import ChatMessage
 from ..errors import UserError
-from ..prompts import PAPER_SYSTEM_PROMPT
+from ..prompts import PAPER_SYSTEM_PROMPT, build_prompts
 
 PREFERENCE_FILE = Path(__file__).with_name("preference_prompts.json")
 PREFERENCE_PREFIX = "preference:"
+CHOICE_PREFIX = "prefeval-mcq:"
 _ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system"}
 
 
@@ -34,6 +41,7 @@ class Example:
     private: list[ChatMessage]  # what the device model sees (with the private context)
     reference: str | None  # the reference answer; None for preference tasks
     task: str  # the public request, for the report's samples
+    options: tuple[str, ...] = ()  # multiple choice: the candidate answers, the right one first
 
 
 @dataclass(frozen=True)
@@ -42,12 +50,43 @@ class Dataset:
     preference: str | None  # the preference kind, None for reference-based datasets
     examples: list[Example]
 
+    @property
+    def multiple_choice(self) -> bool:
+        return bool(self.examples) and bool(self.examples[0].options)
+
 
 def load_dataset(spec: str) -> Dataset:
-    """A CoGenesis folder or ctx_X.json file, or `preference:KIND`."""
+    """A CoGenesis folder or X.json file (beside X_wo.json), `preference:KIND`, or
+    `prefeval-mcq:DIR`."""
     if spec.startswith(PREFERENCE_PREFIX):
         return load_preference(spec[len(PREFERENCE_PREFIX) :])
+    if spec.startswith(CHOICE_PREFIX):
+        return load_prefeval_mcq(Path(spec[len(CHOICE_PREFIX) :]))
     return load_cogenesis(Path(spec))
+
+
+def load_prefeval_mcq(folder: Path) -> Dataset:
+    """Every topic file in `folder`, in name order; item i of topic T is `T-i`. The private
+    prompt is the public one with the preference added as costeer adds any context."""
+    if not folder.is_dir():
+        raise UserError(f"{CHOICE_PREFIX} needs a folder of PrefEval topic files (mcq_options), got {folder}")
+    files = sorted(folder.glob("*.json"))
+    if not files:
+        raise UserError(f"no PrefEval topic files (*.json) in {folder}")
+    examples = []
+    for path in files:
+        for i, item in enumerate(_read_rows(path)):
+            fields = (item.get("preference"), item.get("question"), item.get("classification_task_options")) \
+                if isinstance(item, dict) else (None, None, None)
+            preference, question, options = fields
+            if not (isinstance(preference, str) and isinstance(question, str) and isinstance(options, list)
+                    and len(options) >= 2 and all(isinstance(o, str) and o.strip() for o in options)):
+                raise UserError(f"{path.name} item {i}: needs 'preference', 'question' and two or more non-empty "
+                                "'classification_task_options'")
+            pair = build_prompts(question, preference)
+            examples.append(Example(f"{path.stem}-{i:03d}", list(pair.public), list(pair.private), None, question,
+                                    tuple(options)))
+    return Dataset(f"{CHOICE_PREFIX}{folder.resolve()}", None, examples)
 
 
 def preference_kinds() -> list[str]:
@@ -80,14 +119,16 @@ def load_preference(kind: str) -> Dataset:
 def resolve_cogenesis(path: Path) -> tuple[Path, Path]:
     """(with-context file, without-context file) for a folder or either file of a split."""
     if path.is_dir():
-        splits = sorted(p for p in path.glob("ctx_*.json") if not p.stem.endswith("_wo"))
+        splits = sorted(p for p in path.glob("*.json")
+                        if not p.stem.endswith("_wo") and p.with_name(f"{p.stem}_wo.json").is_file())
         if not splits:
-            raise UserError(f"no CoGenesis split (ctx_X.json with ctx_X_wo.json) in {path}")
+            raise UserError(f"no CoGenesis split (X.json with X_wo.json beside it) in {path}")
         if len(splits) > 1:
             raise UserError(f"{path} holds several splits ({', '.join(p.name for p in splits)}): pass one file")
         path = splits[0]
     elif not path.is_file():
-        raise UserError(f"dataset not found: {path} (a CoGenesis folder or ctx_X.json, or preference:KIND)")
+        raise UserError(f"dataset not found: {path} (a CoGenesis folder or X.json, preference:KIND or "
+                        f"{CHOICE_PREFIX}DIR)")
     if path.stem.endswith("_wo"):
         path = path.with_name(path.stem[: -len("_wo")] + path.suffix)
     without = path.with_name(f"{path.stem}_wo{path.suffix}")

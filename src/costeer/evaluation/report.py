@@ -22,6 +22,7 @@ VERSIONED_PACKAGES = (
     "vaderSentiment", "sentence-transformers", EMBEDDING_PACKAGE, "matplotlib",
 )
 SPEED = Metric("tokens_per_second", "tokens/s")
+ACCURACY = Metric("correct", "accuracy")
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,8 @@ def _versions() -> list[str]:
 
 def write_report(out: Path, rows: list[dict], dataset: Dataset, run: RunInfo) -> Path:
     methods = ordered_methods(rows)
-    metrics = quality_metrics(dataset.preference)
+    choice = dataset.multiple_choice
+    metrics = [ACCURACY] if choice else quality_metrics(dataset.preference)
     headline = metrics[0]
     by_method = {m: {r["id"]: r for r in rows if r["method"] == m} for m in methods}
     examples = {e.id: e for e in dataset.examples}
@@ -91,19 +93,22 @@ def write_report(out: Path, rows: list[dict], dataset: Dataset, run: RunInfo) ->
     def estimate(method: str, key: str) -> Estimate:
         return bootstrap_mean([r[key] for r in by_method[method].values()])
 
-    table = {m: {k: estimate(m, k) for k in [x.key for x in metrics] + ["words", SPEED.key]} for m in methods}
-    extra = [] if any(x.key == "words" for x in metrics) else ["words"]  # answer length, unless it is the metric
+    # answer length beside the metrics, unless it is one (or nothing was generated)
+    extra = [] if choice or any(x.key == "words" for x in metrics) else ["words"]
+    keys = [x.key for x in metrics] + extra + ([] if choice else [SPEED.key])
+    table = {m: {k: estimate(m, k) for k in keys} for m in methods}
     config = run.config
     sampling = "greedy" if config["temperature"] == 0 else (
         f"temperature {config['temperature']}, top-p {config['top_p']}, top-k {config['top_k']}, "
         + ("unseeded" if config["seed"] is None else f"seed {config['seed']} + example index")
     )
+    made = (f"{len(rows)} choices, each of the options scored as the answer" if choice else
+            f"{len(rows)} answers; up to {config['max_new_tokens']} new tokens, {sampling} decoding")
     lines = [
         f"# CoSteer evaluation: `{run.config['dataset']}`",
         "",
         f"{len(ids)} example{'' if len(ids) == 1 else 's'}, {len(methods)} methods ({', '.join(f'`{m}`' for m in methods)}), "
-        f"{len(rows)} answers; up to {config['max_new_tokens']} new tokens, {sampling} decoding. "
-        f"Means with 95% bootstrap confidence intervals (percentile method, {RESAMPLES} resamples).",
+        f"{made}. Means with 95% bootstrap confidence intervals (percentile method, {RESAMPLES} resamples).",
         "",
         "## Quality",
         "",
@@ -117,8 +122,9 @@ def write_report(out: Path, rows: list[dict], dataset: Dataset, run: RunInfo) ->
     lines += ["", "![Quality by method](quality_bars.png)", "", *_metric_notes(dataset, config), ""]
     lines += _paired_section(methods, metrics, by_method)
     lines += _weight_section(out, methods, by_method, table, headline, config)
-    lines += _speed_section(out, methods, by_method, table, headline)
-    lines += _samples_section(methods, by_method, examples, ids)
+    if not choice:
+        lines += _speed_section(out, methods, by_method, table, headline)
+        lines += _samples_section(methods, by_method, examples, ids)
     lines += [
         "## How this report was made",
         "",
@@ -141,6 +147,17 @@ def write_report(out: Path, rows: list[dict], dataset: Dataset, run: RunInfo) ->
 
 
 def _metric_notes(dataset: Dataset, config: dict) -> list[str]:
+    if dataset.multiple_choice:
+        n = len(dataset.examples[0].options)
+        return [
+            f"Multiple choice: each method scores every option as the answer to the public request (its "
+            "log-likelihood teacher-forced through the method's next-token distribution, the one it would "
+            "generate from: for `llm-context` the cloud model reads the preference, for `llm` nothing does) "
+            "and chooses the option with the highest mean log-probability per token, a normalisation fixed "
+            "before any run. Accuracy is the share of items where that is the option that follows the stated "
+            f"preference; chance is {100 / n:.0f}%. Options are scored in llama.cpp batches of tokens "
+            "(`CoSteer.score(batched=True)`)."
+        ]
     if dataset.preference:
         return [
             f"Preference task `{dataset.preference}`: the device model's prompt adds "

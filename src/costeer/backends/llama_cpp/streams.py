@@ -138,6 +138,7 @@ class LlamaCppStreams(LlamaContext, StreamGroup):
                     done = mark
                     self.snapshots[seq] = self._state(seq)
                 yield from self._prefill(seq, prompt, done, len(prompt))
+            self._after_prompts = self._logits.copy()  # for restart
         except BaseException:
             self.close()
             raise
@@ -204,3 +205,40 @@ class LlamaCppStreams(LlamaContext, StreamGroup):
             for s in range(n):
                 self._copy_logits((s + 1) * len(chunk) - 1, s)
                 self._positions[s] += len(chunk)
+
+    # Teacher forcing feeds at most this many tokens a pass: llama.cpp keeps every
+    # output's logits (150k floats each), and on a CPU larger batches gain little.
+    SCORE_BATCH_TOKENS = 32
+    restarts = True
+
+    def logits_along(self, token_ids: Sequence[int], batched: bool = False) -> Iterator[np.ndarray]:
+        if not batched:
+            yield from super().logits_along(token_ids)
+            return
+        tokens = list(token_ids)
+        if not tokens:
+            return
+        yield self._logits
+        n = len(self._positions)
+        rows = np.empty_like(self._logits)
+        feed = tokens[:-1]
+        block = max(1, self.SCORE_BATCH_TOKENS // n)
+        for start in range(0, len(feed), block):
+            chunk = feed[start:start + block]
+            self._fill([(t, self._positions[s] + i, s, True) for s in range(n) for i, t in enumerate(chunk)])
+            self._decode()
+            for s in range(n):
+                self._positions[s] += len(chunk)
+                self._copy_logits(s * len(chunk) + len(chunk) - 1, s)
+            for i in range(len(chunk)):
+                for s in range(n):
+                    rows[s] = self._logits_at(s * len(chunk) + i)
+                yield rows
+
+    def restart(self) -> None:
+        memory = self._lib.llama_get_memory(self._ctx)
+        for s, n in enumerate(self._prompt_lengths):
+            if self._positions[s] > n and not self._lib.llama_memory_seq_rm(memory, s, n, -1):
+                raise RuntimeError("llama.cpp could not drop a stream's tokens")
+        self._positions = list(self._prompt_lengths)
+        self._logits[:] = self._after_prompts

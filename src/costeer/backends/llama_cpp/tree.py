@@ -30,6 +30,8 @@ from .streams import LlamaCppStreams, LoadedModel
 class LlamaCppTreeStreams(LlamaCppStreams):
     """One stream with room for a kept chain of up to `depth` lookahead tokens."""
 
+    restarts = False  # the server's streams: scoring does not use them
+
     def __init__(self, model: LoadedModel, prompt: Sequence[int], max_new_tokens: int, depth: int,
                  stepwise: bool = False) -> None:
         self.spare_cells = depth + 1  # read by LlamaCppStreams when it sizes the context
