@@ -319,6 +319,7 @@ def decode(
         groups.open(models, prompts, max_new_tokens, policy.first_cloud_k(picker.config))
         prefill_s = time.perf_counter() - start
         prompt_lengths = groups.prompt_lengths()
+        policy.started(prompt_lengths)
         made = _token_loop(policy, groups, models[policy.streams[0].role], picker, max_new_tokens, stop, on_text,
                            certification, start)
         traffic, alignment = groups.traffic(certification), groups.alignment()

@@ -7,6 +7,7 @@ next-token logits into the log-distribution the token is picked from. The loop i
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Callable, Literal
@@ -57,6 +58,10 @@ class Policy(ABC):
     def first_cloud_k(self, sampling: SamplingConfig) -> int | None:
         """The top-k a remote cloud is asked for with every step (None: the full vector)."""
         return None
+
+    def started(self, prompt_lengths: list[int]) -> None:
+        """Each stream's prompt length in tokens (`streams` order), once the prompts are in
+        and before the first step: policies that fit themselves to the request read it here."""
 
     def chose(self, token: int) -> None:
         """The token picked at this step (stateful policies update here, once a step)."""
@@ -247,6 +252,35 @@ class BoundedDelta(CoSteerPolicy):
         return np.clip(self.coefficient * delta, -self.bound, self.bound)
 
 
+# `fit`: the weight for a private context of up to FIT_SHORT[0] device tokens (a stated
+# preference) and from FIT_LONG[0] tokens on (a profile or a writing history), log-linear
+# in the length between. The length is what the context adds to the device's prompt,
+# its framing included (about 20 tokens on the default models). Fixed before any run: CoGenesis dev profiles (about 1,000 tokens)
+# were best served by mix:1 while the paper's 1.78 copied them, and one-sentence
+# preferences barely moved at mix:1 (see docs/evaluation.md).
+FIT_SHORT, FIT_LONG = (64, 3.0), (512, 1.0)
+
+
+def fitted_weight(context_tokens: int) -> float:
+    """`fit`'s weight for a private context of this many device tokens."""
+    (n0, w0), (n1, w1) = FIT_SHORT, FIT_LONG
+    t = min(1.0, max(0.0, math.log(max(context_tokens, 1) / n0) / math.log(n1 / n0)))
+    return w0 * (w1 / w0) ** t
+
+
+class LengthFitted(CoSteerPolicy):
+    """`fit` (ours): `mix:W` with W chosen per request from the private context's length,
+    which the device knows (its two prompts differ by the context): strong for a short
+    stated preference, gentle for a long profile that a strong weight would copy. Exact
+    from a top-k, as `mix:W` is."""
+
+    def __init__(self, first_k: int = DEFAULT_TOP_K) -> None:
+        super().__init__("fit", SteeringParams(), first_k=first_k, coefficient=FIT_LONG[1])
+
+    def started(self, prompt_lengths: list[int]) -> None:
+        self.coefficient = fitted_weight(prompt_lengths[1] - prompt_lengths[2])  # with minus without context
+
+
 # AdaCoSteer: the authors' conf_patience. Confident: the cloud's top probability is at
 # least ADA_THRESHOLD; after ADA_PATIENCE confident steps in a row steering pauses.
 ADA_THRESHOLD, ADA_PATIENCE = 0.9, 3
@@ -318,6 +352,7 @@ METHODS: dict[str, Callable[[SteeringParams, Fusion, int], Policy]] = {
     "slm-context": lambda p, f, k: SingleModel("slm-context", "slm", "private"),
     "cos": lambda p, f, k: ContextSteering(DEFAULT_COS_LAMBDA, name="cos"),
     "ada": lambda p, f, k: AdaCoSteer(p, first_k=k),
+    "fit": lambda p, f, k: LengthFitted(k),
 }
 
 

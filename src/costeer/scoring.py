@@ -91,7 +91,10 @@ def score_continuations(
             elif n:
                 _close(groups)
                 open_all()
-            made = _score_one({name: make() for name, make in policies.items()}, groups, where, list(tokens), batched)
+            fresh = {name: make() for name, make in policies.items()}
+            for policy in fresh.values():
+                policy.started([groups[s.role].prompt_lengths[where[s][1]] for s in policy.streams])
+            made = _score_one(fresh, groups, where, list(tokens), batched)
             for name, score in made.items():
                 scores[name].append(score)
     finally:

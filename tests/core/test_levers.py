@@ -41,6 +41,10 @@ def reference(method: str, context: str, n: int, counts: dict | None = None) -> 
             scores = z + float(value) * (1 - p_max) * (zw - zwo)
         elif name == "bounded":
             scores = z + np.clip(C * local_delta(zw, zwo), -float(value), float(value))
+        elif name == "fit":
+            n = len(with_p) - len(without_p)  # the context's device tokens
+            w = 3.0 if n <= 64 else 1.0 if n >= 512 else 3.0 * (1 / 3) ** (np.log(n / 64) / np.log(8))
+            scores = z + w * (zw - zwo)
         elif name == "ada":
             confident = p_max >= float(value or 0.9)
             scores = z if streak >= 3 and confident else z + C * (zw - zwo)
@@ -58,8 +62,9 @@ def pair() -> CoSteer:
     return CoSteer(llm=NumpyModel(1), slm=NumpyModel(2, sharpness=1.0), context_cache=False)
 
 
-@pytest.mark.parametrize("method", ["unsure:3", "unsure:40", "bounded:0.5", "bounded:3", "ada", "ada:0.5", "ada:0.99"])
-@pytest.mark.parametrize("context", CONTEXTS)
+@pytest.mark.parametrize("method", ["unsure:3", "unsure:40", "bounded:0.5", "bounded:3", "ada", "ada:0.5", "ada:0.99",
+                                    "fit"])
+@pytest.mark.parametrize("context", CONTEXTS + ["x " * 150, "long profile line. " * 120])
 def test_each_lever_equals_its_reference(method, context):
     g = pair().generate(PROMPT, context, method=method, max_new_tokens=24)
     assert g.token_ids == reference(method, context, 24)
@@ -96,3 +101,18 @@ def test_auto_is_the_method_chosen_on_dev_under_its_own_name():
     chosen = cs.generate(PROMPT, CONTEXTS[0], method=AUTO_METHOD, max_new_tokens=24)
     assert auto.method == "auto" and auto.token_ids == chosen.token_ids
     assert auto.steering_coefficient == chosen.steering_coefficient
+
+
+def test_fit_is_strong_on_a_stated_preference_and_gentle_on_a_long_profile():
+    from costeer.methods import fitted_weight
+
+    weights = {n: fitted_weight(n) for n in (1, 20, 64, 100, 181, 300, 512, 5000)}
+    assert weights[1] == weights[20] == weights[64] == 3.0 and weights[512] == weights[5000] == 1.0
+    assert 3.0 > weights[100] > weights[181] > weights[300] > 1.0
+    assert weights[181] == pytest.approx(3 ** 0.5, rel=0.01)  # log-linear: halfway in log length, sqrt(3)
+    cs = pair()
+    short = cs.generate(PROMPT, "owls", method="fit", max_new_tokens=4)
+    long = cs.generate(PROMPT, "I like owls. " * 200, method="fit", max_new_tokens=4)
+    # the context's length as the device knows it: its two prompts' difference (framing included)
+    added = short.prompt_tokens["slm_private"] - short.prompt_tokens["slm_public"]
+    assert short.steering_coefficient == fitted_weight(added) > 2.5 and long.steering_coefficient == 1.0

@@ -17,7 +17,7 @@ from costeer.scoring import score_continuations
 from support.fakes import NumpyModel
 
 METHODS = ["llm", "llm-context", "costeer", "light", "mix:3", "unsure:4", "bounded:0.5", "ada", "ada:0.2",
-           "costeer-plausible", "cos", "slm-context"]
+           "costeer-plausible", "cos", "slm-context", "fit"]
 
 
 class RecordingPicker(TokenPicker):

@@ -24,7 +24,7 @@ def test_each_method_picks_the_option_likeliest_per_token_and_the_report_gives_a
     for row in rows:
         expected = scored[row["id"]][row["method"]]
         assert row["option_mean_logprobs"] == [s.mean for s in expected]  # no batching on this backend: exact
-        assert row["choice"] == max(range(4), key=lambda i: expected[i].mean)
+        assert row["choice"] == max(range(4), key=lambda i: expected[i].mean) and row["tied"] == 1
         assert row["correct"] == float(row["choice"] == 0)
         assert row["option_tokens"] == [len(s.token_ids) for s in expected]
     # steering moves the scores; the cloud alone does not see the preference
@@ -41,3 +41,15 @@ def test_each_method_picks_the_option_likeliest_per_token_and_the_report_gives_a
     run_eval(EvalSettings(dataset=f"prefeval-mcq:{data}", out=out, methods=methods), tiny_costeer)  # resume: 1 more
     rows = [json.loads(line) for line in (out / RESULTS).read_text().splitlines()]
     assert len(rows) == 12 and {r["id"] for r in rows[8:]} == {"travel-001"}
+
+
+def test_options_a_method_rules_out_tie_and_count_as_a_draw_not_a_win(tmp_path, tiny_costeer):
+    """costeer-plausible gives tokens outside the cloud's plausible set no probability: options
+    that hold one all score -inf, and the first (right) option must not win the tie."""
+    data = write_prefeval(tmp_path / "mcq", {"pets": 1})
+    out = tmp_path / "out"
+    run_eval(EvalSettings(dataset=f"prefeval-mcq:{data}", out=out, methods=["llm", "costeer-plausible"]), tiny_costeer)
+    row = [json.loads(line) for line in (out / RESULTS).read_text().splitlines()][1]
+    means = row["option_mean_logprobs"]
+    assert row["tied"] == sum(m == max(means) for m in means) >= 2 and max(means) == float("-inf")
+    assert row["correct"] == 1 / row["tied"]

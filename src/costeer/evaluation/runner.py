@@ -278,8 +278,10 @@ def _choose(settings: EvalSettings, request: GenerationRequest, todo: list[tuple
             elapsed = (time.perf_counter() - started) / len(methods)  # shared work: split evenly
             for method in methods:
                 means = [s.mean for s in scored[method]]
-                choice = max(range(len(means)), key=means.__getitem__)
-                store.append({"id": example.id, "method": method, "choice": choice, "correct": float(choice == 0),
-                              "option_mean_logprobs": means, "option_tokens": [len(s.token_ids) for s in scored[method]],
-                              "elapsed_s": elapsed})
+                best = [i for i, m in enumerate(means) if m == max(means)]
+                # a tie (options a method rules out all score -inf) is a uniform draw among the tied,
+                # counted at its expected value: never a free win for the right option listed first
+                store.append({"id": example.id, "method": method, "choice": best[0], "tied": len(best),
+                              "correct": (0 in best) / len(best), "option_mean_logprobs": means,
+                              "option_tokens": [len(s.token_ids) for s in scored[method]], "elapsed_s": elapsed})
                 bar.update()
