@@ -1,32 +1,42 @@
-"""Rank candidate methods for `--method auto` by the rule fixed before the numbers were
-looked at: the mean, over ROUGE-L, METEOR and semantic similarity, of each metric's
-mean paired difference against `llm`, on the dev examples every run shares.
+"""Choose `--method auto` by the rule in costeer/evaluation/choose.py, fixed before the
+candidates ran: standardised paired gains over `llm` averaged over four task families
+(CoGenesis ctx, CoGenesis paper, PrefEval multiple choice, the preference tasks), with
+any candidate significantly worse than `llm` anywhere, or copying more of the context
+than `llm-context` on ctx, rejected.
 
-    python scripts/choose_auto.py --baseline reports/cogenesis-dev25-levers:llm \\
-        reports/cogenesis-dev25-levers reports/cogenesis-dev150:costeer reports/cogenesis-dev150:light
+    python scripts/choose_auto.py --candidates mix:1,costeer,fit \\
+        --task ctx=reports/cogenesis-dev16-levers,reports/cogenesis-dev150 \\
+        --task paper=reports/paper-dev60 --task prefeval=reports/prefeval-dev \\
+        --task concise=reports/preference-concise --task verbose=reports/preference-verbose \\
+        --task uplifting=reports/preference-uplifting --task creative=reports/preference-creative
 
-A RUN_DIR alone means every method in it but `llm` and `llm-context` (the privacy-violating
-bound is reported, never chosen); RUN_DIR:METHOD picks one. Prints a Markdown table,
-best first, with each metric's paired difference and 95% CI; the first row is the pick.
+Prints a Markdown table, the pick first, with every task metric's standardised gain.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from costeer.errors import UserError
-from costeer.evaluation.compare import auto_report
+from costeer.evaluation.choose import choice_report
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--baseline", required=True, help="RUN_DIR:llm")
-    ap.add_argument("--reference", help="RUN_DIR:llm-context, shown for comparison (never chosen)")
-    ap.add_argument("runs", nargs="+")
+    ap.add_argument("--candidates", required=True, help="comma-separated methods")
+    ap.add_argument("--task", action="append", default=[], metavar="NAME=DIR[,DIR...]",
+                    help="a task's `costeer eval` folders (repeatable; every task of the rule is needed)")
     args = ap.parse_args()
     try:
-        print(auto_report(args.baseline, args.runs, args.reference))
+        runs = {}
+        for spec in args.task:
+            name, sep, folders = spec.partition("=")
+            if not sep or not folders:
+                raise UserError(f"expected NAME=DIR[,DIR...], got {spec!r}")
+            runs[name] = [Path(f) for f in folders.split(",")]
+        print(choice_report(runs, [m.strip() for m in args.candidates.split(",") if m.strip()]))
     except UserError as exc:
         sys.exit(f"choose_auto: {exc}")
     return 0

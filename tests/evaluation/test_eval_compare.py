@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from costeer.errors import UserError
-from costeer.evaluation.compare import auto_report, compare_report, load_answers, methods_of
+from costeer.evaluation.compare import compare_report, load_answers, methods_of
 
 ROOT = Path(__file__).resolve().parents[2]
 METRICS = ("rougeL", "rouge1", "meteor", "semantic")
@@ -60,17 +60,6 @@ def test_compare_pairs_on_shared_rows_and_leaves_out_excluded_ones(runs):
         compare_report([f"{levers}:mix:1", f"{levers}:llm"], exclude=[f"{levers}:llm"])
 
 
-def test_auto_ranks_candidates_best_first_and_shows_the_bound_apart(runs):
-    levers, other = runs
-    text = auto_report(f"{levers}:llm", [str(levers), f"{other}:costeer"], reference=f"{levers}:llm-context")
-    table = [line for line in text.splitlines() if line.startswith("| ") and "`" in line]
-    assert [line.split(" | ")[:2] for line in table] == [["| 1", "`mix:1`"], ["| 2", "`costeer`"], ["| 3", "`mix:3`"],
-                                                          ["| -", "`(llm-context)`"]]
-    assert text.startswith("3 dev examples shared by every run")  # costeer answered three of the four rows
-    with pytest.raises(UserError, match="no .*results.jsonl: expected a `costeer eval` folder"):
-        auto_report(f"{levers}:llm", [str(levers.parent)])
-
-
 def test_the_scripts_print_the_reports_and_name_themselves_in_errors(runs):
     levers, _ = runs
 
@@ -80,9 +69,9 @@ def test_the_scripts_print_the_reports_and_name_themselves_in_errors(runs):
 
     done = script("compare_runs.py", f"{levers}:mix:1=auto", f"{levers}:llm=llm")
     assert done.returncode == 0 and done.stdout == compare_report([f"{levers}:mix:1=auto", f"{levers}:llm=llm"]) + "\n"
-    done = script("choose_auto.py", "--baseline", f"{levers}:llm", str(levers))
-    assert done.returncode == 0 and done.stdout == auto_report(f"{levers}:llm", [str(levers)]) + "\n"
-    done = script("choose_auto.py", "--baseline", f"{levers}:nothing", str(levers))
-    assert done.returncode == 1 and done.stderr == "choose_auto: the runs share no examples with the baseline\n"
+    done = script("choose_auto.py", "--candidates", "mix:1", "--task", f"ctx={levers}")
+    assert done.returncode == 1 and done.stderr.startswith("choose_auto: the rule reads every task: give paper, ")
+    done = script("choose_auto.py", "--candidates", "mix:1", "--task", "ctx")
+    assert done.returncode == 1 and done.stderr == "choose_auto: expected NAME=DIR[,DIR...], got 'ctx'\n"
     done = script("compare_runs.py", "nowhere:llm", f"{levers}:llm")
     assert done.returncode == 1 and done.stderr.startswith("compare_runs: expected RUN_DIR:METHOD")

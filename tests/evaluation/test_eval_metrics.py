@@ -56,5 +56,16 @@ def test_each_preference_is_judged_in_its_direction():
     assert quality_metrics("concise")[0].key == "words" and not quality_metrics("concise")[0].higher_is_better
     assert quality_metrics("verbose")[0].higher_is_better
     assert quality_metrics("uplifting")[0].key == "sentiment"
-    assert quality_metrics("creative")[0].key == "distinct2"
+    assert [m.key for m in quality_metrics("creative")] == ["rare_words", "distinct2"]
     assert [m.key for m in quality_metrics(None)] == ["rougeL", "rouge1", "meteor", "semantic"]
+
+
+def test_rare_words_count_what_english_seldom_says_and_old_rows_get_them():
+    from costeer.evaluation.metrics import backfill, rare_word_share
+
+    assert rare_word_share("the cat and the dog") == 0.0
+    assert rare_word_share("the glacier shimmered, iridescent and fathomless") == pytest.approx(4 / 6)
+    assert rare_word_share("") == 0.0 and rare_word_share("42 17") == 0.0  # no alphabetic word
+    assert Scorer().score("A luminous nebula.", None)["rare_words"] == pytest.approx(2 / 3)
+    old = [{"text": "iridescent dog"}, {"text": "dog", "rare_words": 0.5}, {"correct": 1.0}]
+    assert backfill(old) == [{"text": "iridescent dog", "rare_words": 0.5}, old[1], old[2]]

@@ -68,7 +68,7 @@ def test_greedy_and_seeded_sampling_are_reproducible(tmp_path, tiny_costeer):
         texts.append([json.loads(line)["text"] for line in (out / RESULTS).read_text().splitlines()])
     assert texts[0] == texts[1] and texts[2] == texts[3]
     report = (tmp_path / "run2" / "report.md").read_text()
-    assert "distinct-2" in report and "seed 7 + example index" in report
+    assert "distinct-2" in report and "rare words (Zipf < 4)" in report and "seed 7 + example index" in report
 
 
 def test_user_mistakes_fail_before_any_model_runs(tmp_path):

@@ -1,5 +1,5 @@
 """Comparing `costeer eval` runs on the examples they share (what scripts/compare_runs.py
-and scripts/choose_auto.py print; scripts/diagnose_steering.py reads runs through it too).
+prints; scripts/diagnose_steering.py and the `auto` rule, choose.py, read runs through it too).
 
 A run's answers are named RUN_DIR:METHOD, optionally RUN_DIR:METHOD=LABEL. The reports
 are Markdown text, returned for the caller to print.
@@ -16,10 +16,6 @@ from .stats import bootstrap_mean, paired_bootstrap
 from .store import read_rows
 
 Answers = dict[str, dict]  # row id -> one method's eval row
-
-# `--method auto`: the rule fixed before the numbers were looked at
-RULE_METRICS = ("rougeL", "meteor", "semantic")
-NOT_CANDIDATES = frozenset({"llm", "llm-context"})  # the baseline, and the privacy-violating bound
 
 
 def rows_of(run: Path) -> list[dict]:
@@ -75,47 +71,4 @@ def compare_report(specs: Sequence[str], exclude: Sequence[str] = ()) -> str:
             c = paired_bootstrap([first[i][key] for i in ids], [rows[i][key] for i in ids])
             cells.append(f"{c.mean_diff:+.3f} [{c.low:+.3f}, {c.high:+.3f}] p={c.p_value:.3f}")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def method_of(spec: str) -> str:
-    return spec.partition("=")[0].partition(":")[2]
-
-
-def auto_candidates(spec: str) -> dict[str, Answers]:
-    """RUN_DIR alone: every method in it but NOT_CANDIDATES; RUN_DIR:METHOD: that one."""
-    if not Path(spec).is_dir():
-        return {method_of(spec): load_answers(spec)[1]}
-    rows = rows_of(Path(spec))
-    methods = sorted({r["method"] for r in rows} - NOT_CANDIDATES)
-    return {m: {r["id"]: r for r in rows if r["method"] == m} for m in methods}
-
-
-def auto_report(baseline: str, specs: Sequence[str], reference: str | None = None) -> str:
-    """Candidates ranked by the `auto` rule: the mean over RULE_METRICS of each metric's mean
-    paired difference against `baseline` (RUN_DIR:llm), on the rows every run shares, best
-    first; `reference` (RUN_DIR:llm-context) is shown last, never ranked."""
-    _, base = load_answers(baseline)
-    pool: dict[str, Answers] = {}
-    for spec in specs:
-        pool.update(auto_candidates(spec))
-    shown = dict(pool)
-    if reference:
-        shown[f"({method_of(reference)})"] = load_answers(reference)[1]
-    ids = sorted(set(base).intersection(*(set(v) for v in shown.values())))
-    if not ids:
-        raise UserError("the runs share no examples with the baseline")
-    table = []
-    for name, rows in shown.items():
-        diffs = [paired_bootstrap([rows[i][k] for i in ids], [base[i][k] for i in ids]) for k in RULE_METRICS]
-        table.append((sum(d.mean_diff for d in diffs) / len(diffs), name, diffs))
-    table.sort(key=lambda t: (t[1].startswith("("), -t[0]))
-    lines = [f"{len(ids)} dev examples shared by every run; rule: mean of the paired differences against llm in "
-             f"{', '.join(RULE_METRICS)}\n",
-             "| rank | method | rule score | " + " | ".join(f"{k} vs llm [95% CI]" for k in RULE_METRICS) + " |",
-             "|---|---|---|" + "---|" * len(RULE_METRICS)]
-    for rank, (score, name, diffs) in enumerate(table, 1):
-        cells = [f"{d.mean_diff:+.4f} [{d.low:+.4f}, {d.high:+.4f}]" for d in diffs]
-        label = "-" if name.startswith("(") else str(rank)
-        lines.append(f"| {label} | `{name}` | {score:+.4f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

