@@ -13,6 +13,7 @@ from typing import Callable
 import pytest
 from hypothesis import settings
 
+from support.early import Early
 from support.example_profile import EXAMPLE_PROFILE
 from support.fuzz import FUZZ_FULL
 
@@ -55,6 +56,29 @@ def private_context_cache(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("COSTEER_CONTEXT_CACHE_DIR", str(folder))
         yield folder
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "early(job): the test waits on job(folder), begun when the session "
+                                       "starts (support/early.py); the fixture early_result gives its result")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def early_jobs(request, tmp_path_factory, private_context_cache):
+    """The jobs of every selected test marked `early`, begun now (support/early.py)."""
+    jobs = Early(tmp_path_factory.mktemp("early"))
+    for item in request.session.items:
+        marker = item.get_closest_marker("early")
+        if marker is not None:
+            jobs.start(marker.args[0])
+    yield jobs
+    jobs.close()
+
+
+@pytest.fixture
+def early_result(request, early_jobs) -> Callable[[], object]:
+    """The result of this test's `early` job, waited for (run now if it was not begun)."""
+    return lambda: early_jobs.result(request.node.get_closest_marker("early").args[0])
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

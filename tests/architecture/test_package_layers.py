@@ -7,6 +7,7 @@ inside functions (which run later, and can close a cycle all the same)."""
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[2] / "src"
@@ -29,7 +30,13 @@ def _within(name: str, prefixes: tuple[str, ...]) -> bool:
 
 
 def import_graph() -> dict[str, set[str]]:
-    """Each costeer module and the costeer modules it imports (anywhere in its code)."""
+    """Each costeer module and the costeer modules it imports (anywhere in its code): a copy
+    of the graph, which is read from the source once a session."""
+    return {name: set(targets) for name, targets in _read_import_graph().items()}
+
+
+@functools.cache
+def _read_import_graph() -> dict[str, set[str]]:
     modules = _modules()
     graph: dict[str, set[str]] = {name: set() for name in modules}
     for name, path in modules.items():

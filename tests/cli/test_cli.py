@@ -1,7 +1,8 @@
 """The `costeer` command as a user runs it: real subprocesses, real models. Mistakes run
 cli.main in this process (conftest.costeer_in_process: a Python start less each), except
 the one found only after the real models load, which runs in a real process: the entry
-point, the exit status and Python's own logging defaults, as a shell meets them."""
+point, the exit status and Python's own logging defaults, as a shell meets them (begun
+when the session starts: support/early.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import pytest
 
 from support.commands import costeer
 from support.example_profile import BIRTHDAY_PROMPT, EXAMPLE_PROFILE, facts_in
+
+EMPTY_PROMPT = ["generate", "--prompt", "   "]  # refused only after both default models have loaded
 
 
 @pytest.mark.parametrize(
@@ -27,7 +30,8 @@ from support.example_profile import BIRTHDAY_PROMPT, EXAMPLE_PROFILE, facts_in
         (["generate", "--prompt", "hi", "--temperature", "-1"], "temperature"),
         (["generate", "--prompt", "hi", "--top-p", "2"], "top-p"),
         (["generate", "--prompt", "hi", "--llm", "/nonexistent/model.gguf"], "model not found"),
-        (["generate", "--prompt", "   "], "prompt is empty"),
+        pytest.param(EMPTY_PROMPT, "prompt is empty",
+                     marks=pytest.mark.early.with_args(lambda _folder: costeer(*EMPTY_PROMPT, timeout=120))),
         (["generate"], "--prompt"),
         (["score", "--prompt", "hi"], "nothing to score"),
         (["score", "--prompt", "hi", "--answer", "x", "--methods", "magic"], "unknown method"),
@@ -42,9 +46,10 @@ from support.example_profile import BIRTHDAY_PROMPT, EXAMPLE_PROFILE, facts_in
         (["generate", "--prompt", "hi", "--lookahead", "2,4"], "remote cloud"),
     ],
 )
-def test_user_mistakes_exit_nonzero_with_one_line_and_no_traceback(args, message, costeer_in_process):
-    in_a_process = message == "prompt is empty"  # found after both default models have loaded
-    result = costeer(*args, timeout=120) if in_a_process else costeer_in_process(*args)
+def test_user_mistakes_exit_nonzero_with_one_line_and_no_traceback(args, message, costeer_in_process, request,
+                                                                  early_result):
+    in_a_process = request.node.get_closest_marker("early") is not None  # a real process: `costeer ARGS`
+    result = early_result() if in_a_process else costeer_in_process(*args)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -56,19 +58,24 @@ def test_readme_links_every_docs_page_and_each_link_resolves():
         assert f"docs/{page.name}" in linked, f"README does not link docs/{page.name}"
 
 
-def test_mkdocs_builds_strict_and_readme_anchors_exist(tmp_path):
-    import importlib.util
-    import subprocess
-    import sys
-
-    if importlib.util.find_spec("mkdocs") is None or importlib.util.find_spec("material") is None:
-        pytest.skip("mkdocs and mkdocs-material are not installed (they are in the test extra: pip install '.[test]')")
-    site = tmp_path / "site"
+def _build_site(folder: Path) -> tuple[subprocess.CompletedProcess, Path]:
+    """`mkdocs build --strict` of the manual into folder/site: its outcome, and the site."""
+    site = folder / "site"
     result = subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "--config-file", str(ROOT / "mkdocs.yml"),
          "--site-dir", str(site)],
         cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
     )
+    return result, site
+
+
+@pytest.mark.early.with_args(_build_site)  # begun when the session starts (support/early.py)
+def test_mkdocs_builds_strict_and_readme_anchors_exist(early_result):
+    import importlib.util
+
+    if importlib.util.find_spec("mkdocs") is None or importlib.util.find_spec("material") is None:
+        pytest.skip("mkdocs and mkdocs-material are not installed (they are in the test extra: pip install '.[test]')")
+    result, site = early_result()
     assert result.returncode == 0, result.stdout + result.stderr
     # mkdocs checks links between pages; the README's links into docs/ are checked here
     for page, anchor in re.findall(r"\]\(docs/([\w-]+)\.md#([^)\s]+)\)", README):

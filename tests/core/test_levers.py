@@ -1,10 +1,12 @@
 """The personalization levers of issue 12 as policies over the one loop, each checked
-against a from-scratch reference decoder on the fake models (every step recomputed
-from the whole prefix), embedded and in split mode: `unsure:W` (weight by the
-cloud's doubt), `bounded:B` (clipped delta) and `ada` (two-way AdaCoSteer, which
-skips the device while paused and catches it up in one batch)."""
+against a from-scratch reference decoder on the fake models (no stream, cache or policy
+of costeer's: the fake network folded over the whole prefix), embedded and in split
+mode: `unsure:W` (weight by the cloud's doubt), `bounded:B` (clipped delta) and `ada`
+(two-way AdaCoSteer, which skips the device while paused and catches it up in one batch)."""
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 import pytest
@@ -14,7 +16,7 @@ from costeer.errors import UserError
 from costeer.fusion import SteeringParams, local_delta, log_softmax
 from costeer.methods import make_policy
 from costeer.prompts import PAPER_SYSTEM_PROMPT, build_prompts
-from support.fakes import NumpyModel
+from support.fakes import HIDDEN, NumpyModel
 
 PROMPT = "Write a note for my friend."
 CONTEXTS = ["My name is Ingrid and I live in Tromso.", "I love the sea; call me Sven.", "ab" * 20]
@@ -22,21 +24,24 @@ C = SteeringParams().coefficient
 
 
 def reference(method: str, context: str, n: int, counts: dict | None = None) -> list[int]:
-    """Greedy tokens of `method`, each step from logits recomputed over the whole prefix
-    (`counts`, for ada: paused steps and resumes after a pause)."""
+    """Greedy tokens of `method`, each step from the logits after the whole prefix: the fake
+    network's state folded over the prompt, then a token at a time, exactly as logits_after
+    folds it from scratch (the same arithmetic in the same order: the same numbers, checked
+    at the end) without refolding the prefix at every step. `counts`, for ada: paused steps
+    and resumes after a pause."""
     counts = {} if counts is None else counts
     counts.update(paused=0, resumed=0)
     llm, slm = NumpyModel(1), NumpyModel(2, sharpness=1.0)
     pair = build_prompts(PROMPT, context, PAPER_SYSTEM_PROMPT)
     cloud_p, with_p, without_p = llm.encode_chat(pair.public), slm.encode_chat(pair.private), slm.encode_chat(pair.public)
+    streams = [(llm, cloud_p), (slm, with_p), (slm, without_p)]
+    states = [functools.reduce(model.step_state, prompt, np.zeros(HIDDEN, dtype=np.float32)) for model, prompt in streams]
     name, _, value = method.partition(":")
     tokens: list[int] = []
     streak = 0
     for _ in range(n):
-        z = llm.logits_after(cloud_p + tokens).astype(np.float64)
+        z, zw, zwo = (model.state_logits(state).astype(np.float64) for (model, _), state in zip(streams, states))
         p_max = float(np.exp(log_softmax(z).max()))
-        zw = slm.logits_after(with_p + tokens).astype(np.float64)
-        zwo = slm.logits_after(without_p + tokens).astype(np.float64)
         if name == "unsure":
             scores = z + float(value) * (1 - p_max) * (zw - zwo)
         elif name == "bounded":
@@ -55,6 +60,9 @@ def reference(method: str, context: str, n: int, counts: dict | None = None) -> 
         if token in llm.eos_token_ids:
             break
         tokens.append(token)
+        states = [model.step_state(state, token) for (model, _), state in zip(streams, states)]
+    for (model, prompt), state in zip(streams, states):
+        assert np.array_equal(model.state_logits(state), model.logits_after(prompt + tokens))
     return tokens
 
 

@@ -8,16 +8,24 @@ import logging
 import subprocess
 import sys
 
+import pytest
+
 from costeer.cli import _library_messages_on_stderr
 
 HTTP_KEY_WARNING = ("costeer: warning: the API key goes to 10.0.0.7 over plain http://, readable by anyone on the "
                     "network path; use https://\n")
 
 
-def test_python_without_logging_set_up_shows_library_warnings_on_stderr_verbatim():
-    # a real process: under pytest the root logger has handlers, so the last resort never runs
+def _a_program_warned(_folder) -> subprocess.CompletedProcess:
+    """A Python program that sets up no logging, made to warn by the library."""
     code = "from costeer.transport.wire import WireClient; WireClient('http://10.0.0.7', api_key='k' * 16).close()"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.early.with_args(_a_program_warned)  # begun when the session starts (support/early.py)
+def test_python_without_logging_set_up_shows_library_warnings_on_stderr_verbatim(early_result):
+    # a real process: under pytest the root logger has handlers, so the last resort never runs
+    done = early_result()
     assert done.returncode == 0 and done.stdout == "" and done.stderr == HTTP_KEY_WARNING
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -63,15 +64,21 @@ def test_compare_pairs_on_shared_rows_and_leaves_out_excluded_ones(runs):
 def test_the_scripts_print_the_reports_and_name_themselves_in_errors(runs):
     levers, _ = runs
 
-    def script(name: str, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, str(ROOT / "scripts" / name), *args], capture_output=True, text=True,
-                              timeout=120)
+    def script(name: str, *args: str) -> Future:
+        """The script run in a process of its own, beside the others (they read, never write)."""
+        return pool.submit(subprocess.run, [sys.executable, str(ROOT / "scripts" / name), *args], capture_output=True,
+                           text=True, timeout=120)
 
-    done = script("compare_runs.py", f"{levers}:mix:1=auto", f"{levers}:llm=llm")
+    with ThreadPoolExecutor(4) as pool:
+        compared = script("compare_runs.py", f"{levers}:mix:1=auto", f"{levers}:llm=llm")
+        one_task = script("choose_auto.py", "--candidates", "mix:1", "--task", f"ctx={levers}")
+        no_folder = script("choose_auto.py", "--candidates", "mix:1", "--task", "ctx")
+        bad_spec = script("compare_runs.py", "nowhere:llm", f"{levers}:llm")
+    done = compared.result()
     assert done.returncode == 0 and done.stdout == compare_report([f"{levers}:mix:1=auto", f"{levers}:llm=llm"]) + "\n"
-    done = script("choose_auto.py", "--candidates", "mix:1", "--task", f"ctx={levers}")
+    done = one_task.result()
     assert done.returncode == 1 and done.stderr.startswith("choose_auto: the rule reads every task: give paper, ")
-    done = script("choose_auto.py", "--candidates", "mix:1", "--task", "ctx")
+    done = no_folder.result()
     assert done.returncode == 1 and done.stderr == "choose_auto: expected NAME=DIR[,DIR...], got 'ctx'\n"
-    done = script("compare_runs.py", "nowhere:llm", f"{levers}:llm")
+    done = bad_spec.result()
     assert done.returncode == 1 and done.stderr.startswith("compare_runs: expected RUN_DIR:METHOD")

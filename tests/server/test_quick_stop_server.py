@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -68,5 +69,7 @@ def in_flight_then_stop(kind: type[uvicorn.Server], seconds: float, graceful: fl
 
 @pytest.mark.parametrize("seconds, graceful, answer", [(0.3, None, "done"), (5.0, 0.3, "Internal Server Error")])
 def test_it_stops_as_uvicorn_does(seconds, graceful, answer):
-    ours, theirs = (in_flight_then_stop(kind, seconds, graceful) for kind in (QuickStopServer, uvicorn.Server))
+    with ThreadPoolExecutor(2) as pool:  # side by side: each mostly waits on its slow request
+        ours, theirs = pool.map(lambda kind: in_flight_then_stop(kind, seconds, graceful),
+                                (QuickStopServer, uvicorn.Server))
     assert ours == theirs == {"answer": answer, "idle closed": True, "stopped": True, "refuses new": True}

@@ -20,6 +20,7 @@ import pytest
 from costeer.transport.server.limits import ServerLimits
 from costeer.transport.protocol import IDS, decode_array
 from costeer.transport.server.app import create_app
+from support.clock import SkippingClock
 from support.fakes import NumpyModel
 from support.servers import app_in_thread, costeer_serve, free_port, rss_bytes
 
@@ -68,10 +69,12 @@ def abandon_sessions(http: httpx.Client, count: int, start: int, long_session: i
             token = first_id(step.json())
 
 
-def expire_all(http: httpx.Client, ttl_s: float, timeout_s: float = 30) -> dict:
-    """Wait past the TTL; the server expires idle sessions when a request comes, so keep
-    sending one (a DELETE of a session that does not exist: 404) until /healthz shows none."""
-    time.sleep(ttl_s + 0.2)
+def expire_all(http: httpx.Client, ttl_s: float, timeout_s: float = 30,
+               wait: Callable[[float], None] = time.sleep) -> dict:
+    """Wait past the TTL (`wait`: sleep, or skip the server's clock on); the server expires
+    idle sessions when a request comes, so keep sending one (a DELETE of a session that
+    does not exist: 404) until /healthz shows none."""
+    wait(ttl_s + 0.2)
     deadline = time.monotonic() + timeout_s
     while True:
         assert http.delete("/v1/sessions/no-such-session").status_code == 404
@@ -112,15 +115,17 @@ def test_abandoned_sessions_expire_and_give_everything_back():
     slot_tokens = 64
     limits = ServerLimits(max_sessions=12, session_ttl_s=1, batch_slot_tokens=slot_tokens,
                           max_kv_tokens=12 * slot_tokens + 12 * (slot_tokens + 200))
-    with app_in_thread(create_app(model, limits=limits)) as url, httpx.Client(base_url=url, timeout=30) as http:
+    clock = SkippingClock()  # the TTL passes at once, six times
+    with app_in_thread(create_app(model, limits=limits, clock=clock)) as url, \
+            httpx.Client(base_url=url, timeout=30) as http:
         for round_ in range(5):  # 60 sessions in all, never more than the server holds at once
             abandon_sessions(http, 12, 12 * round_, slot_tokens + 16, steps=3)
             full = http.get("/healthz").json()
             assert full["sessions"] == 12 and full["kv_tokens"] > 0
-            assert_empty(expire_all(http, limits.session_ttl_s))
+            assert_empty(expire_all(http, limits.session_ttl_s, wait=clock.skip))
         # the server still works, at full capacity
         abandon_sessions(http, 12, 1000, slot_tokens + 16, steps=1)
-        assert_empty(expire_all(http, limits.session_ttl_s))
+        assert_empty(expire_all(http, limits.session_ttl_s, wait=clock.skip))
         gc.collect()
         opened = [ref() for ref in model.groups]
         assert len(opened) == 2 * 6 * 12 // 3  # the lookahead and oversized sessions had caches of their own

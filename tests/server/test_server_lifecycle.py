@@ -20,6 +20,7 @@ from costeer.backends.base import StreamGroup
 from costeer.transport.server.limits import ServerLimits
 from costeer.transport.protocol import IDS, decode_array
 from costeer.transport.server.app import create_app
+from support.clock import SkippingClock
 from support.fakes import HookedModel, NumpyModel, NumpyStreams
 from support.serve_api import assert_error, open_body
 from support.servers import app_in_thread, costeer_serve, free_port
@@ -147,7 +148,8 @@ def test_step_racing_delete_gets_404_not_freed_state(model: HookedModel):
 
 def test_a_session_in_use_does_not_expire_under_its_step(model: HookedModel):
     """Expiry must neither close a session while a step computes on it, nor count that time as idle."""
-    with app_in_thread(create_app(model, limits=ServerLimits(session_ttl_s=1))) as url, \
+    clock = SkippingClock()
+    with app_in_thread(create_app(model, limits=ServerLimits(session_ttl_s=1), clock=clock)) as url, \
             httpx.Client(base_url=url, timeout=30) as http:
         opened = http.post("/v1/sessions", json=open_body()).json()
         sid = opened["session_id"]
@@ -155,7 +157,7 @@ def test_a_session_in_use_does_not_expire_under_its_step(model: HookedModel):
         with ThreadPoolExecutor(1) as pool:
             step = pool.submit(http.post, f"/v1/sessions/{sid}/step", json={"tokens": [65]})
             assert pause.reached.wait(10)  # mid-step, holding the session's lock
-            time.sleep(1.3)  # longer than the time-to-live: only the clock can make it pass
+            clock.skip(1.3)  # longer than the time-to-live: only the clock can make it pass
             # any request runs the expiry sweep
             assert_error(http.post("/v1/sessions/other/step", json={"tokens": []}), 404, "unknown_session")
             pause.go.set()
@@ -202,11 +204,13 @@ def test_failed_prefill_is_a_clean_500_and_returns_its_reservation(model: Hooked
 
 def _churn(url: str, seconds: float, workers: int, vocab: int, rng_seed: int,
            new_tokens: Callable[[random.Random], int], timeout: float,
-           until: Callable[[Counter], bool] | None = None, max_seconds: float | None = None) -> Counter:
-    """Threads open, step, delete and abandon sessions, some stepping past the TTL and some
-    racing a DELETE of their own session. Runs `seconds`, then on until `until(statuses)` holds
-    or `max_seconds` pass (a slow machine gets more time, not a weaker check). Returns status
-    counts; transport errors propagate."""
+           until: Callable[[Counter], bool] | None = None, max_seconds: float | None = None,
+           pause: float = 1.0) -> Counter:
+    """Threads open, step, delete and abandon sessions, some pausing past the TTL (1 s) and
+    some racing a DELETE of their own session. Runs `seconds`, then on until `until(statuses)`
+    holds or `max_seconds` pass (a slow machine gets more time, not a weaker check). `pause`
+    scales the clients' pauses, for a server whose session clock runs 1 / pause times as fast.
+    Returns status counts; transport errors propagate."""
     statuses: Counter = Counter()
     count_lock = threading.Lock()
     started = time.monotonic()
@@ -233,7 +237,7 @@ def _churn(url: str, seconds: float, workers: int, vocab: int, rng_seed: int,
                 budget = new_tokens(rng)
                 opened = record(http.post("/v1/sessions", json=open_body(budget, f"Say hi {rng.randrange(1000)}.")))
                 if opened.status_code != 200:
-                    time.sleep(rng.uniform(0.1, 0.5))  # full: back off a little, as a client would
+                    time.sleep(rng.uniform(0.1, 0.5) * pause)  # full: back off a little, as a client would
                     continue
                 sid = opened.json()["session_id"]
                 step_path = f"/v1/sessions/{sid}/step"
@@ -242,7 +246,7 @@ def _churn(url: str, seconds: float, workers: int, vocab: int, rng_seed: int,
                 closing = None
                 for i in range(rng.randrange(1, budget + 1)):
                     if rng.random() < 0.15:
-                        time.sleep(rng.uniform(0.8, 1.4))  # around the TTL: may expire meanwhile
+                        time.sleep(rng.uniform(0.8, 1.4) * pause)  # around the TTL: may expire meanwhile
                     if race_delete and i == 0:
                         closing = helper.submit(http.delete, f"/v1/sessions/{sid}")
                     step = record(http.post(step_path, json={"tokens": [token], "top_k": 4}))
@@ -287,21 +291,24 @@ def watch_caps(url: str, limits: ServerLimits, stop: threading.Event) -> Callabl
 
 
 def test_churn_of_opens_steps_deletes_and_expiry_in_process():
+    """Six seconds of the sessions' time, run three times as fast: the server's clock and
+    the clients' pauses alike."""
     model = SlowModel()
     need = prompt_tokens(model, [{"role": "user", "content": "Say hi 999."}]) + 12
     limits = ServerLimits(max_sessions=5, session_ttl_s=1, max_kv_tokens=4 * need)
-    with app_in_thread(create_app(model, limits=limits)) as url:
+    with app_in_thread(create_app(model, limits=limits, clock=SkippingClock(rate=3))) as url:
         over_caps = watch_caps(url, limits, threading.Event())
-        statuses = _churn(url, seconds=6, workers=8, vocab=model.vocab_size, rng_seed=0,
-                          new_tokens=lambda rng: rng.randrange(1, 13), timeout=30)
+        statuses = _churn(url, seconds=2, workers=8, vocab=model.vocab_size, rng_seed=0,
+                          new_tokens=lambda rng: rng.randrange(1, 13), timeout=30,
+                          until=lambda counts: enough_churn(counts, answered=50), max_seconds=30, pause=1 / 3)
         assert over_caps() == []
         assert health(url)["ok"]
-    assert statuses[200] > 50 and statuses[204] > 0 and statuses[404] > 0 and statuses[429] > 0, statuses
+    assert enough_churn(statuses, answered=50), statuses
 
 
-def enough_churn(statuses: Counter) -> bool:
+def enough_churn(statuses: Counter, answered: int = 100) -> bool:
     """Every path was taken often enough to matter: steps answered, deletes, expiries, a full table."""
-    return statuses[200] > 100 and statuses[204] > 0 and statuses[404] > 0 and statuses[429] > 0
+    return statuses[200] > answered and statuses[204] > 0 and statuses[404] > 0 and statuses[429] > 0
 
 
 @pytest.mark.models

@@ -19,9 +19,10 @@ from costeer.cli import main
 from costeer.transport.server.limits import ServerLimits
 from costeer.transport.server.scheduler import Scheduler, SchedulerClosed
 from costeer.transport.server.app import create_app
+from support.clock import SkippingClock
 from support.fakes import HookedModel, NumpyBatchEngine, NumpyModel
 from support.serve_api import assert_error, open_body
-from support.servers import app_in_thread, free_port, numpy_serve, rss_bytes
+from support.servers import app_in_thread, free_port, numpy_serve_job, rss_bytes
 
 KEY_A, KEY_B = "key-a-0123456789abcdef", "key-b-0123456789abcdef"
 AUTH_A, AUTH_B = {"Authorization": f"Bearer {KEY_A}"}, {"Authorization": f"Bearer {KEY_B}"}
@@ -120,12 +121,12 @@ def test_key_and_size_are_checked_before_any_body_byte_is_read():
     assert call({**json_200mb, "content-type": "text/plain", **{k.lower(): v for k, v in AUTH_A.items()}}) == (415, 0)
 
 
-def test_a_200_mb_post_is_refused_within_2_s_without_growing_the_server(capsys):
+@pytest.mark.early.with_args(numpy_serve_job(KEY_A))  # started when the session starts (support/early.py)
+def test_a_200_mb_post_is_refused_within_2_s_without_growing_the_server(capsys, early_result):
     """`serve` in its own process: 200 MB bodies, declared or chunked, with and without a
     key, are refused in under 2 s, and the process's memory grows < 50 MB in all."""
-    port, procs = free_port(), []
-    with numpy_serve(port, KEY_A, procs):
-        pid = procs[0].pid
+    with early_result() as (port, process):
+        pid = process.pid
         assert httpx.get(f"http://127.0.0.1:{port}/healthz").json() == {"ok": True}
         before = rss_bytes(pid)
         chunk = b"x" * MB
@@ -204,12 +205,17 @@ def test_hosts_origins_and_content_types_are_checked():
 
 # --- slow clients -----------------------------------------------------------------------------
 
-def test_clients_trickling_headers_are_dropped_and_others_still_served(capsys):
-    """`serve` in its own process: 200 connections sending their headers a byte a second
-    are dropped after the head deadline; meanwhile a normal client is served about as
-    fast as without them."""
-    header_timeout_s = 2.0
-    port = free_port()
+HEADER_TIMEOUT_S = 1.0
+
+
+@pytest.mark.early.with_args(numpy_serve_job(KEY_A, header_timeout_s=HEADER_TIMEOUT_S))  # (support/early.py)
+def test_clients_trickling_headers_are_dropped_and_others_still_served(capsys, early_result):
+    """`serve` in its own process: 200 connections sending their headers a byte every half
+    second are dropped after the head deadline (1 s); meanwhile a normal client is served
+    about as fast as without them."""
+    header_timeout_s = HEADER_TIMEOUT_S
+    served = early_result()
+    port, _ = served.value
     url = f"http://127.0.0.1:{port}"
 
     def timed_request() -> float:
@@ -218,7 +224,7 @@ def test_clients_trickling_headers_are_dropped_and_others_still_served(capsys):
         assert response.status_code == 200
         return time.monotonic() - started
 
-    with numpy_serve(port, KEY_A, [], header_timeout_s=header_timeout_s):
+    with served:
         timed_request()  # warm
         alone = [timed_request() for _ in range(10)]
         slow = [socket.create_connection(("127.0.0.1", port)) for _ in range(200)]
@@ -233,7 +239,7 @@ def test_clients_trickling_headers_are_dropped_and_others_still_served(capsys):
                         sock.send(line[i:i + 1])
                     except OSError:
                         pass
-                if stop.wait(1.0):
+                if stop.wait(header_timeout_s / 2):  # never idle for as long as the deadline
                     return
 
         trickler = threading.Thread(target=trickle, daemon=True)
@@ -324,12 +330,13 @@ def test_a_second_step_on_a_busy_session_is_refused_at_once(model: HookedModel):
 
 
 def test_looks_do_not_keep_a_session_alive_but_steps_do():
-    with app_in_thread(create_app(NumpyModel(1), limits=ServerLimits(session_ttl_s=1))) as url, \
+    clock = SkippingClock()  # each 0.25 s between requests passes at once
+    with app_in_thread(create_app(NumpyModel(1), limits=ServerLimits(session_ttl_s=1), clock=clock)) as url, \
             httpx.Client(base_url=url, timeout=30) as http:
         looked, stepped = (http.post("/v1/sessions", json=open_body(100)).json()["session_id"] for _ in range(2))
-        started = time.monotonic()
-        while time.monotonic() - started < 1.6:
-            time.sleep(0.25)
+        started = clock()
+        while clock() - started < 1.6:
+            clock.skip(0.25)
             last_look = http.post(f"/v1/sessions/{looked}/step", json={"tokens": []})
             assert http.post(f"/v1/sessions/{stepped}/step", json={"tokens": [65]}).status_code == 200
         assert_error(last_look, 404, "unknown_session")  # looked at, never moved: expired
@@ -338,12 +345,14 @@ def test_looks_do_not_keep_a_session_alive_but_steps_do():
 
 def test_a_session_is_closed_at_its_maximum_age_however_busy():
     limits = ServerLimits(session_ttl_s=300, session_max_age_s=1)
-    with app_in_thread(create_app(NumpyModel(1), limits=limits)) as url, httpx.Client(base_url=url, timeout=30) as http:
+    clock = SkippingClock()  # each 0.1 s between steps passes at once
+    with app_in_thread(create_app(NumpyModel(1), limits=limits, clock=clock)) as url, \
+            httpx.Client(base_url=url, timeout=30) as http:
         sid = http.post("/v1/sessions", json=open_body(100)).json()["session_id"]
-        started, statuses = time.monotonic(), []
-        while time.monotonic() - started < 1.5:
+        started, statuses = clock(), []
+        while clock() - started < 1.5:
             statuses.append(http.post(f"/v1/sessions/{sid}/step", json={"tokens": [65]}).status_code)
-            time.sleep(0.1)
+            clock.skip(0.1)
         assert statuses[0] == 200 and statuses[-1] == 404
         health = http.get("/healthz").json()
         assert health["sessions"] == 0 and health["kv_tokens"] == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import subprocess
 import sys
 import threading
 import time
@@ -15,6 +16,7 @@ import uvicorn
 
 from costeer.bench.processes import free_port, running  # noqa: F401  (tests import both from here)
 from support.commands import costeer_command
+from support.early import Entered
 
 TESTS = Path(__file__).resolve().parents[1]  # the folder that holds `support`
 
@@ -42,6 +44,19 @@ def numpy_serve(port: int, key: str, procs: list, **options) -> contextlib.Abstr
     NumPy cloud model with one API key; `options` are serve()'s keyword options."""
     return running([sys.executable, "-c", _NUMPY_SERVE, str(TESTS), str(port), key, json.dumps(options)],
                    "/healthz", port, procs=procs)
+
+
+@contextlib.contextmanager
+def _numpy_served(key: str, options: dict) -> Iterator[tuple[int, subprocess.Popen]]:
+    port, procs = free_port(), []
+    with numpy_serve(port, key, procs, **options):
+        yield port, procs[0]
+
+
+def numpy_serve_job(key: str, **options) -> Callable[[Path], Entered]:
+    """numpy_serve on a free port as an early job (support/early.py): started before its
+    test, which gets (port, process) as the value of its `with`."""
+    return lambda _folder: Entered(_numpy_served(key, options))
 
 
 def rss_bytes(pid: int) -> int:

@@ -198,7 +198,7 @@ def _flood(sent: list[int]) -> FastAPI:
     """A server that answers with 256 MiB (no length declared), counting what it managed to send."""
     app = FastAPI()
     chunk = b"x" * (1 << 20)
-    lines = b'{"n": 1}\n' * (1 << 17)
+    lines = b'{"n": 1, "pad": "%s"}\n' % (b"x" * 1000) * (1 << 10)  # 1 KiB lines: a thousand pass the cap
 
     def body(piece: bytes):
         for _ in range(256):
@@ -444,18 +444,27 @@ _FAIL_MID_WRITE = textwrap.dedent("""
 """)
 
 
-def test_a_run_json_write_that_dies_midway_leaves_the_old_one_and_resume_works(tmp_path):
+def _a_run_json_write_dies_midway(folder: Path) -> tuple[Path, bytes, subprocess.CompletedProcess]:
+    """A run recorded in folder/out, then a process that dies while it records it again:
+    the folder, run.json before, and that process."""
     from costeer.evaluation.runner import RUN_FILE, EvalSettings, _record_run
 
-    out = tmp_path / "out"
+    out = folder / "out"
     out.mkdir()
+    _record_run(out, EvalSettings(dataset="preference:concise", out=out), {"dataset": "preference:concise"}, True)
+    before = (out / RUN_FILE).read_bytes()
+    return out, before, subprocess.run([sys.executable, "-c", _FAIL_MID_WRITE, str(out)], capture_output=True,
+                                       text=True, timeout=120)
+
+
+@pytest.mark.early.with_args(_a_run_json_write_dies_midway)  # begun when the session starts (support/early.py)
+def test_a_run_json_write_that_dies_midway_leaves_the_old_one_and_resume_works(early_result):
+    from costeer.evaluation.runner import RUN_FILE, EvalSettings, _record_run
+
+    out, before, done = early_result()
     settings = EvalSettings(dataset="preference:concise", out=out)
     fingerprint = {"dataset": "preference:concise"}
-    _record_run(out, settings, fingerprint, True)
-    before = (out / RUN_FILE).read_bytes()
     assert len(before) > 200
-    done = subprocess.run([sys.executable, "-c", _FAIL_MID_WRITE, str(out)], capture_output=True, text=True,
-                          timeout=120)
     assert "failed mid-write" in done.stdout, done.stderr
     assert (out / RUN_FILE).read_bytes() == before  # never torn
     run = _record_run(out, settings, fingerprint, True)  # the resume is not blocked

@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 
 from costeer import CloudConfig, CoSteer, UserError
 from costeer.cli import main
+from costeer.transport.client import resume
 from costeer.transport.server.limits import ServerLimits
 from costeer.transport.server.app import create_app
 from costeer.transport.wire import CloudRefused
@@ -48,6 +49,13 @@ class Restartable:
 
     def opens(self) -> int:
         return sum(path == "/v1/sessions" for path, _ in self.log.bodies)
+
+
+@pytest.fixture(autouse=True)
+def quick_backoff(monkeypatch):
+    """The pauses between tries to reopen a tenth of their length (0.05 s, doubling up to
+    0.4 s): the servers here stay down tenths of a second, not seconds."""
+    monkeypatch.setattr(resume, "RESUME_BACKOFF_S", (0.05, 0.4))
 
 
 @pytest.fixture
@@ -90,7 +98,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("down_s", [0.0, 1.2])  # 0: back at once, a server that does not know the session
+@pytest.mark.parametrize("down_s", [0.0, 0.3])  # 0: back at once, a server that does not know the session
 def test_a_restart_mid_generation_changes_nothing(server, embedded, case, down_s, tmp_path):
     kw, gen = {"top_k": 4, **CASES[case]["kw"]}, {"method": "costeer", **CASES[case]["gen"]}
     wire = tmp_path / "wire.jsonl"
@@ -154,6 +162,8 @@ def test_proxy_errors_and_a_busy_reopen_are_ridden_out(embedded):
 def test_a_step_with_no_answer_in_time_is_resumed(embedded):
     """A step that takes longer than --cloud-timeout (a stalled server) counts as a failure:
     the device reopens and carries on; the stalled step ends on a session nobody uses."""
+    released = threading.Event()
+
     def stall(app: FastAPI) -> FastAPI:
         seen = [0]
 
@@ -161,8 +171,9 @@ def test_a_step_with_no_answer_in_time_is_resumed(embedded):
         async def slow(request: Request, call_next):
             if request.url.path.endswith("/step"):
                 seen[0] += 1
-                if seen[0] == 5:
-                    await asyncio.sleep(1.5)
+                if seen[0] == 5:  # well past the device's 0.5 s: until the test is done with it
+                    while not released.is_set():
+                        await asyncio.sleep(0.01)
             return await call_next(request)
         return app
 
@@ -173,6 +184,7 @@ def test_a_step_with_no_answer_in_time_is_resumed(embedded):
         assert g.token_ids == embedded.generate(PROMPT, CONTEXT, max_new_tokens=20).token_ids
         assert g.traffic["resumes"] == 1 and server.opens() == 2
     finally:
+        released.set()  # the server's shutdown waits for the stalled step
         server.stop()
 
 
@@ -191,13 +203,13 @@ def test_a_refusal_fails_at_once(embedded, status, kind):
 
 
 def test_it_gives_up_after_the_window_in_one_line(server):
-    cs = device(server.url, retry_for_s=1.5)
+    cs = device(server.url, retry_for_s=0.3)
     stopped = []
     with pytest.raises(UserError) as failed:
         cs.generate(PROMPT, CONTEXT, max_new_tokens=40, on_text=after_tokens(4, lambda: (server.stop(), stopped.append(time.monotonic()))))
     waited = time.monotonic() - stopped[0]
-    assert str(failed.value) == f"the cloud at {server.url} stopped answering (connection refused) and did not come back within 1.5 s"
-    assert 1.5 <= waited < 4
+    assert str(failed.value) == f"the cloud at {server.url} stopped answering (connection refused) and did not come back within 0.3 s"
+    assert 0.3 <= waited < 2.8
 
 
 def test_zero_turns_resuming_off(server):

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import httpx
 import pytest
 
 from costeer import CloudConfig, CoSteer
+from support.early import Entered
 from support.example_profile import BIRTHDAY_PROMPT
-from support.servers import costeer_serve, free_port
+from support.servers import TESTS, costeer_serve, free_port
 
 KEY, OTHER_KEY = "test-key-1-0123456789", "test-key-2-0123456789"
 CANARY = "canary-Zq81-Wx"
@@ -164,11 +168,29 @@ def test_openapi_schema_is_published(fake_cloud_url):
     assert {"/v1/model", "/v1/sessions", "/v1/sessions/{session_id}/step", "/v1/sessions/{session_id}"} <= set(schema["paths"])
 
 
-def test_session_cap_and_idle_expiry(tmp_path):
-    from support.tiny_hf import make_model_folder, make_tokenizer
+# a tiny Hugging Face model folder, built by a Python process of its own
+_BUILD_TINY_HF = """
+import sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from support.tiny_hf import make_model_folder, make_tokenizer
+make_model_folder(Path(sys.argv[2]), make_tokenizer(300), seed=1)
+"""
 
-    folder = make_model_folder(tmp_path / "tiny", make_tokenizer(300), seed=1)
-    with costeer_serve("--llm", str(folder), "--max-sessions", "2", "--session-ttl", "2", port=free_port()) as url:
+
+def _tiny_hf_server(folder: Path) -> Entered:
+    """`costeer serve` on a tiny Hugging Face model, 2 sessions at most, a 2 s time-to-live:
+    started (loading torch takes it seconds), its URL the value of the `with`."""
+    built = subprocess.run([sys.executable, "-c", _BUILD_TINY_HF, str(TESTS), str(folder / "tiny")],
+                           capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr[-2000:]
+    return Entered(costeer_serve("--llm", str(folder / "tiny"), "--max-sessions", "2", "--session-ttl", "2",
+                                 port=free_port()))
+
+
+@pytest.mark.early.with_args(_tiny_hf_server)
+def test_session_cap_and_idle_expiry(early_result):
+    with early_result() as url:
         with httpx.Client(base_url=url, timeout=60) as http:
             body = {"messages": [{"role": "user", "content": "hello"}], "max_new_tokens": 4}
             first, second = http.post("/v1/sessions", json=body), http.post("/v1/sessions", json=body)
@@ -261,6 +283,7 @@ def test_ctrl_c_on_generate_closes_its_session_on_the_server(cloud_url, profile_
 
 def test_a_cloud_that_does_not_answer_in_time_is_one_clear_error():
     import asyncio
+    import threading
 
     from fastapi import FastAPI
 
@@ -268,16 +291,20 @@ def test_a_cloud_that_does_not_answer_in_time_is_one_clear_error():
     from support.fakes import NumpyModel
     from support.servers import app_in_thread
 
-    slow = FastAPI()
+    slow, answered = FastAPI(), threading.Event()
 
     @slow.get("/v1/model")
     async def model() -> dict:
-        await asyncio.sleep(2)  # well past the client's 0.5 s; the server's shutdown waits for it
+        while not answered.is_set():  # well past the client's 0.5 s: until the test is done with it
+            await asyncio.sleep(0.01)
         return {}
 
     with app_in_thread(slow) as url:
         cs = CoSteer(slm=NumpyModel(2), cloud=CloudConfig(url, timeout_s=0.5))
-        with pytest.raises(UserError, match=r"did not answer GET /v1/model within 0.5 s"):
-            cs.generate("hi", max_new_tokens=2)
+        try:
+            with pytest.raises(UserError, match=r"did not answer GET /v1/model within 0.5 s"):
+                cs.generate("hi", max_new_tokens=2)
+        finally:
+            answered.set()  # the server's shutdown waits for it
     with pytest.raises(UserError, match="timeout"):
         CloudConfig("http://127.0.0.1:1", timeout_s=0)

@@ -28,7 +28,8 @@ import contextlib
 import json
 import logging
 import secrets
-from typing import AsyncIterator, Iterator, Sequence
+import time
+from typing import AsyncIterator, Callable, Iterator, Sequence
 
 import numpy as np
 from fastapi import Depends, FastAPI, Request
@@ -115,13 +116,15 @@ def _distribution(group: StreamGroup, position: int, top_k: int | None, lookahea
 
 
 def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: ServerLimits = ServerLimits(),
-               max_batch: int | None = None, *, host: str = "127.0.0.1", body_timeout_s: float = 30.0) -> FastAPI:
+               max_batch: int | None = None, *, host: str = "127.0.0.1", body_timeout_s: float = 30.0,
+               clock: Callable[[], float] = time.monotonic) -> FastAPI:
     """`api_keys` empty: open to anyone who can connect (bind to loopback then).
     `max_batch`: tokens in one batched forward pass (default: the most that keeps every
     session's numbers independent of the others'; more is faster).
     `host`: the address it is bound to; a keyless server on loopback answers only
     requests naming a loopback host or it (a web page that rebinds its own name to
-    127.0.0.1 cannot reach it). `body_timeout_s`: the time a request body may take."""
+    127.0.0.1 cannot reach it). `body_timeout_s`: the time a request body may take.
+    `clock`: the seconds sessions' idle time and age are counted in (a test moves it on)."""
     api_keys = tuple(api_keys)
     # the shared cache holds max_sessions slots and is allocated now; sessions with
     # caches of their own share what is left of the KV budget
@@ -146,7 +149,7 @@ def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: Serve
 
     table = SessionTable(limits, slots=engine.slots if engine else 0,
                          private_kv_budget=limits.max_kv_tokens - (engine.slots * engine.slot_tokens if engine else 0),
-                         per_key_cap=limits.per_key_cap(len(api_keys)), close_streams=close_streams)
+                         per_key_cap=limits.per_key_cap(len(api_keys)), close_streams=close_streams, clock=clock)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
