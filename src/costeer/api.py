@@ -183,8 +183,8 @@ class CoSteer:
         """
         request = _request(request, keywords)
         policy = self._policy(request.method, request.steering, request.fusion)
+        pair = build_prompts(prompt, context, request.system_prompt)  # an empty prompt fails before a model loads
         models = self._models_for(policy.roles)
-        pair = build_prompts(prompt, context, request.system_prompt)
         truncated = False
         private_role = next((s.role for s in policy.streams if s.prompt == "private"), None)
         if private_role and context:
@@ -231,9 +231,9 @@ class CoSteer:
         request = _request(request, keywords)
         texts = [continuations] if isinstance(continuations, str) else list(continuations)
         policy = self._scoring_policy(request.method, request)
+        pair = build_prompts(prompt, context, request.system_prompt)
         models = self._models_for(policy.roles)
         ids = _continuation_ids(models[policy.streams[0].role], texts)
-        pair = build_prompts(prompt, context, request.system_prompt)
         private_role = next((s.role for s in policy.streams if s.prompt == "private"), None)
         if private_role and context:
             pair, _ = _fit_context(models[private_role], prompt, context, request.system_prompt, max(map(len, ids)),
