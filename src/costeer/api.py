@@ -250,12 +250,11 @@ class CoSteer:
         request = _request(request, keywords)
         if not methods:
             raise UserError("no methods to score under")
-        names = {m: self._scoring_policy(m, request).name for m in methods}
-        models = self._models_for({role for m in methods for role in make_policy(m).roles})
-        first = self._scoring_policy(methods[0], request).streams[0].role
-        ids = _continuation_ids(models[first], list(continuations))
+        policies = {m: self._scoring_policy(m, request) for m in methods}
+        models = self._models_for({role for p in policies.values() for role in p.roles})
+        ids = _continuation_ids(models[policies[methods[0]].streams[0].role], list(continuations))
         made = self._score({m: m for m in methods}, request, models, PromptPair(public, private), ids, batched)
-        return {m: [replace(s, method=names[m]) for s in made[m]] for m in methods}
+        return {m: [replace(s, method=policies[m].name) for s in made[m]] for m in methods}
 
     def _scoring_policy(self, method: str, request: GenerationRequest) -> Policy:
         policy = self._policy(method, request.steering, request.fusion)

@@ -61,7 +61,7 @@ def score_continuations(
     batched: bool = False,
 ) -> dict[str, list[Score]]:
     """Score each continuation after the prompts, under each policy (by the name given).
-    `prompts[spec]` is the prompt of a stream (as for `decode`). The policies share their
+    `prompts[spec]` is the prompt of each stream the policies read (as for `decode`). They share their
     streams: each (model, prompt) is run once for all of them, and each continuation gets
     fresh policies (levers keep state across steps); the prompts are prefilled once where
     every model's group can restart."""
@@ -70,7 +70,7 @@ def score_continuations(
                         "the cloud's full distribution at every position (about 600 KB a token)")
     if not continuations or any(len(c) == 0 for c in continuations):
         raise UserError("nothing to score: give at least one non-empty continuation")
-    specs = list(dict.fromkeys(spec for make in policies.values() for spec in make().streams))
+    specs = list(prompts)  # every stream some policy reads
     by_role = {role: [s for s in specs if s.role == role] for role in dict.fromkeys(s.role for s in specs)}
     where = {spec: (spec.role, by_role[spec.role].index(spec)) for spec in specs}
     longest = max(len(c) for c in continuations)
