@@ -16,6 +16,7 @@ from hypothesis import settings
 from support.early import Early
 from support.example_profile import EXAMPLE_PROFILE
 from support.fuzz import FUZZ_FULL
+from support.workers import MODELS_WORKER
 
 
 def _one_default_ssl_context(package: str) -> None:
@@ -48,6 +49,13 @@ _one_default_ssl_context("httpx")
 _one_default_ssl_context("httpx2")
 
 
+# Bytecode caches (__pycache__, ignored by git) are written even where PYTHONDONTWRITEBYTECODE
+# is set, in this process, the xdist workers and every Python a test starts: without them each
+# process compiles the package and rewrites the tests' asserts again, about 7 s per process here.
+sys.dont_write_bytecode = False
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def private_context_cache(tmp_path_factory):
     """Every test, and every `costeer` it starts, keeps its context cache in a temporary
@@ -61,16 +69,51 @@ def private_context_cache(tmp_path_factory):
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "early(job): the test waits on job(folder), begun when the session "
                                        "starts (support/early.py); the fixture early_result gives its result")
+    if config.getoption("dist", "no") == "loadgroup" and not _in_xdist_worker():
+        _refuse_xdist_that_cannot_group()
+
+
+def _refuse_xdist_that_cannot_group() -> None:
+    """pytest-xdist up to 3.8 groups tests by renaming them (`name@group`), which pytest 9.2
+    no longer lets it do (pytest-xdist#1386): the groups would be silently ignored and the
+    real models would run on both workers at once."""
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    if Version(pytest.__version__) >= Version("9.2") and Version(version("pytest-xdist")) <= Version("3.8.0"):
+        raise pytest.UsageError(f"pytest {pytest.__version__} with pytest-xdist {version('pytest-xdist')} ignores "
+                                "xdist_group: install pytest<9.2 (pyproject.toml's test extra), or run with -n 0")
+
+
+def _in_xdist_worker() -> bool:
+    return "PYTEST_XDIST_WORKER" in os.environ
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The suite runs on two xdist workers (pyproject's addopts, `--dist loadgroup`). Tests of
+    the real models run on one of them, one after another: two llama.cpp processes on two
+    cores slow each other about 6x. Tests that wait on a job of their own (`early`) go first,
+    so that the other worker computes while they wait."""
+    for item in items:
+        if item.get_closest_marker("models") or item.get_closest_marker("engines"):
+            item.add_marker(MODELS_WORKER)
+    if _in_xdist_worker():  # tests that wait on an `early` job first: the other worker works meanwhile
+        items.sort(key=lambda item: item.get_closest_marker("early") is None)
 
 
 @pytest.fixture(scope="session", autouse=True)
 def early_jobs(request, tmp_path_factory, private_context_cache):
-    """The jobs of every selected test marked `early`, begun now (support/early.py)."""
+    """The jobs of every selected test marked `early`, begun now (support/early.py). Not on
+    an xdist worker: it collects every test but runs only some, and the other worker keeps
+    the second core busy anyway, so each job runs when its test asks."""
     jobs = Early(tmp_path_factory.mktemp("early"))
-    for item in request.session.items:
-        marker = item.get_closest_marker("early")
-        if marker is not None:
-            jobs.start(marker.args[0])
+    if not _in_xdist_worker():
+        for item in request.session.items:
+            marker = item.get_closest_marker("early")
+            if marker is not None:
+                jobs.start(marker.args[0])
     yield jobs
     jobs.close()
 
@@ -98,6 +141,15 @@ def default_costeer():
     cs.model("llm"), cs.model("slm")
     yield cs
     cs.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_pair(tmp_path_factory):
+    """Tiny Hugging Face models, a cloud (3 layers) and a device (2), built once per process
+    (support/tiny_hf.py): their folders. Tests that use them carry TORCH_IN_PROCESS."""
+    from support.tiny_hf import make_model_pair
+
+    return make_model_pair(tmp_path_factory.mktemp("tiny-hf"))
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ import pytest
 
 from costeer import UserError
 from costeer.fusion import log_softmax
+from support.tiny_hf import TORCH_IN_PROCESS
 
 
 def _numpy():
@@ -17,13 +18,10 @@ def _numpy():
     return NumpyModel(2)
 
 
-def _transformers(tmp_path_factory):
-    pytest.importorskip("torch")
-    pytest.importorskip("transformers")
+def _transformers(request):
     from costeer.backends import load_model
-    from support.tiny_hf import make_model_folder, make_tokenizer
 
-    return load_model(make_model_folder(tmp_path_factory.mktemp("hf") / "m", make_tokenizer(300), seed=2))
+    return load_model(request.getfixturevalue("tiny_hf_pair")[1])  # the tiny device model
 
 
 def _llama_cpp():
@@ -35,11 +33,11 @@ def _llama_cpp():
 
 @pytest.fixture(scope="module", params=[
     "numpy",
-    "transformers",
+    pytest.param("transformers", marks=TORCH_IN_PROCESS),
     pytest.param("llama.cpp", marks=pytest.mark.models),
 ])
-def backend(request, tmp_path_factory):
-    model = {"numpy": _numpy, "transformers": lambda: _transformers(tmp_path_factory), "llama.cpp": _llama_cpp}[request.param]()
+def backend(request):
+    model = {"numpy": _numpy, "transformers": lambda: _transformers(request), "llama.cpp": _llama_cpp}[request.param]()
     yield model
     model.close()
 

@@ -6,39 +6,33 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-tokenizers = pytest.importorskip("tokenizers")
+from costeer import CoSteer, UserError
+from costeer.backends import load_model, same_tokenizer
+from costeer.fusion import log_softmax
+from support.tiny_hf import TORCH_IN_PROCESS, make_model_folder, make_tokenizer
 
-from costeer import CoSteer, UserError  # noqa: E402
-from costeer.backends import load_model, same_tokenizer  # noqa: E402
-from costeer.fusion import log_softmax  # noqa: E402
-from support.tiny_hf import make_model_folder, make_model_pair, make_tokenizer  # noqa: E402
-
-@pytest.fixture(scope="module")
-def tiny_pair(tmp_path_factory):
-    return make_model_pair(tmp_path_factory.mktemp("hf"))
+pytestmark = TORCH_IN_PROCESS
 
 
-def test_backend_loads_a_folder_and_reports_its_vocabulary(tiny_pair):
-    model = load_model(tiny_pair[0])
+def test_backend_loads_a_folder_and_reports_its_vocabulary(tiny_hf_pair):
+    model = load_model(tiny_hf_pair[0])
     assert type(model).__name__ == "TransformersModel"
     ids = model.tokenize(model.render_chat([{"role": "user", "content": "I love skiing."}]))
     assert model.detokenize(ids).startswith("<|im_start|>user\nI love skiing.<|im_end|>")
     assert model.eos_token_ids == {model.tokenize("<|im_end|>")[0]}
 
 
-def test_costeer_on_hf_models_and_loop_equals_closed_form(tiny_pair):
-    cs = CoSteer(*tiny_pair, quiet=True)
+def test_costeer_on_hf_models_and_loop_equals_closed_form(tiny_hf_pair):
+    cs = CoSteer(*tiny_hf_pair, quiet=True)
     closed = cs.generate("Write a note.", "I live in Tromsø.", max_new_tokens=12, fusion="closed")
     loop = cs.generate("Write a note.", "I live in Tromsø.", max_new_tokens=12, fusion="loop")
     assert closed.token_ids == loop.token_ids and closed.new_tokens >= 1
     assert closed.prompt_tokens.keys() == {"llm_public", "slm_private", "slm_public"}
 
 
-def test_fused_step_is_the_closed_form_of_the_three_streams(tiny_pair):
+def test_fused_step_is_the_closed_form_of_the_three_streams(tiny_hf_pair):
     """One decoding step by hand: B + c*delta over the real logits picks the token CoSteer picks."""
-    cs = CoSteer(*tiny_pair, quiet=True)
+    cs = CoSteer(*tiny_hf_pair, quiet=True)
     g = cs.generate("Write a note.", "I love reindeer stew.", max_new_tokens=1)
     llm, slm = cs.model("llm"), cs.model("slm")
     public = [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "Write a note."}]
@@ -53,9 +47,9 @@ def test_fused_step_is_the_closed_form_of_the_three_streams(tiny_pair):
     assert first == expected or (first is None and expected in llm.eos_token_ids)
 
 
-def test_different_tokenizers_steer_on_the_tokens_they_share(tmp_path, tiny_pair):
+def test_different_tokenizers_steer_on_the_tokens_they_share(tmp_path, tiny_hf_pair):
     other = make_model_folder(tmp_path / "other", make_tokenizer(280), seed=3)
-    llm, device = load_model(tiny_pair[0]), load_model(other)
+    llm, device = load_model(tiny_hf_pair[0]), load_model(other)
     assert not same_tokenizer(llm, device)
     cs = CoSteer(llm, device, quiet=True, context_cache=False)
     g = cs.generate("Write a note.", "I live in Oslo.", max_new_tokens=12)
@@ -77,8 +71,8 @@ def test_same_size_but_different_token_strings_are_not_taken_for_one_tokenizer(t
     assert g.alignment is not None and g.text == a.detokenize(g.token_ids)
 
 
-def test_context_longer_than_the_window_is_cut_not_crashed(tiny_pair, library_stderr):
-    cs = CoSteer(*tiny_pair, quiet=True)  # window: 256 tokens
+def test_context_longer_than_the_window_is_cut_not_crashed(tiny_hf_pair, library_stderr):
+    cs = CoSteer(*tiny_hf_pair, quiet=True)  # window: 256 tokens
     long_context = "I love ice sculpting and skiing in the mountains. " * 100
     g = cs.generate("Write a note.", long_context, max_new_tokens=8)
     assert g.context_truncated and g.prompt_tokens["slm_private"] + 8 <= 256

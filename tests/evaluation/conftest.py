@@ -3,12 +3,11 @@
 import pytest
 
 from costeer import CoSteer
-from support.tiny_hf import make_model_pair
 
 
 @pytest.fixture(scope="session")
-def tiny_costeer(tmp_path_factory):
-    """A CoSteer on the tiny Hugging Face pair: real forward passes in milliseconds (built once)."""
-    cs = CoSteer(*make_model_pair(tmp_path_factory.mktemp("eval-hf")), quiet=True)
+def tiny_costeer(tiny_hf_pair):
+    """A CoSteer on the tiny Hugging Face pair: real forward passes in milliseconds."""
+    cs = CoSteer(*tiny_hf_pair, quiet=True)
     yield cs
     cs.close()

@@ -9,6 +9,9 @@ import json
 from costeer.evaluation.datasets import load_dataset
 from costeer.evaluation.runner import RESULTS, RUN_FILE, EvalSettings, run_eval
 from support.cogenesis import CANARY, write_prefeval
+from support.tiny_hf import TORCH_IN_PROCESS
+
+pytestmark = TORCH_IN_PROCESS  # tiny_costeer
 
 
 def test_each_method_picks_the_option_likeliest_per_token_and_the_report_gives_accuracy(tmp_path, tiny_costeer):

@@ -3,6 +3,9 @@
 import pytest
 
 from costeer.evaluation.metrics import Scorer, distinct_n, meteor_synonyms, quality_metrics, words
+from support.workers import TORCH_WORKER
+
+pytestmark = TORCH_WORKER  # the embedding model
 
 
 @pytest.fixture(scope="module")

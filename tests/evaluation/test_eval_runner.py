@@ -10,6 +10,9 @@ import pytest
 from costeer import SteeringParams, UserError
 from costeer.evaluation.runner import RESULTS, RUN_FILE, EvalSettings, run_eval
 from support.cogenesis import CANARY, write_split
+from support.tiny_hf import TORCH_IN_PROCESS
+
+pytestmark = TORCH_IN_PROCESS  # tiny_costeer
 
 ROW_FIELDS = {"id", "method", "text", "rouge1", "rougeL", "meteor", "semantic", "words", "new_tokens", "elapsed_s",
               "tokens_per_second", "time_to_first_token_s"}

@@ -1,6 +1,7 @@
 """Work a test only waits on (a process that loads models, a server that starts, a site that
-builds), begun when the session starts: the suite runs one test at a time, so on the
-machine's other core it runs beside the tests before its own instead of in their wake.
+builds), begun when the session starts: where the suite runs one test at a time (`-n 0`),
+it runs on the machine's other core beside the tests before its own instead of in their
+wake. On two xdist workers each job runs when its test asks (tests/conftest.py).
 
 A test marked `early(job)` gets the job's result from the fixture `early_result`; run on
 its own (no session start saw its marker), the job runs when asked for. `job(folder)` gets

@@ -3,9 +3,19 @@ few sentences and a Qwen2 config with random weights. No download."""
 
 from __future__ import annotations
 
+from importlib.util import find_spec
 from pathlib import Path
 
-import transformers
+import pytest
+
+from support.workers import TORCH_WORKER
+
+# the marks of a test that builds and runs these models in its own process
+TORCH_IN_PROCESS = [
+    pytest.mark.skipif(not all(find_spec(m) for m in ("torch", "transformers", "tokenizers")),
+                       reason="needs the hf extra (torch, transformers)"),
+    TORCH_WORKER,
+]
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -30,6 +40,8 @@ def make_tokenizer(vocab_size: int, corpus: list[str] = CORPUS):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(corpus, trainer)
+    import transformers
+
     fast = transformers.PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>"
     )
@@ -38,6 +50,8 @@ def make_tokenizer(vocab_size: int, corpus: list[str] = CORPUS):
 
 
 def make_model_folder(path, tokenizer, seed: int, layers: int = 2, window: int = 256):
+    import transformers
+
     transformers.set_seed(seed)
     config = transformers.Qwen2Config(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,

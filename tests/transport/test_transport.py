@@ -11,9 +11,9 @@ import httpx
 import pytest
 
 from costeer import CloudConfig, CoSteer
-from support.early import Entered
 from support.example_profile import BIRTHDAY_PROMPT
-from support.servers import TESTS, costeer_serve, free_port
+from support.servers import costeer_serve, free_port
+from support.workers import TORCH_WORKER
 
 KEY, OTHER_KEY = "test-key-1-0123456789", "test-key-2-0123456789"
 CANARY = "canary-Zq81-Wx"
@@ -168,29 +168,11 @@ def test_openapi_schema_is_published(fake_cloud_url):
     assert {"/v1/model", "/v1/sessions", "/v1/sessions/{session_id}/step", "/v1/sessions/{session_id}"} <= set(schema["paths"])
 
 
-# a tiny Hugging Face model folder, built by a Python process of its own
-_BUILD_TINY_HF = """
-import sys
-from pathlib import Path
-sys.path.insert(0, sys.argv[1])
-from support.tiny_hf import make_model_folder, make_tokenizer
-make_model_folder(Path(sys.argv[2]), make_tokenizer(300), seed=1)
-"""
-
-
-def _tiny_hf_server(folder: Path) -> Entered:
-    """`costeer serve` on a tiny Hugging Face model, 2 sessions at most, a 2 s time-to-live:
-    started (loading torch takes it seconds), its URL the value of the `with`."""
-    built = subprocess.run([sys.executable, "-c", _BUILD_TINY_HF, str(TESTS), str(folder / "tiny")],
-                           capture_output=True, text=True, timeout=300)
-    assert built.returncode == 0, built.stderr[-2000:]
-    return Entered(costeer_serve("--llm", str(folder / "tiny"), "--max-sessions", "2", "--session-ttl", "2",
-                                 port=free_port()))
-
-
-@pytest.mark.early.with_args(_tiny_hf_server)
-def test_session_cap_and_idle_expiry(early_result):
-    with early_result() as url:
+@TORCH_WORKER  # the tiny models are built on that worker already
+def test_session_cap_and_idle_expiry(tiny_hf_pair):
+    """`costeer serve` on a tiny Hugging Face model, 2 sessions at most, a 2 s time-to-live."""
+    with costeer_serve("--llm", str(tiny_hf_pair[0]), "--max-sessions", "2", "--session-ttl", "2",
+                       port=free_port()) as url:
         with httpx.Client(base_url=url, timeout=60) as http:
             body = {"messages": [{"role": "user", "content": "hello"}], "max_new_tokens": 4}
             first, second = http.post("/v1/sessions", json=body), http.post("/v1/sessions", json=body)
