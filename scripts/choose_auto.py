@@ -4,11 +4,16 @@ candidates ran: standardised paired gains over `llm` averaged over four task fam
 any candidate significantly worse than `llm` anywhere, or copying more of the context
 than `llm-context` on ctx, rejected.
 
-    python scripts/choose_auto.py --candidates mix:1,costeer,fit \\
+    python scripts/choose_auto.py --candidates mix:1,costeer,fit,fit:0.5 \\
         --task ctx=reports/cogenesis-dev16-levers,reports/cogenesis-dev150 \\
         --task paper=reports/paper-dev60 --task prefeval=reports/prefeval-dev \\
-        --task concise=reports/preference-concise --task verbose=reports/preference-verbose \\
+        --task concise=reports/preference-concise --task verbose=reports/preference-verbose-256 \\
         --task uplifting=reports/preference-uplifting --task creative=reports/preference-creative
+
+The candidates: `mix:1` (`auto` until now), `costeer` (the paper's), `fit` and `fit:0.5`
+(strong on a short context, gentle on a long one). `fit:0.5` joined before any ctx or
+paper run of `fit`: `mix:1`, which `fit` equals on long profiles, was known to copy more
+of the CoGenesis profiles than `llm-context` (16 dev rows), which the rule rejects.
 
 Prints a Markdown table, the pick first, with every task metric's standardised gain.
 """

@@ -261,24 +261,28 @@ class BoundedDelta(CoSteerPolicy):
 FIT_SHORT, FIT_LONG = (64, 3.0), (512, 1.0)
 
 
-def fitted_weight(context_tokens: int) -> float:
-    """`fit`'s weight for a private context of this many device tokens."""
-    (n0, w0), (n1, w1) = FIT_SHORT, FIT_LONG
+def fitted_weight(context_tokens: int, long_weight: float = FIT_LONG[1]) -> float:
+    """`fit`'s weight for a private context of this many device tokens (`fit:W`: W from
+    FIT_LONG[0] tokens on)."""
+    (n0, w0), n1 = FIT_SHORT, FIT_LONG[0]
     t = min(1.0, max(0.0, math.log(max(context_tokens, 1) / n0) / math.log(n1 / n0)))
-    return w0 * (w1 / w0) ** t
+    return w0 * (long_weight / w0) ** t
 
 
 class LengthFitted(CoSteerPolicy):
     """`fit` (ours): `mix:W` with W chosen per request from the private context's length,
     which the device knows (its two prompts differ by the context): strong for a short
     stated preference, gentle for a long profile that a strong weight would copy. Exact
-    from a top-k, as `mix:W` is."""
+    from a top-k, as `mix:W` is. `fit:W` sets the long profile's weight (`fit` is W = 1)."""
 
-    def __init__(self, first_k: int = DEFAULT_TOP_K) -> None:
-        super().__init__("fit", SteeringParams(), first_k=first_k, coefficient=FIT_LONG[1])
+    def __init__(self, first_k: int = DEFAULT_TOP_K, long_weight: float | None = None) -> None:
+        name = "fit" if long_weight is None else f"fit:{long_weight:.12g}"
+        self.long_weight = FIT_LONG[1] if long_weight is None else long_weight
+        super().__init__(name, SteeringParams(), first_k=first_k, coefficient=self.long_weight)
 
     def started(self, prompt_lengths: list[int]) -> None:
-        self.coefficient = fitted_weight(prompt_lengths[1] - prompt_lengths[2])  # with minus without context
+        added = prompt_lengths[1] - prompt_lengths[2]  # with minus without context
+        self.coefficient = fitted_weight(added, self.long_weight)
 
 
 # AdaCoSteer: the authors' conf_patience. Confident: the cloud's top probability is at
@@ -339,6 +343,7 @@ PARAMETRIC_METHODS: dict[str, Callable[[float, int], Policy]] = {
     "ada": lambda threshold, first_k: AdaCoSteer(SteeringParams(), _probability("ada", threshold), first_k=first_k,
                                                  name=f"ada:{threshold:.12g}"),
     "cos": lambda lam, first_k: ContextSteering(lam),
+    "fit": lambda weight, first_k: LengthFitted(first_k, _positive("fit", weight)),
 }
 
 
@@ -370,6 +375,12 @@ def _auto(params: SteeringParams, fusion: Fusion, first_k: int) -> Policy:
 
 
 METHODS["auto"] = _auto
+
+
+def _positive(method: str, value: float) -> float:
+    if value <= 0:
+        raise UserError(f"{method}:W needs a weight above 0, got {value:g}")
+    return value
 
 
 def _probability(method: str, value: float) -> float:

@@ -124,3 +124,18 @@ def test_fit_is_strong_on_a_stated_preference_and_gentle_on_a_long_profile():
     # the context's length as the device knows it: its two prompts' difference (framing included)
     added = short.prompt_tokens["slm_private"] - short.prompt_tokens["slm_public"]
     assert short.steering_coefficient == fitted_weight(added) > 2.5 and long.steering_coefficient == 1.0
+
+
+def test_fit_w_sets_the_long_profiles_weight_and_keeps_the_short_one():
+    from costeer.methods import fitted_weight
+
+    assert fitted_weight(5000, 0.5) == 0.5 and fitted_weight(20, 0.5) == 3.0
+    assert fitted_weight(181, 0.5) == pytest.approx((3 * 0.5) ** 0.5, rel=0.01)  # log-linear in between
+    cs = pair()
+    long = cs.generate(PROMPT, "I like owls. " * 200, method="fit:0.5", max_new_tokens=4)
+    short = cs.generate(PROMPT, "owls", method="fit:0.5", max_new_tokens=4)
+    assert long.method == "fit:0.5" and long.steering_coefficient == 0.5
+    assert short.token_ids == cs.generate(PROMPT, "owls", method="fit", max_new_tokens=4).token_ids
+    for bad in ("fit:0", "fit:-1", "fit:x"):
+        with pytest.raises(UserError, match="fit"):
+            cs.generate(PROMPT, "owls", method=bad, max_new_tokens=4)
