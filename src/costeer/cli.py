@@ -108,7 +108,10 @@ def _add_cloud_args(p: argparse.ArgumentParser, own_api_key: bool = False) -> No
                        help="let methods that give the cloud model the private context (llm-context) send it to a "
                             "remote cloud; refused without this flag")
     cloud.add_argument("--cloud-top-k", type=_positive_int, default=DEFAULT_TOP_K,
-                       help=f"first k asked of the cloud each step (default {DEFAULT_TOP_K}); escalates when not certified")
+                       help=f"first k asked of the cloud each step (default {DEFAULT_TOP_K}); escalates when not certified, "
+                            "and asks more up front after steps that escalated (costeer serve)")
+    cloud.add_argument("--fixed-top-k", action="store_true",
+                       help="ask --cloud-top-k every step, whatever earlier steps needed (same output)")
     cloud.add_argument("--lookahead", metavar="D,M[,P]", type=_lookahead, default=None,
                        help="with each step the cloud also sends its distributions after its own M likeliest "
                             "tokens, D levels deep, where its likeliest token has probability >= P (default 0.5); "
@@ -245,9 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="largest request body (default 2 MiB)")
     access.add_argument("--methods", default=None, metavar="LIST",
                         help=f"the methods served, comma-separated (default: {', '.join(METHODS)}); parametric ones "
-                             "only when listed: mix, unsure, bounded, cos:*, ada:* (any number in range) or "
+                             "only when listed: mix, unsure, bounded, cos:*, ada:*, fit:* (any number in range) or "
                              "PREFIX:NUMBER (that one); ranges: mix:W and unsure:W -8..8, bounded:B 0..8 (B > 0), "
-                             "cos:LAMBDA -8..8, ada:P 0..1 (strictly)")
+                             "cos:LAMBDA -8..8, ada:P 0..1 (strictly), fit:W 0..8 (W > 0)")
     access.add_argument("--max-queue", type=_positive_int, default=8, metavar="N",
                         help="requests waiting or running at once (default 8); more are refused with 429 and "
                              "Retry-After")
@@ -301,7 +304,8 @@ def _costeer(args: argparse.Namespace):
                         wire_log=args.wire_log, simulate_rtt_ms=args.simulate_rtt, top_k=args.cloud_top_k,
                         model=args.cloud_model, max_k=args.cloud_max_k, lookahead=args.lookahead,
                         timeout_s=args.cloud_timeout, retry_for_s=args.cloud_retry_for,
-                        send_private_context_to_cloud=args.send_private_context_to_cloud)
+                        send_private_context_to_cloud=args.send_private_context_to_cloud,
+                        adaptive_top_k=not args.fixed_top_k)
     return CoSteer(args.llm, args.slm, backend=args.backend, cloud=cloud if args.cloud else None,
                    context_cache=not args.no_context_cache)
 

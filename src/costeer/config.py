@@ -73,7 +73,9 @@ class CloudConfig:
     `url`: a `costeer serve` server (http(s)://HOST:PORT), `openai+URL` for vLLM or any
     OpenAI-compatible completions server (then `model` names the model), or
     `llama-server+URL` for llama.cpp's server; `max_k` caps the logprobs asked of these
-    two (a server's own cap is learned). `top_k`: the first k asked each step. Methods
+    two (a server's own cap is learned). `top_k`: the first k asked each step; with
+    `adaptive_top_k` (the default), a `costeer serve` session asks more up front after a
+    step had to escalate, and `top_k` again after a run of steps that did not. Methods
     that would give the private context to the cloud (`llm-context`) are refused unless
     `send_private_context_to_cloud`. `lookahead=(D, M)` or `(D, M, P)` asks a `costeer
     serve` cloud for a tree of its M likeliest continuations, D deep (grown where its
@@ -96,6 +98,7 @@ class CloudConfig:
     timeout_s: float = 120.0
     retry_for_s: float = 60.0
     send_private_context_to_cloud: bool = False
+    adaptive_top_k: bool = True
 
     def __post_init__(self) -> None:
         if self.top_k < 1:

@@ -186,14 +186,14 @@ def test_the_default_methods_are_the_published_ones_and_parametric_ones_must_be_
         assert caught.value.status == status, name
         assert caught.value.code == ("model_not_found" if status == 404 else "model_not_allowed")
         assert "mix:NUMBER with -8 <= NUMBER <= 8" in caught.value.message and "auto" in caught.value.message
-    every = MethodAllowList.parse("mix,unsure,bounded,cos:*,ada:*")
+    every = MethodAllowList.parse("mix,unsure,bounded,cos:*,ada:*,fit:*")
     for prefix, (low, high) in PARAMETER_RANGES.items():
         inside = (low + high) / 2
         assert every.resolve(f"{prefix}:{inside:g}") == f"{prefix}:{inside:g}"
         for outside in (low - 1, high + 1):
             with pytest.raises(ApiError, match="model_not_allowed|serves"):
                 every.resolve(f"{prefix}:{outside:g}")
-    for bad in ("ada:0", "ada:1", "bounded:0"):  # methods.py's own bounds, inside the range's ends
+    for bad in ("ada:0", "ada:1", "bounded:0", "fit:0"):  # methods.py's own bounds, inside the range's ends
         with pytest.raises(ApiError):
             every.resolve(bad)
     for text, message in (("", "no method"), ("gpt-4o", "unknown method"), ("mix:9", "-8 <= NUMBER <= 8"),
@@ -206,9 +206,10 @@ def test_the_help_states_the_ranges_the_proxy_enforces(monkeypatch):
     monkeypatch.setenv("COLUMNS", "10000")  # argparse does not wrap the help
     assert set(PARAMETER_RANGES) == set(PARAMETRIC_METHODS)
     help_text = " ".join(build_parser()._subparsers._group_actions[0].choices["proxy"].format_help().split())
-    for text in ("mix:W and unsure:W -8..8", "bounded:B 0..8", "cos:LAMBDA -8..8", "ada:P 0..1"):
+    for text in ("mix:W and unsure:W -8..8", "bounded:B 0..8", "cos:LAMBDA -8..8", "ada:P 0..1", "fit:W 0..8"):
         assert text in help_text
-    assert PARAMETER_RANGES == {"mix": (-8, 8), "unsure": (-8, 8), "bounded": (0, 8), "cos": (-8, 8), "ada": (0, 1)}
+    assert PARAMETER_RANGES == {"mix": (-8, 8), "unsure": (-8, 8), "bounded": (0, 8), "cos": (-8, 8), "ada": (0, 1),
+                                "fit": (0, 8)}
 
 
 def test_models_lists_the_served_methods_and_a_listed_parametric_method_answers():

@@ -27,6 +27,7 @@ PARAMETER_RANGES: dict[str, tuple[float, float]] = {
     "bounded": (0.0, 8.0),  # bounded:B, the clip in nats per token (B > 0)
     "cos": (-8.0, 8.0),  # cos:LAMBDA (He et al. sweep about -1..3)
     "ada": (0.0, 1.0),  # ada:P, a probability (strictly between)
+    "fit": (0.0, 8.0),  # fit:W, the weight on a long context (W > 0)
 }
 assert set(PARAMETER_RANGES) == set(PARAMETRIC_METHODS)
 
@@ -47,7 +48,7 @@ class MethodAllowList:
     @classmethod
     def parse(cls, text: str | None) -> "MethodAllowList":
         """`--methods`: comma-separated names; `mix`, `unsure`, `bounded` (or PREFIX:*, which
-        `cos:*` and `ada:*` need, `cos` and `ada` being methods of their own) allow every
+        `cos:*`, `ada:*` and `fit:*` need, those being methods of their own) allow every
         weight in range; PREFIX:NUMBER allows that one. None: the published methods."""
         if text is None:
             return cls()

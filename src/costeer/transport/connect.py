@@ -42,4 +42,4 @@ def connect_cloud(config: CloudConfig, tokenizer: LanguageModel) -> RemoteCloud:
     if config.lookahead:
         depth, width, *rest = config.lookahead
         tree = Lookahead(depth=depth, width=width, min_probability=rest[0] if rest else DEFAULT_LOOKAHEAD_MIN_P)
-    return ServedCloud(wire, tokenizer, tree, config.retry_for_s)
+    return ServedCloud(wire, tokenizer, tree, config.retry_for_s, config.adaptive_top_k)

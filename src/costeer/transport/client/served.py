@@ -12,6 +12,7 @@ from ...errors import UserError
 from ...prompts import PublicChat
 from ..protocol import API_PREFIX, Lookahead, Vocabulary, decode_distribution, decode_tree_node
 from ..wire import CloudRefused, CloudUnreachable, WireClient, printable
+from .first_k import FirstTopK
 from .lookahead import TreeWalk
 from .resume import Resumer
 
@@ -25,9 +26,11 @@ class ServedCloud(RemoteCloud):
     the choice leaves it. The output is the same token for token."""
 
     def __init__(self, wire: WireClient, tokenizer: LanguageModel, lookahead: Lookahead | None = None,
-                 retry_for_s: float = 0.0) -> None:
+                 retry_for_s: float = 0.0, adaptive_top_k: bool = True) -> None:
         """`retry_for_s`: how long a session keeps trying to reopen itself on a server
-        that failed or restarted mid-generation (0: it fails at once)."""
+        that failed or restarted mid-generation (0: it fails at once). `adaptive_top_k`:
+        each session learns its first k from its escalations (first_k.py)."""
+        self.adaptive_top_k = adaptive_top_k
         super().__init__(tokenizer)
         self._wire = wire
         info = wire.request("GET", f"{API_PREFIX}/model")
@@ -100,7 +103,9 @@ class ServedSession(CloudSession):
         self._wire = wire = cloud._wire
         self._sender = f"the cloud at {wire.base_url}"
         self.vocab_size = vocab_size = cloud.vocab_size
-        self._first_k = first_k if first_k is not None and first_k < vocab_size else None
+        first_k = first_k if first_k is not None and first_k < vocab_size else None
+        # None: every step asks for the full vector, which leaves nothing to learn
+        self._first = FirstTopK(first_k, cloud.adaptive_top_k) if first_k is not None else None
         self._chosen: list[int] = []  # every token appended, sent or still walked: what a new session gets
         self._resumer = Resumer(cloud.retry_for_s, self._sender)
         self._capped = False  # the server sent fewer values than asked: it has a cap of its own
@@ -109,13 +114,13 @@ class ServedSession(CloudSession):
         self._walk = TreeWalk(self._decode_node)
         # a chain (width 1) is streamed: the device works on node 1 while the cloud computes node 2
         self._streamed = lookahead is not None and lookahead.width == 1
-        self._open_request: dict = {"messages": list(chat), "max_new_tokens": max_new_tokens, "top_k": self._first_k}
+        self._open_request: dict = {"messages": list(chat), "max_new_tokens": max_new_tokens, "top_k": first_k}
         if lookahead is not None:
             self._open_request["lookahead"] = lookahead.model_dump()
         opened = wire.request("POST", f"{API_PREFIX}/sessions", self._open_request)
         self._session: str | None = opened["session_id"]
         self.prompt_tokens = int(opened["prompt_tokens"])
-        self._store(opened["distribution"], self._first_k)
+        self._store(opened["distribution"], first_k)
 
     @property
     def resumes(self) -> int:
@@ -168,6 +173,8 @@ class ServedSession(CloudSession):
         """A look: more of the distribution at the current tree node (or position),
         without moving the session or disturbing a tree the cloud is still sending."""
         k = k if k is not None and k < self.vocab_size else None
+        if self._first is not None:
+            self._first.widened(k)
 
         def look() -> None:
             walked = self._walk.walked
@@ -178,11 +185,12 @@ class ServedSession(CloudSession):
     def advance(self, token_id: int) -> None:
         token = int(token_id)
         self._chosen.append(token)
+        k = self._first.stepped() if self._first is not None else None
         node = self._walk.descend(token)
         if node is not None:  # the cloud computed this position already: no request
             self._view = node
             return
-        self._resuming(lambda: self._step([*self._walk.walked, token], self._first_k), self._first_k)
+        self._resuming(lambda: self._step([*self._walk.walked, token], k), k)
 
     def _resuming(self, send: Callable[[], None], k: int | None) -> None:
         """send(), which leaves the view at the session's position with top-k `k`; if the
