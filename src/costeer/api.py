@@ -16,6 +16,7 @@ from .default_models import DEFAULT_LLM, DEFAULT_SLM, ChunkedModel, resolve_mode
 from .cloud import RemoteCloud
 from .context_cache import ContextCache
 from .errors import PrivacyError, UserError
+from .explain import TokenStep
 from .fusion import SteeringParams
 from .methods import DEFAULT_TOP_K, Fusion, Policy, Role, StreamSpec, make_policy
 from .prompts import PromptPair, build_prompts, declassify
@@ -49,9 +50,15 @@ class Generation:
     context_cache_tokens: int = 0  # private prompt tokens reused from the context cache (0: prefilled)
     alignment: dict | None = None  # a device model of another tokenizer: how it kept in step (backends/aligned.py)
     paused_steps: int | None = None  # `ada`: steps picked by the cloud alone, the device not run
+    steps: list[TokenStep] | None = None  # with explain=True: one record per picked token (explain.py)
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        fields = dict(self.__dict__)
+        if self.steps is None:
+            del fields["steps"]  # not asked for: the same fields as without explain
+        else:
+            fields["steps"] = [step.to_dict() for step in self.steps]
+        return fields
 
 
 @dataclass
@@ -176,7 +183,9 @@ class CoSteer:
 
         `request` holds the settings; or give them as keyword arguments (method,
         max_new_tokens, temperature, top_p, top_k, seed, params, fusion, stop,
-        system_prompt, max_context_tokens: `GenerationRequest.from_keywords`), not both.
+        system_prompt, max_context_tokens, explain: `GenerationRequest.from_keywords`), not both.
+        `explain=True` fills `Generation.steps`: per token, the cloud's own pick and
+        probability, the fused probability and the steering term (explain.py).
 
         A context that does not fit the device model's window (or `max_context_tokens`)
         is cut at its end, keeping its beginning, with a warning on stderr.
@@ -275,7 +284,7 @@ class CoSteer:
              on_text: Callable[[str], None] | None, truncated: bool) -> Generation:
         prompts = [models[spec.role].encode_chat(self._chat_for(spec, pair)) for spec in policy.streams]
         result = decode(policy, models, prompts, TokenPicker(request.sampling), request.max_new_tokens, request.stop,
-                        on_text)
+                        on_text, request.explain)
         prompt_tokens = {f"{s.role}_{s.prompt}": n for s, n in zip(policy.streams, result.prompt_lengths)}
         n = len(result.token_ids)
         return Generation(
@@ -295,6 +304,7 @@ class CoSteer:
             context_cache_tokens=result.restored_prompt_tokens,
             alignment=result.alignment,
             paused_steps=getattr(policy, "paused_steps", None),
+            steps=result.steps,
         )
 
     def close(self) -> None:

@@ -157,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"one of {', '.join(METHODS)}, or cos:LAMBDA, mix:W, unsure:W, bounded:B, ada:P "
                           "(default costeer, the paper's; auto is the recommended one)")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    gen.add_argument("--explain", action="store_true",
+                     help="per token: the cloud's own pick and probability, the fused probability and the steering "
+                          "term (in --json as `steps`; otherwise the tokens steering changed, on stderr)")
     _add_cloud_args(gen)
     _add_model_args(gen)
     _add_decoding_args(gen)
@@ -325,6 +328,7 @@ def _request(args: argparse.Namespace):
         stop=args.stop,
         system_prompt=args.system_prompt if args.system_prompt is not None else PAPER_SYSTEM_PROMPT,
         max_context_tokens=args.max_context_tokens,
+        explain=args.explain,
     )
 
 
@@ -343,6 +347,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"[{g.method}: {g.new_tokens} tokens in {g.elapsed_s:.1f} s, {g.tokens_per_second:.1f} tok/s]", file=sys.stderr)
         if g.traffic:
             print(f"[cloud traffic: {json.dumps(g.traffic)}]", file=sys.stderr)
+        if g.steps is not None:
+            changed = [s for s in g.steps if s.changed]
+            shown = ", ".join(f"{s.text!r} for {s.cloud_text!r}" for s in changed[:20])
+            print(f"[explain: steering changed {len(changed)} of {len(g.steps)} picks{': ' if changed else ''}{shown}"
+                  f"{', ...' if len(changed) > 20 else ''}]", file=sys.stderr)
         if g.alignment:
             a = g.alignment
             print(f"[tokenizers differ: steered on {a['shared_vocabulary']:,} shared tokens; {a['retokenized_steps']} "

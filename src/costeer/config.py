@@ -30,6 +30,7 @@ class GenerationRequest:
     stop: Sequence[str] = ()  # stop strings; kept as a tuple
     system_prompt: str | None = PAPER_SYSTEM_PROMPT  # a conversation's own system message replaces it
     max_context_tokens: int | None = None  # cut the private context to this many tokens
+    explain: bool = False  # record every pick in Generation.steps (explain.py)
 
     def __post_init__(self) -> None:
         make_policy(self.method, self.steering, self.fusion)  # an unknown method, weight or fusion
@@ -56,6 +57,7 @@ class GenerationRequest:
         stop: Sequence[str] = (),
         system_prompt: str | None = PAPER_SYSTEM_PROMPT,
         max_context_tokens: int | None = None,
+        explain: bool = False,
     ) -> GenerationRequest:
         """`CoSteer.generate`'s keyword arguments as a request: the sampling as its four
         values, or whole as `sampling` (as `generate_from_messages` always took it)."""
@@ -63,7 +65,7 @@ class GenerationRequest:
             sampling = SamplingConfig(temperature, top_p, top_k, seed)
         elif (temperature, top_p, top_k, seed) != (0.0, 1.0, 0, None):
             raise TypeError("give sampling=SamplingConfig(...) or temperature/top_p/top_k/seed, not both")
-        return cls(method, max_new_tokens, sampling, params, fusion, stop, system_prompt, max_context_tokens)
+        return cls(method, max_new_tokens, sampling, params, fusion, stop, system_prompt, max_context_tokens, explain)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ import numpy as np
 from .backends.base import StreamGroup, Streams, StreamSource
 from .certified import CertificationStats, Pick
 from .errors import UserError
+from .explain import TokenStep, explain_step
 from .methods import Policy, Role
 from .sampling import SamplingConfig, TokenPicker
 
@@ -35,6 +36,7 @@ class DecodeResult:
     traffic: dict | None = None  # remote groups' network counters, and certification
     restored_prompt_tokens: int = 0  # prompt tokens started from a saved state, not prefilled
     alignment: dict | None = None  # a device model of another vocabulary: how it kept in step
+    steps: list[TokenStep] | None = None  # with explain: one record per picked token (explain.py)
 
 
 class TextAssembler:
@@ -265,15 +267,19 @@ class _Tokens:
 
 def _token_loop(policy: Policy, groups: _Groups, decoder: StreamSource, picker: TokenPicker, max_new_tokens: int,
                 stop: Sequence[str], on_text: Callable[[str], None] | None, certification: CertificationStats,
-                start: float) -> _Tokens:
-    """Pick, show and feed tokens until an end of text, a stop string or `max_new_tokens`."""
+                start: float, steps: list[TokenStep] | None) -> _Tokens:
+    """Pick, show and feed tokens until an end of text, a stop string or `max_new_tokens`;
+    with `steps`, append each pick's explanation there."""
     eos = decoder.eos_token_ids
     text = TextAssembler(stop)
     tokens: list[int] = []
     first_token_s = 0.0
     finish = "length"
     while len(tokens) < max_new_tokens:
-        token = picker.pick(_decide_step(policy, groups, picker.config, certification).scores)
+        decision = _decide_step(policy, groups, picker.config, certification)
+        token = picker.pick(decision.scores)
+        if steps is not None:  # before chose(): a stateful policy explains the step it decided
+            steps.append(explain_step(policy, groups.distributions(), decision.scores, token, decoder.token_bytes))
         policy.chose(token)
         if not tokens:
             first_token_s = time.perf_counter() - start
@@ -303,9 +309,11 @@ def decode(
     max_new_tokens: int,
     stop: Sequence[str] = (),
     on_text: Callable[[str], None] | None = None,
+    explain: bool = False,
 ) -> DecodeResult:
     """Generate with `policy`. `prompts[i]` is the prompt of `policy.streams[i]`, as
     its model's `encode_chat` made it (token ids; a public chat for a remote cloud).
+    `explain`: record every pick (explain.py), at the cost of two log-softmaxes a step.
 
     Streams of the same model form one group that advances in lockstep (and is
     batched by the backend); every group is fed each chosen token. Where the policy
@@ -315,13 +323,14 @@ def decode(
     start = time.perf_counter()
     groups = _Groups(policy)
     certification = CertificationStats()
+    steps: list[TokenStep] | None = [] if explain else None
     try:
         groups.open(models, prompts, max_new_tokens, policy.first_cloud_k(picker.config))
         prefill_s = time.perf_counter() - start
         prompt_lengths = groups.prompt_lengths()
         policy.started(prompt_lengths)
         made = _token_loop(policy, groups, models[policy.streams[0].role], picker, max_new_tokens, stop, on_text,
-                           certification, start)
+                           certification, start, steps)
         traffic, alignment = groups.traffic(certification), groups.alignment()
     finally:
         groups.close()
@@ -336,4 +345,5 @@ def decode(
         elapsed_s=time.perf_counter() - start,
         restored_prompt_tokens=groups.restored_tokens(),
         alignment=alignment,
+        steps=steps,
     )

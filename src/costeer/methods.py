@@ -66,6 +66,11 @@ class Policy(ABC):
     def chose(self, token: int) -> None:
         """The token picked at this step (stateful policies update here, once a step)."""
 
+    def steering_at(self, dists: list[NextToken], token: int) -> float | None:
+        """The steering term this step added at `token`, in nats (explain.py); None for a
+        method that steers nothing. Called before `chose`, from the device's full vectors."""
+        return None
+
     # True for a policy that may leave the device streams unread for a while
     # (`device_paused`): the loop then feeds them the tokens in one batch when it
     # reads them again, instead of one forward pass a token
@@ -144,6 +149,13 @@ class CoSteerPolicy(Policy):
     def first_cloud_k(self, sampling: SamplingConfig) -> int | None:
         return None if self.fusion == "loop" else self.first_k
 
+    def steering_at(self, dists: list[NextToken], token: int) -> float | None:
+        """The step's steering term on the device's log-probabilities (c * delta), not on
+        its raw logits, which differ from them by a constant the fusion ignores."""
+        cloud, with_ctx, without_ctx = dists
+        normalized = (NextToken.local(log_softmax(d.logits)) for d in (with_ctx, without_ctx))
+        return float(self.step_steering(cloud, *normalized)[token])
+
     def decide(self, dists: list[NextToken], sampling: SamplingConfig) -> Decision:
         if self.fusion == "loop":
             return super().decide(dists, sampling)
@@ -211,6 +223,9 @@ class ContextSteering(Policy):
     def next_logprobs(self, logits: list[np.ndarray]) -> np.ndarray:
         with_ctx = log_softmax(logits[0])
         return with_ctx + self.lam * (with_ctx - log_softmax(logits[1]))
+
+    def steering_at(self, dists: list[NextToken], token: int) -> float | None:
+        return float(self.lam * local_delta(dists[0].logits, dists[1].logits)[token])
 
 
 class FixedWeightMix(CoSteerPolicy):
@@ -318,6 +333,11 @@ class AdaCoSteer(CoSteerPolicy):
         if self.device_paused and self._confident:
             return unsteered(cloud, sampling)  # dists[1:] never read: the device does not run
         return super().decide(dists, sampling)
+
+    def steering_at(self, dists: list[NextToken], token: int) -> float | None:
+        if self.device_paused and self._confident:
+            return 0.0  # the cloud alone picked: the device did not run this step
+        return super().steering_at(dists, token)
 
     def chose(self, token: int) -> None:
         if self.device_paused and self._confident:

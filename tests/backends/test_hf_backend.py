@@ -79,3 +79,20 @@ def test_context_longer_than_the_window_is_cut_not_crashed(tiny_hf_pair, library
     assert "private context cut" in library_stderr()
     with pytest.raises(UserError, match="no room for the context"):
         cs.generate("Write a note.", long_context, max_new_tokens=250)
+
+
+def test_explain_marks_the_picks_steering_changed(tiny_hf_pair):
+    """tests/core/test_explain.py checks the records' values on the NumPy models, which
+    forget the context within a few tokens (steering ~1e-6 nats); this pair's attention does not."""
+    cs = CoSteer(*tiny_hf_pair, quiet=True)
+    g = cs.generate("Write a note.", "I live in Tromso and I love skiing.", method="mix:4", max_new_tokens=16,
+                    explain=True)
+    alone = cs.generate("Write a note.", "I live in Tromso and I love skiing.", method="llm", max_new_tokens=1)
+    assert g.token_ids == cs.generate("Write a note.", "I live in Tromso and I love skiing.", method="mix:4",
+                                      max_new_tokens=16).token_ids
+    assert g.steps[0].cloud_token_id == alone.token_ids[0]  # the cloud's own pick, as the cloud alone makes it
+    changed = [s for s in g.steps if s.changed]
+    assert changed and len(changed) < len(g.steps)
+    for step in changed:  # steering made a token the cloud ranked lower the fused favourite
+        assert step.token_cloud_probability < step.cloud_probability and step.fused_probability > 0
+    cs.close()
