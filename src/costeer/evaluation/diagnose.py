@@ -74,33 +74,17 @@ def per_answer(answers: Sequence[tuple[str, Answers]], dataset_spec: str) -> str
 
 
 def per_token(dataset_spec: str, n_rows: int, max_new_tokens: int, costeer=None) -> str:
-    """Decode the first `n_rows` again with the paper's `costeer` (greedy), recording every
-    step. `costeer`: a CoSteer to take the two models from (default: the default models)."""
+    """Decode the first `n_rows` again with the paper's `costeer` (greedy), every step
+    explained (explain.py). `costeer`: a CoSteer to take the two models from (default:
+    the default models)."""
     from ..api import CoSteer
-    from ..decoding import decode
-    from ..fusion import SteeringParams, local_delta
-    from ..methods import CoSteerPolicy
-    from ..sampling import SamplingConfig, TokenPicker
 
     steps: list[tuple[float, bool, float]] = []  # cloud's top probability, flipped, c*delta at the pick
-
-    class Recording(CoSteerPolicy):
-        def decide(self, dists, sampling):
-            decision = super().decide(dists, sampling)
-            cloud, with_ctx, without_ctx = dists
-            pick = int(np.argmax(decision.scores))
-            own = int(np.argmax(cloud.logits))
-            c_delta = self.coefficient * float(local_delta(with_ctx.logits, without_ctx.logits)[pick])
-            steps.append((float(np.exp(cloud.top_logprob())), pick != own, c_delta))
-            return decision
-
     cs = costeer if costeer is not None else CoSteer(quiet=True, context_cache=False)
-    models = {"llm": cs.model("llm"), "slm": cs.model("slm")}
     for example in load_dataset(dataset_spec).examples[:n_rows]:
-        policy = Recording("costeer", SteeringParams())
-        prompts = [models["llm"].encode_chat(example.public), models["slm"].encode_chat(example.private),
-                   models["slm"].encode_chat(example.public)]
-        decode(policy, models, prompts, TokenPicker(SamplingConfig()), max_new_tokens)
+        g = cs.generate_from_messages(example.public, example.private, method="costeer",
+                                      max_new_tokens=max_new_tokens, explain=True)
+        steps += [(s.cloud_probability, s.changed, s.steering) for s in g.steps]
     p = np.array([s[0] for s in steps])
     flip = np.array([s[1] for s in steps])
     cd = np.array([s[2] for s in steps])
