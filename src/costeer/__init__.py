@@ -4,6 +4,7 @@ A cloud model writes; a small device model that alone reads the user's private
 context steers it token by token through its local delta.
 """
 
+from ._version import __version__
 from .context_cache import ContextCache
 from .errors import UserError
 from .fusion import SteeringParams, fuse_closed_form, fuse_ftrl_loop, local_delta, steering_coefficient
@@ -12,7 +13,6 @@ from .methods import METHODS
 from .prompts import PAPER_SYSTEM_PROMPT, load_context
 from .sampling import SamplingConfig
 
-__version__ = "0.1.0"
 __all__ = [
     "CloudConfig",
     "CoSteer",

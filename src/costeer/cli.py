@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from ._version import __version__
 from .transport.protocol import DEFAULT_LOOKAHEAD_MIN_P, MAX_LOOKAHEAD_NODES
 from .errors import UserError
 from .fusion import SteeringParams
@@ -144,6 +145,7 @@ def _add_steering_args(p: argparse.ArgumentParser, prompt_args: bool = True) -> 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="costeer", description="CoSteer: a cloud LLM steered by a private on-device model.")
+    parser.add_argument("--version", action="version", version=f"costeer {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     gen = sub.add_parser("generate", help="generate an answer")

@@ -114,7 +114,9 @@ def _costeer_options() -> dict[str, set[str]]:
 
     root = build_parser()
     sub_action = next(a for a in root._actions if isinstance(a, argparse._SubParsersAction))
-    return {name: options(sub) for name, sub in sub_action.choices.items()}
+    by_command = {name: options(sub) for name, sub in sub_action.choices.items()}
+    by_command[""] = {o for a in root._actions for o in a.option_strings}  # costeer's own (--version, --help)
+    return by_command
 
 
 def _commands(text: str) -> tuple[list[str], str]:
