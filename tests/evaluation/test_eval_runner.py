@@ -104,3 +104,19 @@ def test_a_report_names_its_dataset_relative_to_here_and_old_absolute_runs_resum
     assert str(tmp_path) not in report and str(tmp_path) not in (out / RUN_FILE).read_text()
     assert "# CoSteer evaluation: `data/ctx_dev.json`" in report
     assert len(keys(out / RESULTS)) == 2
+
+
+def test_a_folder_keeps_what_auto_stood_for_and_refuses_auto_answers_of_another(tmp_path, tiny_costeer, monkeypatch):
+    from costeer.evaluation import runner
+    from costeer.methods import AUTO_METHOD
+
+    data, out = write_split(tmp_path / "data", n=2), tmp_path / "out"
+    settings = dict(dataset=str(data), out=out, max_new_tokens=4)
+    report = run_eval(EvalSettings(**settings, methods=["llm", "auto"], limit=1), tiny_costeer)
+    assert json.loads((out / RUN_FILE).read_text())["config"]["auto"] == AUTO_METHOD
+    assert f"`auto` = `{AUTO_METHOD}`" in report.read_text()
+    monkeypatch.setattr(runner, "AUTO_METHOD", "mix:2")  # a new auto is chosen
+    with pytest.raises(UserError, match=f"`auto` answers from when auto was {AUTO_METHOD}; auto is now mix:2"):
+        run_eval(EvalSettings(**settings, methods=["llm", "auto"]), tiny_costeer)
+    run_eval(EvalSettings(**settings, methods=["llm", "mix:2"]), tiny_costeer)  # named methods go on
+    assert json.loads((out / RUN_FILE).read_text())["config"]["auto"] == AUTO_METHOD  # still on record

@@ -104,10 +104,12 @@ def write_report(out: Path, rows: list[dict], dataset: Dataset, run: RunInfo) ->
     )
     made = (f"{len(rows)} choices, each of the options scored as the answer" if choice else
             f"{len(rows)} answers; up to {config['max_new_tokens']} new tokens, {sampling} decoding")
+    auto = f"; `auto` = `{config['auto']}`" if "auto" in methods and "auto" in config else ""
     lines = [
         f"# CoSteer evaluation: `{run.config['dataset']}`",
         "",
-        f"{len(ids)} example{'' if len(ids) == 1 else 's'}, {len(methods)} methods ({', '.join(f'`{m}`' for m in methods)}), "
+        f"{len(ids)} example{'' if len(ids) == 1 else 's'}, {len(methods)} methods ({', '.join(f'`{m}`' for m in methods)}"
+        f"{auto}), "
         f"{made}. Means with 95% bootstrap confidence intervals (percentile method, {RESAMPLES} resamples).",
         "",
         "## Quality",

@@ -29,7 +29,7 @@ from ..config import GenerationRequest
 from ..default_models import DEFAULT_LLM, DEFAULT_SLM
 from ..errors import UserError
 from ..fusion import SteeringParams
-from ..methods import Fusion, make_policy
+from ..methods import AUTO_METHOD, Fusion, make_policy
 from ..sampling import SamplingConfig
 from .datasets import CHOICE_PREFIX, PREFERENCE_PREFIX, Dataset, Example, load_dataset
 from .metrics import Scorer, backfill, meteor_synonyms
@@ -153,9 +153,13 @@ def canonical_methods(methods: list[str], params: SteeringParams) -> list[str]:
 
 
 def _record_run(out: Path, settings: EvalSettings, fingerprint: dict, has_work: bool) -> RunInfo:
-    """Refuse a folder made with other settings; log this command if it will write rows."""
+    """Refuse a folder made with other settings; log this command if it will write rows.
+    `auto` names whichever method was chosen last (methods.AUTO_METHOD): the folder keeps
+    what it stood for when its `auto` answers were made, and refuses `auto` answers of
+    another. (Folders from before this record take the current one.)"""
     path = out / RUN_FILE
     commands: list[str] = []
+    auto = {"auto": AUTO_METHOD} if "auto" in settings.methods else {}
     if path.exists():
         try:
             previous = json.loads(path.read_text(encoding="utf-8"))
@@ -166,13 +170,19 @@ def _record_run(out: Path, settings: EvalSettings, fingerprint: dict, has_work: 
                    if old.get(k) != v and not (k == "dataset" and _same_dataset(str(old.get(k)), v))]
         if changed:
             raise UserError(f"{out} holds results made with other settings ({'; '.join(changed)}): use another --out")
+        if auto and old.get("auto", AUTO_METHOD) != AUTO_METHOD:
+            raise UserError(f"{out} holds `auto` answers from when auto was {old['auto']}; auto is now {AUTO_METHOD}: "
+                            f"use another --out, or name the method ({AUTO_METHOD}) instead of auto")
+        if "auto" in old:
+            auto = {"auto": old["auto"]}  # kept for a later run that asks for auto again
         if old.get("dataset") != fingerprint["dataset"]:  # an older run's absolute path: say it as we do now
             commands = [c.replace(shlex.quote(str(old.get("dataset"))), shlex.quote(fingerprint["dataset"]))
                         for c in commands]
     if has_work or not commands:
         commands.append(settings.as_command())
-    _write_atomic(path, (json.dumps({"config": fingerprint, "commands": commands}, indent=2) + "\n").encode("utf-8"))
-    return RunInfo(fingerprint, commands)
+    config = fingerprint | auto
+    _write_atomic(path, (json.dumps({"config": config, "commands": commands}, indent=2) + "\n").encode("utf-8"))
+    return RunInfo(config, commands)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
