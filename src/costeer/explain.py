@@ -74,5 +74,7 @@ def explain_step(policy: Policy, dists: list[NextToken], scores: np.ndarray, tok
         fused_probability=fused,
         steering=steering,
         changed=cloud_token is not None and cloud_token != token,
-        exact=all(d.complete for d in dists),
+        # only a remote cloud sends part of a distribution; reading the device's streams
+        # here would make a paused device (ada) run
+        exact=all(dists[i].complete for i, spec in enumerate(policy.streams) if spec.role == "llm"),
     )

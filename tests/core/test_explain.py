@@ -78,3 +78,20 @@ def test_the_cli_takes_explain():
     args = build_parser().parse_args(["generate", "--prompt", "x", "--explain", "--json"])
     assert args.explain is True
 
+
+
+def test_explaining_ada_leaves_its_device_paused():
+    """Records of paused steps read only the cloud: the device still skips its passes."""
+    from costeer import CoSteer
+    from support.fakes import NumpyModel
+
+    runs = {}
+    for explain in (False, True):
+        cs = CoSteer(llm=NumpyModel(1), slm=NumpyModel(2, sharpness=1.0), context_cache=False)
+        g = cs.generate(PROMPT, "My name is Ingrid and I live in Tromso.", method="ada:0.3", max_new_tokens=40,
+                        explain=explain)
+        runs[explain] = (g, cs.model("slm").forward_passes)
+    (plain, passes), (explained, explained_passes) = runs[False], runs[True]
+    assert explained.token_ids == plain.token_ids and explained_passes == passes
+    assert 0 < explained.paused_steps == plain.paused_steps
+    assert sum(s.steering == 0.0 for s in explained.steps) >= explained.paused_steps
