@@ -65,3 +65,30 @@ def test_two_runs_cannot_write_the_same_folder(tmp_path):
             ResultsStore(path).__enter__()
     with ResultsStore(path):  # released on close
         pass
+
+
+@pytest.mark.parametrize("how", ["replaced by an older copy", "removed", "replaced by a copy with a row of its own"])
+def test_a_file_replaced_under_a_running_store_gets_every_row(tmp_path, how, caplog):
+    """A git checkout or stash replaces results.jsonl while a run appends to it: the run's
+    open handle would go on writing to a deleted file, and its rows would be lost."""
+    path = tmp_path / "results.jsonl"
+    with ResultsStore(path) as store:
+        store.append(row(0))
+        older = path.read_bytes()
+        store.append(row(1))
+        if how == "removed":
+            path.unlink()
+        else:
+            extra = (json.dumps(row(9, "costeer")) + "\n").encode() if "own" in how else b""
+            replacement = tmp_path / "replacement"
+            replacement.write_bytes(older + extra)
+            replacement.replace(path)  # a new file (inode) at the path, as git writes one
+        store.append(row(2))
+        store.append(row(3))
+        assert {"t0", "t1", "t2", "t3"} <= {r["id"] for r in store.rows}
+    kept = [(r["id"], r["method"]) for r in lines(path)]
+    assert sorted(kept) == sorted([(f"t{i}", "llm") for i in range(4)] + ([("t9", "costeer")] if "own" in how else []))
+    assert len(kept) == len(set(kept))  # nothing twice
+    assert "was replaced while this run wrote to it" in caplog.text
+    with ResultsStore(path) as again:  # and a resume sees them all
+        assert again.done(("t3", "llm")) and again.done(("t1", "llm"))
