@@ -278,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--methods", default="llm,costeer",
                     help="comma-separated methods (default llm,costeer): those of generate, cos, cos:LAMBDA, mix:W")
     ev.add_argument("--limit", type=_positive_int, default=None, help="only the first N examples")
+    ev.add_argument("--no-figures", action="store_true",
+                    help="write report.md without its PNG figures (the same tables, about a second less a run)")
     _add_model_args(ev)
     _add_decoding_args(ev, prompt_args=False)
 
@@ -572,6 +574,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         limit=args.limit, max_new_tokens=args.max_new_tokens, seed=args.seed, temperature=args.temperature,
         top_p=args.top_p, top_k=args.top_k, params=_steering(args), fusion=args.fusion, stop=args.stop,
         llm=args.llm, slm=args.slm, backend=args.backend, context_cache=not args.no_context_cache,
+        figures=not args.no_figures,
     )
     print(f"report: {run_eval(settings)}")
     return 0

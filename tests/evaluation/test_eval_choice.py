@@ -18,7 +18,7 @@ def test_each_method_picks_the_option_likeliest_per_token_and_the_report_gives_a
     data = write_prefeval(tmp_path / "mcq")
     out = tmp_path / "out"
     methods = ["llm", "costeer", "mix:4", "llm-context"]
-    report = run_eval(EvalSettings(dataset=f"prefeval-mcq:{data}", out=out, methods=methods, limit=2), tiny_costeer)
+    report = run_eval(EvalSettings(dataset=f"prefeval-mcq:{data}", out=out, methods=methods, limit=2, figures=False), tiny_costeer)
     rows = [json.loads(line) for line in (out / RESULTS).read_text().splitlines()]
     assert [(r["id"], r["method"]) for r in rows] == [(i, m) for i in ("pets-000", "travel-000") for m in methods]
     examples = {e.id: e for e in load_dataset(f"prefeval-mcq:{data}").examples}
@@ -41,7 +41,7 @@ def test_each_method_picks_the_option_likeliest_per_token_and_the_report_gives_a
     config = json.loads((out / RUN_FILE).read_text())["config"]
     assert config["dataset"].startswith("prefeval-mcq:") and "highest mean log-probability" in config["choice"]
 
-    run_eval(EvalSettings(dataset=f"prefeval-mcq:{data}", out=out, methods=methods), tiny_costeer)  # resume: 1 more
+    run_eval(EvalSettings(dataset=f"prefeval-mcq:{data}", out=out, methods=methods, figures=False), tiny_costeer)  # resume: 1 more
     rows = [json.loads(line) for line in (out / RESULTS).read_text().splitlines()]
     assert len(rows) == 12 and {r["id"] for r in rows[8:]} == {"travel-001"}
 
@@ -51,7 +51,7 @@ def test_options_a_method_rules_out_tie_and_count_as_a_draw_not_a_win(tmp_path, 
     that hold one all score -inf, and the first (right) option must not win the tie."""
     data = write_prefeval(tmp_path / "mcq", {"pets": 1})
     out = tmp_path / "out"
-    run_eval(EvalSettings(dataset=f"prefeval-mcq:{data}", out=out, methods=["llm", "costeer-plausible"]), tiny_costeer)
+    run_eval(EvalSettings(dataset=f"prefeval-mcq:{data}", out=out, methods=["llm", "costeer-plausible"], figures=False), tiny_costeer)
     row = [json.loads(line) for line in (out / RESULTS).read_text().splitlines()][1]
     means = row["option_mean_logprobs"]
     assert row["tied"] == sum(m == max(means) for m in means) >= 2 and max(means) == float("-inf")

@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import Callable
 
 from ..fusion import SteeringParams
 from . import plots
@@ -81,7 +82,15 @@ def _versions() -> list[str]:
     return lines
 
 
-def write_report(out: Path, rows: list[dict], dataset: Dataset, run: RunInfo) -> Path:
+def _figure(folder: Path | None, name: str, caption: str, draw: Callable[[Path], object]) -> list[str]:
+    """Draw a figure into `folder` and return its Markdown; without a folder, nothing."""
+    if folder is None:
+        return []
+    draw(folder / name)
+    return ["", f"![{caption}]({name})", ""]
+
+
+def write_report(out: Path, rows: list[dict], dataset: Dataset, run: RunInfo, figures: bool = True) -> Path:
     methods = ordered_methods(rows)
     choice = dataset.multiple_choice
     metrics = [ACCURACY] if choice else quality_metrics(dataset.preference)
@@ -120,12 +129,14 @@ def write_report(out: Path, rows: list[dict], dataset: Dataset, run: RunInfo) ->
     for m in methods:
         cells = [_fmt_ci(table[m][k], k) for k in [x.key for x in metrics] + extra]
         lines.append(f"| `{m}` | {len(by_method[m])} | " + " | ".join(cells) + " |")
-    plots.quality_bars(out / "quality_bars.png", methods, metrics, table)
-    lines += ["", "![Quality by method](quality_bars.png)", "", *_metric_notes(dataset, config), ""]
+    drawn = out if figures else None
+    lines += _figure(drawn, "quality_bars.png", "Quality by method",
+                     lambda path: plots.quality_bars(path, methods, metrics, table)) or [""]
+    lines += [*_metric_notes(dataset, config), ""]
     lines += _paired_section(methods, metrics, by_method)
-    lines += _weight_section(out, methods, by_method, table, headline, config)
+    lines += _weight_section(drawn, methods, by_method, table, headline, config)
     if not choice:
-        lines += _speed_section(out, methods, by_method, table, headline)
+        lines += _speed_section(drawn, methods, by_method, table, headline)
         lines += _samples_section(methods, by_method, examples, ids)
     lines += [
         "## How this report was made",
@@ -216,7 +227,7 @@ def _paired_section(methods: list[str], metrics: list[Metric], by_method: dict[s
     return lines
 
 
-def _weight_section(out, methods, by_method, table, headline: Metric, config: dict) -> list[str]:
+def _weight_section(figures: Path | None, methods, by_method, table, headline: Metric, config: dict) -> list[str]:
     """Where CoSteer's c sits on the curve of B + w*delta (llm is w = 0, mix:w are the sweep)."""
     sweep = [(0.0, BASELINE, table[BASELINE][headline.key])] if BASELINE in methods else []
     sweep += [(float(m.split(":", 1)[1]), m, table[m][headline.key]) for m in methods if m.startswith("mix:")]
@@ -228,7 +239,6 @@ def _weight_section(out, methods, by_method, table, headline: Metric, config: di
     if not any(m.startswith("mix:") for m in methods):
         return []
     paper_c = SteeringParams().coefficient
-    plots.weight_curve(out / "weight_curve.png", sweep, marked, paper_c, headline)
     lines = [
         "## Steering weight",
         "",
@@ -243,17 +253,15 @@ def _weight_section(out, methods, by_method, table, headline: Metric, config: di
     ]
     for w, m, e in sorted(sweep + marked):
         lines.append(f"| {w:.3f} | `{m}` | {_fmt_ci(e, headline.key)} |")
-    lines += ["", "![Quality vs steering weight](weight_curve.png)", ""]
-    return lines
+    return lines + (_figure(figures, "weight_curve.png", "Quality vs steering weight",
+                            lambda path: plots.weight_curve(path, sweep, marked, paper_c, headline)) or [""])
 
 
-def _speed_section(out, methods, by_method, table, headline: Metric) -> list[str]:
+def _speed_section(figures: Path | None, methods, by_method, table, headline: Metric) -> list[str]:
     def mean(m: str, key: str) -> float:
         values = [r[key] for r in by_method[m].values()]
         return sum(values) / len(values)
 
-    plots.quality_vs_speed(out / "quality_vs_speed.png", methods, {m: table[m][SPEED.key] for m in methods},
-                           {m: table[m][headline.key] for m in methods}, headline)
     lines = [
         "## Speed",
         "",
@@ -265,7 +273,9 @@ def _speed_section(out, methods, by_method, table, headline: Metric) -> list[str
     for m in methods:
         lines.append(f"| `{m}` | {_fmt(mean(m, 'new_tokens'), 'new_tokens')} | {_fmt_ci(table[m][SPEED.key], '')} | "
                      f"{_fmt(mean(m, 'time_to_first_token_s'))} | {_fmt(mean(m, 'prefill_s'))} |")
-    return lines + ["", "![Quality vs speed](quality_vs_speed.png)", ""]
+    return lines + (_figure(figures, "quality_vs_speed.png", "Quality vs speed", lambda path: plots.quality_vs_speed(
+        path, methods, {m: table[m][SPEED.key] for m in methods}, {m: table[m][headline.key] for m in methods},
+        headline)) or [""])
 
 
 def _samples_section(methods, by_method, examples, ids: list[str]) -> list[str]:

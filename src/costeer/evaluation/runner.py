@@ -76,6 +76,7 @@ class EvalSettings:
     slm: str | None = None
     backend: str = "auto"
     context_cache: bool = True  # exact, so not part of the fingerprint
+    figures: bool = True  # the report's PNG figures (the tables are the same without)
 
     def request(self) -> GenerationRequest:
         """What every answer is asked with; each (example, method) changes the method and the seed."""
@@ -117,6 +118,7 @@ class EvalSettings:
         for flag, value in (("--llm", self.llm), ("--slm", self.slm)):
             args += [flag, value] if value else []
         args += ["--backend", self.backend] + ([] if self.context_cache else ["--no-context-cache"])
+        args += [] if self.figures else ["--no-figures"]
         return shlex.join(["costeer", "eval", *args])
 
 
@@ -230,7 +232,7 @@ def run_eval(settings: EvalSettings, costeer=None) -> Path:
             (_choose if dataset.multiple_choice else _generate)(settings, request, todo, total, store, costeer)
         log.info("costeer eval: %s of %s answers were already in %s; wrote %s",  # `costeer eval` shows INFO
                  total - len(todo), total, out / RESULTS, len(todo))
-        return write_report(out, backfill(store.rows), dataset, run)
+        return write_report(out, backfill(store.rows), dataset, run, settings.figures)
 
 
 @contextmanager
