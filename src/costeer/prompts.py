@@ -125,16 +125,22 @@ def _read_context_file(path: Path) -> bytes:
         raise UserError(f"cannot read context file {path}: {exc.strerror}") from None
 
 
-def load_context(files: Sequence[str | Path] = (), text: str | None = None, *,
-                 text_from_command_line: bool = False, stdin: BinaryIO | None = None) -> str:
-    """Concatenate context sources: files (plain text, Markdown or JSON; a folder: its
-    files in name order; "-": stdin, read as plain text) then inline text.
+@dataclass(frozen=True)
+class ContextSource:
+    """One source of the private context: `name` (the path as given, "<stdin>" or
+    "--context-text"), `size_bytes` as read, and `text` as it goes into the context."""
 
-    `text_from_command_line`: `text` came from argv, so warn (one line on stderr) that
-    other local users can read it. `stdin`: where "-" reads from (default sys.stdin's bytes)."""
+    name: str
+    size_bytes: int
+    text: str
+
+
+def load_context_sources(files: Sequence[str | Path] = (), text: str | None = None, *,
+                         text_from_command_line: bool = False, stdin: BinaryIO | None = None) -> list[ContextSource]:
+    """`load_context`'s sources one by one, for what shows them by name (the proxy's chat page)."""
     if text is not None and text_from_command_line:
         log.warning(INLINE_TEXT_WARNING)
-    sections: list[str] = []
+    sources: list[ContextSource] = []
     for path in _context_files(files):
         if path is None:
             if stdin is None and sys.stdin is None:  # started with stdin closed
@@ -157,10 +163,24 @@ def load_context(files: Sequence[str | Path] = (), text: str | None = None, *,
             except json.JSONDecodeError as exc:  # position only: never echo private content
                 raise UserError(f"context file {path} is not valid JSON (line {exc.lineno}, column {exc.colno})") from None
         if raw.strip():  # a JSON file may render to nothing
-            sections.append(raw.strip())
+            sources.append(ContextSource(str(path), len(data), raw.strip()))
     if text and text.strip():
-        sections.append(text.strip())
-    return "\n\n".join(sections)
+        sources.append(ContextSource("--context-text", len(text.encode("utf-8")), text.strip()))
+    return sources
+
+
+def join_context(sources: Sequence[ContextSource]) -> str:
+    return "\n\n".join(source.text for source in sources)
+
+
+def load_context(files: Sequence[str | Path] = (), text: str | None = None, *,
+                 text_from_command_line: bool = False, stdin: BinaryIO | None = None) -> str:
+    """Concatenate context sources: files (plain text, Markdown or JSON; a folder: its
+    files in name order; "-": stdin, read as plain text) then inline text.
+
+    `text_from_command_line`: `text` came from argv, so warn (one line on stderr) that
+    other local users can read it. `stdin`: where "-" reads from (default sys.stdin's bytes)."""
+    return join_context(load_context_sources(files, text, text_from_command_line=text_from_command_line, stdin=stdin))
 
 
 def json_to_text(value: object, indent: int = 0) -> str:

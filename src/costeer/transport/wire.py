@@ -7,6 +7,7 @@ characters before it reaches a message or a terminal (`printable`)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -131,9 +132,30 @@ class WireClient:
         self.timeout_s = timeout_s
         self.max_reply_bytes = max_reply_bytes
         self._log = WireLog(wire_log) if wire_log else None
+        self._recordings: list[list[dict]] = []  # open `recording()` blocks
         self._half_rtt_s = max(0.0, simulate_rtt_ms) / 2000.0
         self.counters = WireCounters()
         self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[list[dict]]:
+        """A list that receives every record the wire log writes while the block runs: what
+        one generation sent and received (the proxy's chat page shows it)."""
+        records: list[dict] = []
+        with self._lock:
+            self._recordings.append(records)
+        try:
+            yield records
+        finally:
+            with self._lock:
+                self._recordings.remove(records)
+
+    def _record(self, record: dict) -> None:
+        if self._log:
+            self._log.write(record)
+        with self._lock:
+            for records in self._recordings:
+                records.append(record)
 
     def request(self, method: str, path: str, payload: dict | None = None) -> dict | None:
         response = self._send(method, path, payload)
@@ -178,9 +200,8 @@ class WireClient:
     def _send(self, method: str, path: str, payload: dict | None) -> httpx.Response:
         """Log, wait half the simulated RTT, send, count; the answer's body is left unread."""
         body = json.dumps(payload).encode() if payload is not None else b""
-        if self._log:
-            self._log.write({"ts": time.time(), "direction": "device->cloud", "method": method, "path": path,
-                             "bytes": len(body), "body": payload})
+        self._record({"ts": time.time(), "direction": "device->cloud", "method": method, "path": path,
+                      "bytes": len(body), "body": payload})
         if self._half_rtt_s:
             time.sleep(self._half_rtt_s)
         try:
@@ -202,9 +223,8 @@ class WireClient:
             data = json.loads(body) if body else None
         except ValueError:
             data = {"text": body[:500].decode("utf-8", errors="replace")}
-        if self._log:
-            self._log.write({"ts": time.time(), "direction": "cloud->device", "path": path, "status": status,
-                             "bytes": len(body), "body": data})
+        self._record({"ts": time.time(), "direction": "cloud->device", "path": path, "status": status,
+                      "bytes": len(body), "body": data})
         return data
 
     def _raise_for_status(self, method: str, path: str, response: httpx.Response, body: bytes, data: object) -> None:
@@ -234,9 +254,8 @@ class WireClient:
     def _received(self, path: str, line: bytes, record: object) -> None:
         with self._lock:
             self.counters.bytes_from_cloud += len(line) + 1
-        if self._log:
-            self._log.write({"ts": time.time(), "direction": "cloud->device", "path": path, "status": 200,
-                             "bytes": len(line) + 1, "body": record})
+        self._record({"ts": time.time(), "direction": "cloud->device", "path": path, "status": 200,
+                      "bytes": len(line) + 1, "body": record})
 
     def close(self) -> None:
         self._http.close()
