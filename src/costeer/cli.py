@@ -487,7 +487,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_proxy(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from .prompts import PAPER_SYSTEM_PROMPT, load_context
+    from .prompts import PAPER_SYSTEM_PROMPT, join_context, load_context_sources
     from .transport.guard import is_loopback
     from .proxy.access import MethodAllowList, ProxyAccess, proxy_key
     from .proxy.app import serve_proxy
@@ -503,7 +503,8 @@ def cmd_proxy(args: argparse.Namespace) -> int:
     access = ProxyAccess(api_key=given, host=args.host, port=args.port, allow_hosts=tuple(args.allow_host),
                          allow_origins=tuple(args.allow_origin), max_body_bytes=args.max_body_bytes,
                          methods=MethodAllowList.parse(args.methods), max_queue=args.max_queue)
-    context = load_context(args.context, args.context_text, text_from_command_line=True)
+    context_sources = load_context_sources(args.context, args.context_text, text_from_command_line=True)
+    context = join_context(context_sources)
     defaults = ProxyDefaults(max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                              top_k=args.top_k, seed=args.seed, stop=tuple(args.stop), params=_steering(args),
                              fusion=args.fusion, max_context_tokens=args.max_context_tokens,
@@ -529,7 +530,7 @@ def cmd_proxy(args: argparse.Namespace) -> int:
         print(f"costeer: OpenAI-compatible endpoint on http://{args.host}:{args.port}/v1 (cloud: "
               f"{cs.cloud_url or 'embedded'}; private context: {len(context):,} characters from {sources} "
               f"source{'s' * (sources != 1)}); the model field picks the method, see /v1/models", file=sys.stderr)
-        serve_proxy(cs, context, defaults, access)
+        serve_proxy(cs, context_sources, defaults, access)  # by source: the chat page lists their names and sizes
     finally:
         cs.close()
     return 0

@@ -26,6 +26,7 @@ from costeer.transport.guard import uvicorn_config
 from costeer.proxy.access import PARAMETER_RANGES, MethodAllowList, ProxyAccess, proxy_key, proxy_key_path
 from costeer.proxy.app import create_proxy_app
 from costeer.proxy.errors import ApiError
+from costeer.proxy.page import PAGE_PATHS
 from costeer.proxy.schema import ProxyDefaults
 from support.fakes import NumpyModel, SlowEndlessModel
 from support.fuzz import examples
@@ -116,8 +117,9 @@ def test_a_refused_request_is_an_openai_error_and_does_no_model_work(proxy, name
         assert error["param"] == "model" and "costeer" in error["message"] and "auto" in error["message"]
 
 
-@pytest.mark.parametrize("path", ["/v1/models", "/v1/models/costeer", "/openapi.json", "/", "/docs", "/healthz"])
-def test_nothing_is_served_without_the_key(proxy, path):
+@pytest.mark.parametrize("path", ["/v1/models", "/v1/models/costeer", "/v1/costeer/context", "/openapi.json", "/docs",
+                                  "/healthz"])
+def test_nothing_is_served_without_the_key(proxy, path):  # but the chat page (test_chat_page.py)
     url = proxy[0]
     assert_openai_error(httpx.get(f"{url}{path}"), 401, "unauthorized")
     # with it: the API and its schema; no docs page (it would load scripts from a CDN)
@@ -157,7 +159,7 @@ def test_allowed_host_names_and_origins_can_be_added():
     assert policy.allowed_hosts == {"localhost", "127.0.0.1", "::1", "box.lan"}  # 0.0.0.0 is no name
     assert policy.allowed_origins == {"http://localhost:9000", "http://127.0.0.1:9000", "http://[::1]:9000",
                                       "http://box.lan:9000", "https://app.example:3000"}
-    assert policy.api_keys == (KEY,) and policy.open_paths == frozenset() and policy.require_json
+    assert policy.api_keys == (KEY,) and policy.open_paths == PAGE_PATHS and policy.require_json
     assert ProxyAccess(api_key=KEY, host="192.168.1.5").guard_policy().allowed_hosts >= {"192.168.1.5"}
     assert ProxyAccess(api_key=None).guard_policy().api_keys == ()
     for origin in ("app.example", "ftp://x", "http://x/path"):
@@ -386,7 +388,8 @@ def every_log():
 # the suite runs a twentieth of the full 2,000-odd cases (about 6 s; test_proxy_fuzz.py
 # fuzzes the same schema in process, 50 cases an operation); COSTEER_FUZZ_FULL=1 runs them
 # all (about 110 s)
-_FULL = {"POST /v1/chat/completions": 1400, "GET /v1/models/{name}": 600, "GET /v1/models": 50}
+_FULL = {"POST /v1/chat/completions": 1400, "GET /v1/models/{name}": 600, "GET /v1/models": 50,
+         "GET /v1/costeer/context": 50}
 FUZZ_CASES = {k: examples(max(10, v // 20), v) for k, v in _FULL.items()}
 SERVED = "costeer,auto,llm,slm,slm-context,light,costeer-plausible,mix,unsure,bounded,cos:*,ada:*"
 # models the fuzz puts into a generated body now and then, so that many cases generate

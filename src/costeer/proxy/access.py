@@ -15,6 +15,7 @@ from ..errors import UserError
 from ..methods import METHODS, PARAMETRIC_METHODS, make_policy
 from ..transport.guard import GuardPolicy, check_keys, host_name, local_origins, loopback_hosts
 from .errors import ApiError, one_line
+from .page import PAGE_PATHS
 from .schema import DEFAULT_MODEL
 
 # The numbers a proxy takes after a parametric method's colon (methods.py reads each as
@@ -156,7 +157,8 @@ class ProxyAccess:
 
     def guard_policy(self) -> GuardPolicy:
         origins = local_origins(self.hosts(), self.port) | {o.lower().rstrip("/") for o in self.allow_origins}
-        return GuardPolicy(api_keys=(self.api_key,) if self.api_key else (), open_paths=frozenset(),
+        # the chat page holds no secret, and a browser opening it cannot send the key: served without
+        return GuardPolicy(api_keys=(self.api_key,) if self.api_key else (), open_paths=PAGE_PATHS,
                            allowed_hosts=self.hosts(), allowed_origins=origins, require_json=True,
                            max_body_bytes=self.max_body_bytes, max_in_flight=max(64, 4 * self.max_queue),
                            host_hint=" (allow it with --allow-host)", origin_hint=" (allow an origin with --allow-origin)")

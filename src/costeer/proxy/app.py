@@ -29,13 +29,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import secrets
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Callable, Sequence, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -45,16 +46,23 @@ from starlette.exceptions import HTTPException
 from ..api import CoSteer, Generation, GenerationRequest
 from ..backends.base import check_window
 from ..errors import UserError
-from ..prompts import build_prompts
+from ..methods import DEFAULT_TOP_K, make_policy
+from ..prompts import ContextSource, PublicChat, build_prompts, join_context
 from ..sampling import SamplingConfig
 from ..transport.guard import Guard, serve_app
+from ..transport.wire import WireClient
 from .access import ProxyAccess
+from .crossing import embedded_record, split_record
 from .errors import ApiError, Cancelled, classify, invalid_request, one_line, render_guard_error
+from .page import PAGE_ASSETS
 from .schema import ChatRequest, ProxyDefaults
 
 # While a request waits for its first token (queued or prefilling), how often to look
 # whether its client went away: a queued request that nobody awaits is skipped.
 DISCONNECT_POLL_S = 0.25
+
+
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -87,17 +95,32 @@ class _Job:
         self.post("text", piece)
 
 
-def _usage(g: Generation, public_tokens: int) -> dict:
-    prompt = g.prompt_tokens.get("llm_public", g.prompt_tokens.get("slm_public", public_tokens))
-    return {"prompt_tokens": prompt, "completion_tokens": g.new_tokens, "total_tokens": prompt + g.new_tokens}
+@dataclass(frozen=True)
+class _Answer:
+    """A finished generation, and what the request's costeer options asked for besides."""
 
+    g: Generation
+    public_tokens: int
+    wire: dict | None = None  # with costeer.wire: what crossed to the cloud (crossing.py)
 
-def _extension(g: Generation) -> dict:
-    """The `costeer` field: what OpenAI's response has no place for."""
-    return {"method": g.method, "traffic": g.traffic, "context_tokens_reused": g.context_cache_tokens,
-            "context_truncated": g.context_truncated, "prompt_tokens": g.prompt_tokens,
-            "elapsed_s": round(g.elapsed_s, 4), "time_to_first_token_s": round(g.time_to_first_token_s, 4),
-            "tokens_per_second": round(g.tokens_per_second, 2)}
+    def usage(self) -> dict:
+        g = self.g
+        prompt = g.prompt_tokens.get("llm_public", g.prompt_tokens.get("slm_public", self.public_tokens))
+        return {"prompt_tokens": prompt, "completion_tokens": g.new_tokens, "total_tokens": prompt + g.new_tokens}
+
+    def extension(self) -> dict:
+        """The `costeer` field: what OpenAI's response has no place for; `steps` and `wire`
+        only when the request asked for them."""
+        g = self.g
+        fields = {"method": g.method, "traffic": g.traffic, "context_tokens_reused": g.context_cache_tokens,
+                  "context_truncated": g.context_truncated, "prompt_tokens": g.prompt_tokens,
+                  "elapsed_s": round(g.elapsed_s, 4), "time_to_first_token_s": round(g.time_to_first_token_s, 4),
+                  "tokens_per_second": round(g.tokens_per_second, 2)}
+        if g.steps is not None:
+            fields["steps"] = [step.to_dict() for step in g.steps]
+        if self.wire is not None:
+            fields["wire"] = self.wire
+        return fields
 
 
 def _finish_reason(g: Generation) -> str:
@@ -114,12 +137,22 @@ class _Worker:
         self._lock = threading.Lock()
         self.live: set[_Job] = set()  # queued or running
 
+    def _started(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="costeer-proxy")
+        return self._pool
+
     def submit(self, job: _Job, work: Callable[[], None]) -> None:
         with self._lock:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="costeer-proxy")
             self.live.add(job)
-            job.loop.run_in_executor(self._pool, work)
+            job.loop.run_in_executor(self._started(), work)
+
+    async def call(self, work: Callable[[], _T]) -> _T:
+        """`work` on the generation thread, after the generations queued before it (the
+        models are not thread-safe); not counted in the queue."""
+        with self._lock:
+            pool = self._started()
+        return await asyncio.get_running_loop().run_in_executor(pool, work)
 
     def done(self, job: _Job) -> None:
         with self._lock:
@@ -154,12 +187,15 @@ def _sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-def create_proxy_app(costeer: CoSteer, context: str = "", defaults: ProxyDefaults = ProxyDefaults(), *,
-                     access: ProxyAccess) -> Guard:
+def create_proxy_app(costeer: CoSteer, context: str | Sequence[ContextSource] = "",
+                     defaults: ProxyDefaults = ProxyDefaults(), *, access: ProxyAccess) -> Guard:
     """The proxy's app behind its guard: `costeer` generates (the caller closes it),
-    `context` is added to every request on the device, `defaults` fill what a request
-    leaves out, `access` says who may ask. The guard passes attributes through to the
-    FastAPI app (app.state.stats); its own refusals are counted in app.stats."""
+    `context` (text, or its sources by name: load_context_sources) is added to every
+    request on the device, `defaults` fill what a request leaves out, `access` says who
+    may ask. The guard passes attributes through to the FastAPI app (app.state.stats);
+    its own refusals are counted in app.stats."""
+    sources = _context_sources(context)
+    context = join_context(sources)
     worker = _Worker()
     methods = access.methods
     remote = costeer.cloud_url is not None
@@ -206,7 +242,24 @@ def create_proxy_app(costeer: CoSteer, context: str = "", defaults: ProxyDefault
     def get_model(name: str) -> dict:
         return model_card(methods.resolve(name))
 
-    def generate(body: ChatRequest, method: str, job: _Job) -> tuple[Generation, int]:
+    for path, asset in PAGE_ASSETS.items():  # the chat page (page.py): served without the key
+        app.add_api_route(path, asset.response, methods=["GET"], include_in_schema=False)
+
+    @functools.cache
+    def context_summary() -> dict:
+        device = costeer.model("slm")
+        listed = [{"name": s.name, "bytes": s.size_bytes, "tokens": len(device.tokenize(s.text, special=False))}
+                  for s in sources]
+        return {"object": "costeer.context", "sources": listed, "sent_to_cloud": False,
+                "tokens": sum(s["tokens"] for s in listed), "bytes": sum(s["bytes"] for s in listed)}
+
+    @app.get("/v1/costeer/context")
+    async def private_context() -> dict:
+        """The private context's sources by name and size (bytes, the device model's tokens):
+        never its text. It goes into no request to the cloud."""
+        return await worker.call(context_summary)  # the tokenizer is the device model's: on its thread
+
+    def generate(body: ChatRequest, method: str, job: _Job) -> _Answer:
         """On the worker thread: check the request against the device model, then generate."""
         if job.cancelled.is_set():  # its client left while it was queued
             raise Cancelled
@@ -219,16 +272,33 @@ def create_proxy_app(costeer: CoSteer, context: str = "", defaults: ProxyDefault
             # the public prompt must fit the device model (which reads it too) with the new tokens;
             # refused here, before a remote cloud is asked, so it is the client's 400, not a cloud error
             device = costeer.model("slm")
-            public_tokens = len(device.encode_chat(build_prompts(messages, "", defaults.system_prompt).public))
+            public = build_prompts(messages, "", defaults.system_prompt).public
+            public_tokens = len(device.encode_chat(public))
             check_window(device.name, device.context_window, public_tokens, max_tokens)
         except UserError as exc:
             raise ApiError(400, one_line(str(exc)), param="messages") from None
         stop = defaults.stop if body.stop is None else [body.stop] if isinstance(body.stop, str) else body.stop
+        options = body.costeer
         request = GenerationRequest(method=method, max_new_tokens=max_tokens, sampling=sampling,
                                     steering=defaults.params, fusion=defaults.fusion, stop=stop,
-                                    system_prompt=defaults.system_prompt, max_context_tokens=defaults.max_context_tokens)
+                                    system_prompt=defaults.system_prompt, max_context_tokens=defaults.max_context_tokens,
+                                    explain=bool(options and options.steps))
+        if not (options and options.wire):
+            return _Answer(costeer.generate(messages, context, request, on_text=job.on_text), public_tokens)
+        if remote:
+            with _wire_of(costeer).recording() as records:
+                g = costeer.generate(messages, context, request, on_text=job.on_text)
+            return _Answer(g, public_tokens, split_record(records))
         g = costeer.generate(messages, context, request, on_text=job.on_text)
-        return g, public_tokens
+        return _Answer(g, public_tokens, would_cross(request, public, g))
+
+    def would_cross(request: GenerationRequest, public: PublicChat, g: Generation) -> dict:
+        """Embedded: what a split client would have sent (crossing.py), with the first
+        top-k it would ask for, as `CoSteer` and the split session make it."""
+        policy = make_policy(request.method, request.steering, request.fusion, DEFAULT_TOP_K)
+        k = policy.first_cloud_k(request.sampling)
+        k = k if k is not None and k < costeer.model("llm").vocab_size else None
+        return embedded_record(policy, public, request.max_new_tokens, k, g.token_ids, g.finish_reason)
 
     def run(body: ChatRequest, method: str, job: _Job) -> None:
         try:
@@ -278,10 +348,10 @@ def create_proxy_app(costeer: CoSteer, context: str = "", defaults: ProxyDefault
         if event[0] == "error":
             raise classify(event[1], remote)
         if not body.stream:
-            g, public_tokens = event[1]
-            return reply("chat.completion", {"message": {"role": "assistant", "content": g.text},
-                                             "finish_reason": _finish_reason(g)},
-                         usage=_usage(g, public_tokens), costeer=_extension(g))
+            answer = event[1]
+            return reply("chat.completion", {"message": {"role": "assistant", "content": answer.g.text},
+                                             "finish_reason": _finish_reason(answer.g)},
+                         usage=answer.usage(), costeer=answer.extension())
 
         def chunk(delta: dict, finish: str | None = None, **extra: object) -> str:
             usage = {"usage": None} if include_usage else {}
@@ -296,11 +366,10 @@ def create_proxy_app(costeer: CoSteer, context: str = "", defaults: ProxyDefault
             if kind == "error":  # the status is sent already: OpenAI's error event, as its SDK reads it
                 yield _sse(classify(value, remote).body())
             else:
-                g, public_tokens = value
                 # the chunk with finish_reason carries the costeer field; usage comes last, as OpenAI sends it
-                yield chunk({}, _finish_reason(g), costeer=_extension(g))
+                yield chunk({}, _finish_reason(value.g), costeer=value.extension())
                 if include_usage:
-                    yield _sse(reply("chat.completion.chunk", {}, usage=_usage(g, public_tokens)))
+                    yield _sse(reply("chat.completion.chunk", {}, usage=value.usage()))
             yield _sse("[DONE]")
 
         return _ClosingStream(events(event), job.cancelled.set)
@@ -308,5 +377,20 @@ def create_proxy_app(costeer: CoSteer, context: str = "", defaults: ProxyDefault
     return Guard(app, access.guard_policy(), render_guard_error)
 
 
-def serve_proxy(costeer: CoSteer, context: str, defaults: ProxyDefaults, access: ProxyAccess) -> None:
+def _context_sources(context: str | Sequence[ContextSource]) -> list[ContextSource]:
+    if isinstance(context, str):  # text given whole (the Python API, tests): one source
+        return [ContextSource("context text", len(context.encode()), context)] if context else []
+    return list(context)
+
+
+def _wire_of(costeer: CoSteer) -> WireClient:
+    """The remote cloud's wire client: every transport client keeps it as `_wire`."""
+    wire = getattr(costeer.model("llm"), "_wire", None)
+    if not isinstance(wire, WireClient):
+        raise UserError("this cloud's client keeps no wire record to show")
+    return wire
+
+
+def serve_proxy(costeer: CoSteer, context: str | Sequence[ContextSource], defaults: ProxyDefaults,
+                access: ProxyAccess) -> None:
     serve_app(create_proxy_app(costeer, context, defaults, access=access), access.host, access.port)

@@ -60,6 +60,16 @@ class StreamOptions(_Lenient):
     include_usage: bool = False
 
 
+class CosteerOptions(_Lenient):
+    """costeer's extension of the request (the chat page asks for it): what to add to the
+    answer's `costeer` field. Off by default, so OpenAI clients get the same answer shape."""
+
+    steps: bool = Field(default=False, description="per picked token: the cloud's own choice, probabilities, "
+                        "the steering term and whether it changed the pick (costeer.steps)")
+    wire: bool = Field(default=False, description="what crossed to the cloud for this answer, or with an embedded "
+                       "cloud what would have (costeer.wire); never the private context")
+
+
 class ChatRequest(_Lenient):
     messages: list[Message] = Field(min_length=1, description="the public conversation; the private context is added "
                                     "on the device, in the first user turn")
@@ -73,6 +83,7 @@ class ChatRequest(_Lenient):
     seed: Whole | None = Field(default=None, ge=0, lt=2**63)
     stop: str | list[str] | None = Field(default=None, description="up to 4 stop strings")
     n: Whole | None = Field(default=None, ge=1, le=1, description="one choice per request")
+    costeer: CosteerOptions | None = Field(default=None, description="costeer's extension: ask for steps and wire")
 
     @field_validator("stop")
     @classmethod
