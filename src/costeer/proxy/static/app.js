@@ -192,7 +192,7 @@ function history(upTo) {
 
 function send(prompt) {
   const method = $("method").value || "costeer";
-  const answers = [newAnswer(method, "main")];
+  const answers = [newAnswer(method, "steered")];
   if ($("compare").checked && method !== CLOUD_ALONE) answers.push(newAnswer(CLOUD_ALONE, "cloud-alone"));
   state.turns.push({role: "user", content: prompt}, {role: "assistant", answers});
   save(true);
@@ -296,16 +296,19 @@ function renderAnswer(answer) {
   if (card) fillAnswer(answer, card);
 }
 
-const VIEWS = [["text", "Answer"], ["tint", "Where the context moved it"], ["wire", "What the cloud saw"]];
+// [view, label, short label for narrow screens]
+const VIEWS = [["text", "Answer", "Answer"], ["tint", "Where the context moved it", "Context"],
+               ["wire", "What the cloud saw", "Cloud saw"]];
 
 function fillAnswer(answer, card) {
   const done = answer.status !== "streaming";
-  const seg = el("div", {class: "seg", role: "tablist"}, ...VIEWS.map(([view, label]) => el("button", {
+  card.dataset.status = answer.status;  // streaming, done, stopped or error
+  const seg = el("div", {class: "seg", role: "tablist"}, ...VIEWS.map(([view, label, short]) => el("button", {
     type: "button", role: "tab", "data-view": view, "aria-selected": String(answer.view === view),
-    disabled: view !== "text" && !done,
+    "aria-label": label, disabled: view !== "text" && !done,
     onclick: () => { answer.view = view; fillAnswer(answer, card); save(); },
-  }, label)));
-  const role = answer.kind === "main" ? "steered by your context" : "cloud model alone";
+  }, el("span", {class: "long"}, label), el("span", {class: "short"}, short))));
+  const role = answer.kind === "steered" ? "steered by your context" : "cloud model alone";
   const head = el("div", {class: "answer-head"}, el("span", {class: "badge"}, answer.method),
     el("span", {class: "role"}, role), seg);
   const body = el("div", {class: "view"});
@@ -322,7 +325,7 @@ function fillAnswer(answer, card) {
     el("button", {type: "button", class: "btn retry", onclick: () => retry(answer)}, "Retry"),
     answer.status === "error" && /key/.test(answer.error)
       ? el("button", {type: "button", class: "btn", onclick: () => askForKey()}, "Enter key") : null) : null;
-  card.replaceChildren(head, body, error, foot);
+  card.replaceChildren(...[head, body, error, foot].filter(Boolean));
 }
 
 function renderText(answer) {
@@ -394,6 +397,11 @@ function percent(p) {
   return p >= 0.001 ? `${(100 * p).toFixed(1)}%` : `${(100 * p).toExponential(1)}%`;
 }
 
+function signed(x) {
+  const text = Math.abs(x).toFixed(2);
+  return text === "0.00" ? text : `${x > 0 ? "+" : "−"}${text}`;
+}
+
 function quoted(text) { return text === "" ? "⟨end⟩" : JSON.stringify(text); }
 
 function showTip(node, step) {
@@ -406,7 +414,7 @@ function showTip(node, step) {
     row("its probability (cloud)", percent(step.cloud_probability)),
     row("picked token (cloud)", percent(step.token_cloud_probability)),
     row("picked token (steered)", percent(step.fused_probability) + (step.exact ? "" : " ≤")),
-    row("steering", step.steering === null ? "—" : `${step.steering >= 0 ? "+" : ""}${step.steering.toFixed(2)} nats`));
+    row("steering", step.steering === null ? "—" : `${signed(step.steering)} nats`));
   tip.hidden = false;
   const box = node.getBoundingClientRect();
   const width = tip.offsetWidth, height = tip.offsetHeight;
