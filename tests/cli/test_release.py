@@ -47,6 +47,7 @@ def test_the_sdist_and_wheel_pass_twine_check_and_carry_the_package(dist):
     assert checked.returncode == 0 and checked.stdout.count("PASSED") == 2, checked.stdout + checked.stderr
     names = zipfile.ZipFile(wheel).namelist()
     assert "costeer/examples/profile.md" in names and "costeer/_version.py" in names
+    assert {f"costeer/proxy/static/{f}" for f in ("index.html", "app.js", "style.css", "icon.svg")} <= set(names)
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
     metadata = zipfile.ZipFile(wheel).read(f"costeer-{__version__}.dist-info/METADATA").decode()
     assert f"Version: {__version__}" in metadata and "License-Expression: Apache-2.0" in metadata
