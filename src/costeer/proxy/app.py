@@ -296,7 +296,7 @@ def create_proxy_app(costeer: CoSteer, context: str | Sequence[ContextSource] = 
         """Embedded: what a split client would have sent (crossing.py), with the first
         top-k it would ask for, as `CoSteer` and the split session make it."""
         policy = make_policy(request.method, request.steering, request.fusion, DEFAULT_TOP_K)
-        k = policy.first_cloud_k(request.sampling)
+        k = policy.first_cloud_k(request.sampling) if "llm" in policy.roles else None  # not loaded if unused
         k = k if k is not None and k < costeer.model("llm").vocab_size else None
         return embedded_record(policy, public, request.max_new_tokens, k, g.token_ids, g.finish_reason)
 
