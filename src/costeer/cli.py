@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from ._version import __version__
-from .transport.protocol import DEFAULT_LOOKAHEAD_MIN_P, MAX_LOOKAHEAD_NODES
+from .transport.protocol import DEFAULT_LOOKAHEAD_MIN_P, MAX_DRAFT_TOKENS, MAX_LOOKAHEAD_NODES
 from .errors import UserError
 from .fusion import SteeringParams
 from .methods import DEFAULT_TOP_K, METHODS
@@ -34,6 +34,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _draft_tokens(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= value <= MAX_DRAFT_TOKENS:
+        raise argparse.ArgumentTypeError(f"must be 0..{MAX_DRAFT_TOKENS}, got {value}")
     return value
 
 
@@ -118,6 +128,10 @@ def _add_cloud_args(p: argparse.ArgumentParser, own_api_key: bool = False) -> No
                             "tokens, D levels deep, where its likeliest token has probability >= P (default 0.5); "
                             "the device walks them and sends several tokens per round trip (same output, fewer "
                             "round trips; costeer serve only; 3,1 suits a CPU cloud)")
+    cloud.add_argument("--speculate", metavar="K", type=_draft_tokens, default=0,
+                       help="with each request, send the device's guess of the next K tokens; the cloud answers "
+                            "with its distributions along them, and where the choices follow the guess no request "
+                            "is needed (same output, fewer round trips; costeer serve only; combines with --lookahead)")
 
 
 def _add_decoding_args(p: argparse.ArgumentParser, prompt_args: bool = True) -> None:
@@ -312,7 +326,7 @@ def _costeer(args: argparse.Namespace):
                         model=args.cloud_model, max_k=args.cloud_max_k, lookahead=args.lookahead,
                         timeout_s=args.cloud_timeout, retry_for_s=args.cloud_retry_for,
                         send_private_context_to_cloud=args.send_private_context_to_cloud,
-                        adaptive_top_k=not args.fixed_top_k)
+                        adaptive_top_k=not args.fixed_top_k, speculate=args.speculate)
     return CoSteer(args.llm, args.slm, backend=args.backend, cloud=cloud if args.cloud else None,
                    context_cache=not args.no_context_cache)
 

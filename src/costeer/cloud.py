@@ -29,6 +29,7 @@ class CloudSession(Streams):
     remote = True
     widens = True
     prompt_tokens: int
+    drafts = 0  # the most tokens of a device's draft `advance` can send along (speculation.py)
 
     @property
     def prompt_lengths(self) -> list[int]:
@@ -43,8 +44,14 @@ class CloudSession(Streams):
         """Ask again at the same position for the top-k (None: the full vector)."""
 
     @abstractmethod
-    def advance(self, token_id: int) -> None:
-        """Append the chosen token and receive the next distribution's top-k."""
+    def advance(self, token_id: int, draft: Sequence[int] = ()) -> None:
+        """Append the chosen token and receive the next distribution's top-k; where
+        `drafts`, and a request goes out, also the distributions along `draft` (the
+        device's guess of the tokens after this one)."""
+
+    def asks_after(self, token_id: int) -> bool:
+        """Whether `advance(token_id)` sends a request (a draft is worth making)."""
+        return True
 
     def close(self) -> None:
         """End the session on the server (best effort: servers expire idle ones)."""

@@ -15,6 +15,7 @@ from .fusion import SteeringParams
 from .methods import DEFAULT_TOP_K, Fusion, make_policy
 from .prompts import PAPER_SYSTEM_PROMPT
 from .sampling import SamplingConfig
+from .transport.protocol import MAX_DRAFT_TOKENS
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,10 @@ class CloudConfig:
     `send_private_context_to_cloud`. `lookahead=(D, M)` or `(D, M, P)` asks a `costeer
     serve` cloud for a tree of its M likeliest continuations, D deep (grown where its
     likeliest token has probability >= P, default 0.5), with every step, so the device
-    sends several tokens per round trip with the same output. If a `costeer serve` cloud
+    sends several tokens per round trip with the same output. `speculate=K` sends the
+    device's guess of the next K tokens with every request to a `costeer serve` cloud,
+    which answers with the distributions along it: where the choices follow the guess,
+    no request is needed (the same output again). If a `costeer serve` cloud
     goes away mid-generation (restart, dropped connection, proxy 502-504), the device
     reopens its session there and carries on with the same output, trying for
     `retry_for_s` seconds (0: fail at once). `timeout_s` bounds any one request;
@@ -101,12 +105,15 @@ class CloudConfig:
     retry_for_s: float = 60.0
     send_private_context_to_cloud: bool = False
     adaptive_top_k: bool = True
+    speculate: int = 0
 
     def __post_init__(self) -> None:
         if self.top_k < 1:
             raise UserError(f"cloud top-k must be >= 1, got {self.top_k}")
         if self.lookahead is not None and not self.url:
             raise UserError("lookahead applies to a remote cloud (--cloud URL) only")
+        if not 0 <= self.speculate <= MAX_DRAFT_TOKENS:
+            raise UserError(f"speculate takes 0 to {MAX_DRAFT_TOKENS} draft tokens, got {self.speculate}")
         if not self.timeout_s > 0:
             raise UserError(f"the cloud timeout must be > 0 seconds, got {self.timeout_s!r}")
         if not 0 <= self.retry_for_s < math.inf:

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import codecs
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,6 +19,9 @@ from .errors import UserError
 from .explain import TokenStep, explain_step
 from .methods import Policy, Role
 from .sampling import SamplingConfig, TokenPicker
+from .speculation import SpeculativeGroup, steered_guess
+
+log = logging.getLogger(__name__)
 
 # A step asks a remote cloud again at most this often: the ladder (k x16, then the
 # full vector) ends within 4 requests for any vocabulary below 2**20 tokens.
@@ -158,6 +162,7 @@ class _Groups:
             self.by_role.setdefault(spec.role, []).append(i)
         self.groups: dict[Role, Streams] = {}  # each as it opens: close() closes what did
         self.widening: Streams | None = None  # the group that can be asked again (a remote cloud)
+        self.speculating: SpeculativeGroup | None = None  # the device group, where it drafts for the cloud
         self._where: list[tuple[Streams, int]] = []
         self._local: list[Streams] = []
         self._remote: list[Streams] = []
@@ -188,11 +193,26 @@ class _Groups:
                 raise failed
         if self.policy.pauses_device and "slm" in self.groups and not self.groups["slm"].remote:
             self.groups["slm"] = _PausableGroup(self.groups["slm"], self.policy)
-        self._where = [(self.groups[s.role], self.by_role[s.role].index(i)) for i, s in enumerate(self.policy.streams)]
         self.widening = next((g for g in self.groups.values() if g.widens), None)
+        self._start_speculation()
+        self._where = [(self.groups[s.role], self.by_role[s.role].index(i)) for i, s in enumerate(self.policy.streams)]
         self._local = [g for g in self.groups.values() if not g.remote]
         self._remote = [g for g in self.groups.values() if g.remote]
         self._pool = ThreadPoolExecutor(max_workers=len(self._remote)) if self._remote else None
+
+    def _start_speculation(self) -> None:
+        """Where the cloud takes drafts, the device model guesses them (speculation.py):
+        with its private and public streams, from a group that can take tokens back."""
+        if not getattr(self.widening, "drafts", 0):
+            return
+        device = self.groups.get("slm")
+        prompts = {self.policy.streams[i].prompt: n for n, i in enumerate(self.by_role.get("slm", []))}
+        if device is None or device.remote or self.policy.pauses_device or not getattr(device, "rewinds", False) \
+                or not {"private", "public"} <= prompts.keys():
+            log.warning("speculate: %s does not read a device model of the cloud's vocabulary every step, so no "
+                        "draft is made (each token costs a request, as without speculate)", self.policy.name)
+            return
+        self.groups["slm"] = self.speculating = SpeculativeGroup(device, steered_guess(prompts["private"], prompts["public"]))
 
     def distributions(self) -> _StepDistributions:
         return _StepDistributions(self._where)
@@ -200,7 +220,19 @@ class _Groups:
     def advance(self, token: int) -> None:
         """Every group by one token. Remote groups run in a thread while the local ones
         compute, so a step costs max(cloud, device), not their sum; local groups stay
-        sequential (they share this machine's cores)."""
+        sequential (they share this machine's cores). While speculating, the device goes
+        first: a request to the cloud carries the draft it makes then."""
+        if self.speculating is not None:
+            for group in self._local:
+                group.advance(token)
+            cloud = self.widening
+            draft = self.speculating.draft(cloud.drafts) if cloud.asks_after(token) else ()
+            for group in self._remote:
+                if group is cloud:
+                    group.advance(token, draft)
+                else:
+                    group.advance(token)
+            return
         pending = [self._pool.submit(g.advance, token) for g in self._remote] if self._pool else []
         for group in self._local:
             group.advance(token)
@@ -220,6 +252,8 @@ class _Groups:
         traffic = _merge_traffic(self.groups.values())
         if traffic is not None and certification.steps:
             traffic.update(certification.as_dict())
+        if traffic is not None and self.speculating is not None:
+            traffic.update(draft_tokens=self.speculating.drafted, draft_tokens_followed=self.speculating.followed)
         return traffic
 
     def alignment(self) -> dict | None:

@@ -184,6 +184,15 @@ class NumpyStreams(StreamGroup):
         self._states = [self._model.step_state(s, int(token_id)) for s in self._states]
         self._model.count_pass()
 
+    rewinds = True
+
+    def checkpoint(self) -> object:
+        return list(self._states), self._tree, self._walked
+
+    def rewind(self, mark: object) -> None:
+        states, self._tree, self._walked = mark
+        self._states = list(states)
+
     def advance_many(self, token_ids: Sequence[int]) -> None:
         """One "forward pass" for the lot, as a backend batches them."""
         if self._closed:
@@ -194,13 +203,21 @@ class NumpyStreams(StreamGroup):
         if token_ids:
             self._model.count_pass()
 
-    def lookahead(self, width: int, depth: int, min_probability: float = 0.0) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
+    def lookahead(self, width: int, depth: int, min_probability: float = 0.0,
+                  draft: Sequence[int] = ()) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
         if self._closed:
             raise ClosedGroupError("stream group used after close")
         if len(self._states) != 1:
             raise ValueError("lookahead needs a group of one stream")
         self._tree, self._walked = {(): self._states[0]}, ()
-        frontier = [()]
+        base: tuple[int, ...] = ()
+        for token in draft:  # a pass a draft token, as the server's chain computes them
+            self._model.count_pass()
+            child = (*base, int(token))
+            self._tree[child] = self._model.step_state(self._tree[base], int(token))
+            yield child, self._model.state_logits(self._tree[child])
+            base = child
+        frontier = [base]
         for _ in range(depth):
             self._model.count_pass()  # one batched pass per level
             children = []

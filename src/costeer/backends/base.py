@@ -118,6 +118,18 @@ class StreamGroup(Streams):
         """Drop every token since the prompts (scoring several continuations of one prompt)."""
         raise NotImplementedError(f"{type(self).__name__} cannot restart")
 
+    # True where `checkpoint` and `rewind` work (speculation.py runs ahead on a draft)
+    rewinds = False
+
+    def checkpoint(self) -> object:
+        """A mark of where the streams are now, for `rewind`."""
+        raise NotImplementedError(f"{type(self).__name__} cannot rewind")
+
+    def rewind(self, mark: object) -> None:
+        """Back to `mark` (taken since the last rewind to an earlier one): the tokens
+        since are dropped, and the next step computes as if they had never been fed."""
+        raise NotImplementedError(f"{type(self).__name__} cannot rewind")
+
     @property
     def prompt_lengths(self) -> list[int]:
         """Tokens in each stream's prompt."""
@@ -127,14 +139,17 @@ class StreamGroup(Streams):
         """Each stream's next-token distribution, complete."""
         return [NextToken.local(row) for row in self.logits()]
 
-    def lookahead(self, width: int, depth: int, min_probability: float = 0.0) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
-        """The tree of stream 0's `width` likeliest next tokens, `depth` levels deep,
-        growing children only under nodes whose likeliest token has at least `min_probability`:
-        (path, logits after the path) for every node, computed lazily as the iteration
-        reaches it (it may stop early), children of a node in any order. Leaves the
-        group where it is; an `advance` along a path of the latest tree may reuse its
-        work. Only where the model's `supports_lookahead` is true (the group opened
-        with `lookahead_depth`)."""
+    def lookahead(self, width: int, depth: int, min_probability: float = 0.0,
+                  draft: Sequence[int] = ()) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
+        """The nodes after `draft` and each prefix of it (a device's guess of its next
+        tokens), in order; then the tree of stream 0's `width` likeliest next tokens
+        after the whole draft, `depth` levels deep, growing children only under nodes
+        whose likeliest token has at least `min_probability`: (path, logits after the
+        path) for every node, computed lazily as the iteration reaches it (it may stop
+        early), children of a node in any order. Leaves the group where it is; an
+        `advance` along a path of the latest tree may reuse its work. Only where the
+        model's `supports_lookahead` is true (the group opened with `lookahead_depth`
+        at least the draft's length plus `depth`)."""
         raise NotImplementedError(f"{type(self).__name__} cannot compute lookahead trees")
 
     def close(self) -> None:

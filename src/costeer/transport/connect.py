@@ -29,6 +29,8 @@ def connect_cloud(config: CloudConfig, tokenizer: LanguageModel) -> RemoteCloud:
                         f"{', or '.join(k + 'http(s)://...' for k in CLOUD_URL_KINDS)}, got {config.url!r}")
     if kind and config.lookahead:
         raise UserError(f"lookahead needs a costeer serve cloud; a {kind[:-1]} server cannot send trees")
+    if kind and config.speculate:
+        raise UserError(f"speculate needs a costeer serve cloud; a {kind[:-1]} server cannot score drafts")
     wire = WireClient(base, config.api_key, config.wire_log, config.simulate_rtt_ms, config.timeout_s)
     try:
         if kind == "openai+":
@@ -42,4 +44,4 @@ def connect_cloud(config: CloudConfig, tokenizer: LanguageModel) -> RemoteCloud:
     if config.lookahead:
         depth, width, *rest = config.lookahead
         tree = Lookahead(depth=depth, width=width, min_probability=rest[0] if rest else DEFAULT_LOOKAHEAD_MIN_P)
-    return ServedCloud(wire, tokenizer, tree, config.retry_for_s, config.adaptive_top_k)
+    return ServedCloud(wire, tokenizer, tree, config.retry_for_s, config.adaptive_top_k, config.speculate)

@@ -32,6 +32,7 @@ class Message(BaseModel):
 
 MAX_LOOKAHEAD_NODES = 64  # a tree's nodes: each costs the server one forward pass per step
 DEFAULT_LOOKAHEAD_MIN_P = 0.5  # what a device asks for unless told: measured best on a CPU cloud (README)
+MAX_DRAFT_TOKENS = 8  # a step's draft: each token costs the server one forward pass
 
 
 class Lookahead(BaseModel):
@@ -55,6 +56,8 @@ class OpenSession(BaseModel):
     max_new_tokens: int = Field(ge=1, description="tokens this session may generate")
     top_k: int | None = Field(default=64, ge=1, description="k of the first distribution; null for the full vector")
     lookahead: Lookahead | None = Field(default=None, description="send a lookahead tree with every step (see /v1/model features)")
+    speculate: int = Field(default=0, ge=0, le=MAX_DRAFT_TOKENS, description="the most draft tokens a step may carry "
+                           "(Step.draft; see /v1/model features)")
 
 
 class Step(BaseModel):
@@ -64,8 +67,12 @@ class Step(BaseModel):
                             "lookahead tree (one the server has sent) to send another top-k of")
     top_k: int | None = Field(default=64, ge=1, description="k largest logits to return; null for the full vector")
     lookahead: bool = Field(default=True, description="with a session opened with lookahead: send a new tree")
-    stream: bool = Field(default=False, description="with lookahead: answer in JSON lines, the distribution (without "
-                         "its tree) first, then each tree node the moment it is computed")
+    draft: list[int] = Field(default_factory=list, max_length=MAX_DRAFT_TOKENS, description="with tokens, in a "
+                             "session opened with `speculate`: the device's guess of the tokens after them. The tree "
+                             "then holds the distribution after each prefix of the draft (top_k each) first, computed "
+                             "exactly as steps would, and the lookahead tree, if any, grows after the whole draft")
+    stream: bool = Field(default=False, description="with lookahead or a draft: answer in JSON lines, the distribution "
+                         "(without its tree) first, then each tree node the moment it is computed")
 
 
 class Distribution(BaseModel):

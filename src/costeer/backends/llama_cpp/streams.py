@@ -236,9 +236,24 @@ class LlamaCppStreams(LlamaContext, StreamGroup):
                 yield rows
 
     def restart(self) -> None:
+        self._drop_after(self._prompt_lengths)
+        self._logits[:] = self._after_prompts
+
+    # Dropping a stream's last cells frees them, and llama.cpp places the next tokens
+    # in the lowest free cells: the cache is laid out as if they had never been fed.
+    rewinds = True
+
+    def checkpoint(self) -> tuple[tuple[int, ...], np.ndarray]:
+        return tuple(self._positions), self._logits.copy()
+
+    def rewind(self, mark: object) -> None:
+        positions, logits = mark
+        self._drop_after(positions)
+        self._logits[:] = logits
+
+    def _drop_after(self, positions: Sequence[int]) -> None:
         memory = self._lib.llama_get_memory(self._ctx)
-        for s, n in enumerate(self._prompt_lengths):
+        for s, n in enumerate(positions):
             if self._positions[s] > n and not self._lib.llama_memory_seq_rm(memory, s, n, -1):
                 raise RuntimeError("llama.cpp could not drop a stream's tokens")
-        self._positions = list(self._prompt_lengths)
-        self._logits[:] = self._after_prompts
+        self._positions = list(positions)

@@ -31,6 +31,7 @@ class LlamaCppTreeStreams(LlamaCppStreams):
     """One stream with room for a kept chain of up to `depth` lookahead tokens."""
 
     restarts = False  # the server's streams: scoring does not use them
+    rewinds = False  # nor speculation: its chain owns the cells past the position
 
     def __init__(self, model: LoadedModel, prompt: Sequence[int], max_new_tokens: int, depth: int,
                  stepwise: bool = False) -> None:
@@ -39,31 +40,47 @@ class LlamaCppTreeStreams(LlamaCppStreams):
         self._memory = self._lib.llama_get_memory(self._ctx)
         self._chain: list[tuple[int, np.ndarray]] = []  # kept cells after the position: (token, logits after it)
 
-    def lookahead(self, width: int, depth: int, min_probability: float = 0.0) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
-        if depth + 1 > self.spare_cells:
-            raise ValueError(f"a tree of depth {depth} does not fit this group (opened for {self.spare_cells - 1})")
+    def lookahead(self, width: int, depth: int, min_probability: float = 0.0,
+                  draft: Sequence[int] = ()) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
+        if len(draft) + depth + 1 > self.spare_cells:
+            raise ValueError(f"a draft of {len(draft)} and a tree of depth {depth} do not fit this group "
+                             f"(opened for {self.spare_cells - 1})")
         if width == 1:  # a chain: every node is kept as soon as it is computed
-            # what is left of the last chain is this one's beginning: sent again, not computed
-            if len(self._chain) > depth:
-                self._lib.llama_memory_seq_rm(self._memory, 0, self._positions[0] + depth, -1)
-                del self._chain[depth:]
-            for i in range(len(self._chain)):
-                yield tuple(t for t, _ in self._chain[: i + 1]), self._chain[i][1]
-            logits = self._chain[-1][1] if self._chain else self._logits[0]
-            while len(self._chain) < depth:
-                if top_probability(logits) < min_probability:
-                    return  # an unsure cloud: the device's choice would likely leave the chain
-                token = int(top_k(logits, 1)[0][0])
-                logits = self._decode_alone(token, self._positions[0] + len(self._chain))
-                self._chain.append((token, logits))
-                yield tuple(t for t, _ in self._chain), logits
+            yield from self._follow(draft, depth, min_probability)
             return
-        self._drop_chain()
-        yield from self._tree(width, depth, min_probability)
+        yield from self._follow(draft, 0, min_probability)
+        self._cut_chain(len(draft))
+        yield from self._tree(width, depth, min_probability, tuple(draft))
 
-    def _tree(self, width: int, depth: int, min_probability: float) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
-        start = self._positions[0]
+    def _follow(self, draft: Sequence[int], depth: int, min_probability: float) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
+        """A chain: the draft's tokens, then up to `depth` of the cloud's own likeliest,
+        while it is sure enough. What is left of the last chain is this one's beginning
+        where the tokens agree: sent again, not computed."""
+        logits = self._logits[0]
+        kept = 0
+        for i in range(len(draft) + depth):
+            if i < len(draft):
+                token = int(draft[i])
+            elif top_probability(logits) < min_probability:
+                break  # an unsure cloud: the device's choice would likely leave the chain
+            else:
+                token = int(top_k(logits, 1)[0][0])
+            if i < len(self._chain) and self._chain[i][0] == token:
+                logits = self._chain[i][1]
+            else:
+                self._cut_chain(i)
+                logits = self._decode_alone(token, self._positions[0] + i)
+                self._chain.append((token, logits))
+            kept = i + 1
+            yield tuple(t for t, _ in self._chain[:kept]), logits
+        self._cut_chain(kept)
+
+    def _tree(self, width: int, depth: int, min_probability: float,
+              base: tuple[int, ...]) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
+        """The tree under `base` (the kept chain's tokens), which stays."""
+        start = self._positions[0] + len(base)
         after: dict[tuple[int, ...], np.ndarray] = {}
+        base_logits = self._chain[-1][1] if base else self._logits[0]
 
         def visit(path: tuple[int, ...], logits: np.ndarray) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
             if len(path) == depth or top_probability(logits) < min_probability:
@@ -73,20 +90,20 @@ class LlamaCppTreeStreams(LlamaCppStreams):
             for rank in reversed(range(len(children))):  # the likeliest last: its chain stays
                 child = (*path, children[rank])
                 after[child] = self._decode_alone(children[rank], position)
-                yield child, after[child]
+                yield (*base, *child), after[child]
                 yield from visit(child, after[child])
                 if rank:
                     self._lib.llama_memory_seq_rm(self._memory, 0, position, -1)
 
         complete = False
         try:
-            yield from visit((), self._logits[0].copy())
+            yield from visit((), base_logits.copy())
             complete = True
         finally:
-            if not complete:  # stopped early: whatever the cache holds past the position goes
+            if not complete:  # stopped early: whatever the cache holds past the base goes
                 self._lib.llama_memory_seq_rm(self._memory, 0, start, -1)
         # the cells left are the likeliest child's, its likeliest child's, ...: the chain
-        logits, path = self._logits[0], ()
+        logits, path = base_logits, ()
         for _ in range(depth):
             path = (*path, int(top_k(logits, 1)[0][0]))
             if path not in after:  # the tree stopped short here
@@ -109,6 +126,10 @@ class LlamaCppTreeStreams(LlamaCppStreams):
         super().advance(token_id)
 
     def _drop_chain(self) -> None:
-        if self._chain:
-            self._lib.llama_memory_seq_rm(self._memory, 0, self._positions[0], -1)
-            self._chain = []
+        self._cut_chain(0)
+
+    def _cut_chain(self, keep: int) -> None:
+        """Keep the chain's first `keep` tokens; their cells stay, the rest go."""
+        if len(self._chain) > keep:
+            self._lib.llama_memory_seq_rm(self._memory, 0, self._positions[0] + keep, -1)
+            del self._chain[keep:]

@@ -42,6 +42,10 @@ class TreeWalk:
         """A tree still coming, a node a line (after the reply's own line, which the caller reads)."""
         self._stream = stream
 
+    def holds(self, token: int) -> bool:
+        """Whether the tree has the node after `token` where the walk is (the walk stays)."""
+        return self._node((*self.walked, token)) is not None
+
     def descend(self, token: int) -> NextToken | None:
         """The distribution after `token` where the walk is, if the tree holds it (the walk
         goes on there); None: the token leaves the tree."""

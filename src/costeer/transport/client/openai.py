@@ -320,7 +320,7 @@ class TopLogprobsSession(CloudSession):
     def widen(self, k: int | None) -> None:
         self._fetch(k)
 
-    def advance(self, token_id: int) -> None:
+    def advance(self, token_id: int, draft: Sequence[int] = ()) -> None:
         self._generated.append(int(token_id))
         self._fetch(self._first_k)
 

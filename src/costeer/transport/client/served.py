@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Callable
+from typing import Callable, Sequence
 
 from ...backends.base import LanguageModel, vocabulary_digest
 from ...cloud import CloudSession, RemoteCloud
@@ -26,10 +26,11 @@ class ServedCloud(RemoteCloud):
     the choice leaves it. The output is the same token for token."""
 
     def __init__(self, wire: WireClient, tokenizer: LanguageModel, lookahead: Lookahead | None = None,
-                 retry_for_s: float = 0.0, adaptive_top_k: bool = True) -> None:
+                 retry_for_s: float = 0.0, adaptive_top_k: bool = True, speculate: int = 0) -> None:
         """`retry_for_s`: how long a session keeps trying to reopen itself on a server
         that failed or restarted mid-generation (0: it fails at once). `adaptive_top_k`:
-        each session learns its first k from its escalations (first_k.py)."""
+        each session learns its first k from its escalations (first_k.py). `speculate`:
+        the most tokens of a device's draft a step sends along (speculation.py)."""
         self.adaptive_top_k = adaptive_top_k
         super().__init__(tokenizer)
         self._wire = wire
@@ -53,6 +54,10 @@ class ServedCloud(RemoteCloud):
             raise UserError(f"the cloud at {wire.base_url} does not offer lookahead (an older costeer serve, or a "
                             "backend without lookahead trees); run without --lookahead")
         self.lookahead = lookahead
+        if speculate and "speculate" not in info.get("features", []):
+            raise UserError(f"the cloud at {wire.base_url} does not take drafts (an older costeer serve, or a "
+                            "backend without lookahead trees); run without --speculate")
+        self.speculate = speculate
 
     def vocabulary_digest(self) -> str:
         return self._digest
@@ -85,7 +90,8 @@ class ServedCloud(RemoteCloud):
     def open_session(self, chat: PublicChat, max_new_tokens: int, first_k: int | None) -> CloudSession:
         # a tree node holds a top-k: methods that need the full vector every step go without
         lookahead = self.lookahead.model_copy(update={"top_k": min(first_k, 1024)}) if self.lookahead and first_k else None
-        return ServedSession(self, self.encode_chat(chat), max_new_tokens, first_k, lookahead)
+        return ServedSession(self, self.encode_chat(chat), max_new_tokens, first_k, lookahead,
+                             self.speculate if first_k else 0)
 
     def close(self) -> None:
         self._wire.close()
@@ -98,7 +104,7 @@ class ServedSession(CloudSession):
     The server decodes appended tokens alone, so the output stays the same."""
 
     def __init__(self, cloud: ServedCloud, chat: PublicChat, max_new_tokens: int, first_k: int | None,
-                 lookahead: Lookahead | None = None) -> None:
+                 lookahead: Lookahead | None = None, speculate: int = 0) -> None:
         self._cloud = cloud
         self._wire = wire = cloud._wire
         self._sender = f"the cloud at {wire.base_url}"
@@ -111,12 +117,16 @@ class ServedSession(CloudSession):
         self._capped = False  # the server sent fewer values than asked: it has a cap of its own
         self._start = wire.counters.copy()
         self._tree_k = lookahead.top_k if lookahead is not None else None
+        self.drafts = speculate
+        self._draft: tuple[int, int | None] = (0, None)  # the latest step's draft: its length, its nodes' k
         self._walk = TreeWalk(self._decode_node)
-        # a chain (width 1) is streamed: the device works on node 1 while the cloud computes node 2
-        self._streamed = lookahead is not None and lookahead.width == 1
+        # a chain (width 1, or a draft alone) is streamed: the device works on node 1 while the cloud computes node 2
+        self._streamed = lookahead.width == 1 if lookahead is not None else speculate > 0
         self._open_request: dict = {"messages": list(chat), "max_new_tokens": max_new_tokens, "top_k": first_k}
         if lookahead is not None:
             self._open_request["lookahead"] = lookahead.model_dump()
+        if speculate:
+            self._open_request["speculate"] = speculate
         opened = wire.request("POST", f"{API_PREFIX}/sessions", self._open_request)
         self._session: str | None = opened["session_id"]
         self.prompt_tokens = int(opened["prompt_tokens"])
@@ -132,7 +142,8 @@ class ServedSession(CloudSession):
 
     def _decode_node(self, payload: object) -> tuple[tuple[int, ...], NextToken]:
         path, view = decode_tree_node(payload, self.vocab_size, self._sender)
-        return path, self._capping(view, self._tree_k)
+        drafted, draft_k = self._draft
+        return path, self._capping(view, draft_k if len(path) <= drafted else self._tree_k)
 
     def _capping(self, view: NextToken, asked: int | None) -> NextToken:
         """A top-k with fewer values than asked shows the server has a cap of its own:
@@ -152,11 +163,15 @@ class ServedSession(CloudSession):
     def _step_path(self) -> str:
         return f"{API_PREFIX}/sessions/{self._session}/step"
 
-    def _step(self, tokens: list[int], k: int | None) -> None:
+    def _step(self, tokens: list[int], k: int | None, draft: Sequence[int] = ()) -> None:
         """Append tokens; the reply is the distribution there (and a new tree, if any)."""
-        request = {"tokens": tokens, "top_k": k}  # a session opened with lookahead sends a tree with every step
+        request: dict = {"tokens": tokens, "top_k": k}  # a session opened with lookahead sends a tree with every step
+        draft = list(draft[: self.drafts]) if k is not None else []  # a draft's nodes are top-k
+        if draft:
+            request["draft"] = draft
         self._walk.restart()  # the server moves: the old walk and tree are done
-        if self._streamed:
+        self._draft = (len(draft), k)
+        if self._streamed and (draft or self._tree_k is not None):
             stream = self._wire.stream("POST", self._step_path(), {**request, "stream": True})
             self._walk.receive_stream(stream)
             first = stream.next()
@@ -182,7 +197,10 @@ class ServedSession(CloudSession):
             self._view = self._decode(self._wire.request("POST", self._step_path(), request), k)
         self._resuming(look, k)
 
-    def advance(self, token_id: int) -> None:
+    def asks_after(self, token_id: int) -> bool:
+        return not self._walk.holds(int(token_id))
+
+    def advance(self, token_id: int, draft: Sequence[int] = ()) -> None:
         token = int(token_id)
         self._chosen.append(token)
         k = self._first.stepped() if self._first is not None else None
@@ -190,7 +208,7 @@ class ServedSession(CloudSession):
         if node is not None:  # the cloud computed this position already: no request
             self._view = node
             return
-        self._resuming(lambda: self._step([*self._walk.walked, token], k), k)
+        self._resuming(lambda: self._step([*self._walk.walked, token], k, draft), k)
 
     def _resuming(self, send: Callable[[], None], k: int | None) -> None:
         """send(), which leaves the view at the session's position with top-k `k`; if the

@@ -29,6 +29,7 @@ import json
 import logging
 import secrets
 import time
+from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Iterator, Sequence
 
 import numpy as np
@@ -101,17 +102,35 @@ def check_exposure(host: str, api_keys: Sequence[str], insecure: bool) -> str | 
             "use the model and fill its sessions")
 
 
-def _distribution(group: StreamGroup, position: int, top_k: int | None, lookahead: Lookahead | None,
+@dataclass(frozen=True)
+class _TreeAsked:
+    """The tree a reply carries: the nodes along a device's draft (top-k `draft_k` each),
+    then the session's lookahead tree after the draft, if it has one."""
+
+    draft: tuple[int, ...] = ()
+    draft_k: int = 1
+    lookahead: Lookahead | None = None
+
+    def nodes(self, group: StreamGroup) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
+        tree = self.lookahead
+        return group.lookahead(tree.width if tree else 1, tree.depth if tree else 0,
+                               tree.min_probability if tree else 0.0, draft=self.draft)
+
+    def top_k(self, path: tuple[int, ...]) -> int:
+        return self.draft_k if len(path) <= len(self.draft) or self.lookahead is None else self.lookahead.top_k
+
+
+def _distribution(group: StreamGroup, position: int, top_k: int | None, tree: _TreeAsked | None,
                   views: dict[tuple[int, ...], np.ndarray]) -> Distribution:
-    """The next-token distribution, and the lookahead tree after it when asked for;
+    """The next-token distribution, and the tree after it when asked for;
     `views` gets the logits of both."""
     views[()] = group.logits()[0].copy()
     reply = encode_distribution(NextToken.local(views[()]), position, top_k)
-    if lookahead is not None:
+    if tree is not None:
         reply.tree = []
-        for path, logits in group.lookahead(lookahead.width, lookahead.depth, lookahead.min_probability):
+        for path, logits in tree.nodes(group):
             views[path] = logits
-            reply.tree.append(encode_tree_node(path, NextToken.local(logits), lookahead.top_k))
+            reply.tree.append(encode_tree_node(path, NextToken.local(logits), tree.top_k(path)))
     return reply
 
 
@@ -173,7 +192,7 @@ def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: Serve
         eos_token_ids=sorted(model.eos_token_ids),
         vocabulary_sha256=model.vocabulary_digest(),
         limits=limits.as_dict(len(api_keys)),
-        features=["lookahead"] if model.supports_lookahead else [],
+        features=["lookahead", "speculate"] if model.supports_lookahead else [],
     )
 
     vocabulary_reply: list[Vocabulary] = []
@@ -201,8 +220,8 @@ def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: Serve
             raise ApiError(401, "unauthorized", "a valid API key is required (Authorization: Bearer KEY)")
         return key
 
-    def fits_slot(kv_needed: int, lookahead: Lookahead | None) -> bool:
-        return engine is not None and lookahead is None and kv_needed + 1 <= engine.slot_tokens
+    def fits_slot(kv_needed: int, trees: bool) -> bool:
+        return engine is not None and not trees and kv_needed + 1 <= engine.slot_tokens
 
     @app.get(f"{API_PREFIX}/model", response_model=ModelInfo)
     def model_info(key: str | None = Depends(caller_key)) -> ModelInfo:
@@ -234,16 +253,16 @@ def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: Serve
             check_window(model.name, model.context_window, len(ids), body.max_new_tokens)
         except UserError as exc:
             raise ApiError(413, "prompt_too_large", str(exc)) from None
-        tree_nodes = 0
-        if body.lookahead is not None:
-            if not model.supports_lookahead:
-                raise ApiError(422, "lookahead_unsupported", f"this server's backend cannot compute lookahead trees for {model.name}")
-            tree_nodes = body.lookahead.nodes()
-            if tree_nodes > MAX_LOOKAHEAD_NODES:
-                raise ApiError(422, "lookahead_too_large", f"a lookahead tree of depth {body.lookahead.depth} and width "
-                               f"{body.lookahead.width} has {tree_nodes} nodes; the limit is {MAX_LOOKAHEAD_NODES}")
-        kv_needed = len(ids) + body.max_new_tokens + (body.lookahead.depth + 1 if body.lookahead else 0)
-        slotted = fits_slot(kv_needed, body.lookahead)
+        if (body.lookahead is not None or body.speculate) and not model.supports_lookahead:
+            raise ApiError(422, "lookahead_unsupported", f"this server's backend cannot compute lookahead trees or "
+                           f"drafts for {model.name}")
+        if body.lookahead is not None and body.lookahead.nodes() > MAX_LOOKAHEAD_NODES:
+            raise ApiError(422, "lookahead_too_large", f"a lookahead tree of depth {body.lookahead.depth} and width "
+                           f"{body.lookahead.width} has {body.lookahead.nodes()} nodes; the limit is {MAX_LOOKAHEAD_NODES}")
+        # room past the new tokens for the longest draft and the tree after it
+        tree_depth = (body.lookahead.depth if body.lookahead else 0) + body.speculate
+        kv_needed = len(ids) + body.max_new_tokens + (tree_depth + 1 if tree_depth else 0)
+        slotted = fits_slot(kv_needed, tree_depth > 0)
         if not slotted and kv_needed > table.private_kv_budget:  # could never be admitted: not worth a retry
             raise ApiError(413, "prompt_too_large", f"prompt of {len(ids)} tokens plus {body.max_new_tokens} new tokens exceeds "
                            f"the server's KV budget of {table.private_kv_budget} for a session of this size")
@@ -253,19 +272,20 @@ def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: Serve
             if slot is not None:
                 group: StreamGroup = BatchedStreams(scheduler, slot, ids)
             else:
-                depth = {"lookahead_depth": body.lookahead.depth} if body.lookahead else {}
+                depth = {"lookahead_depth": tree_depth} if tree_depth else {}
                 group, prefill = scheduler.run(lambda: model.open_streams_stepwise([ids], body.max_new_tokens, **depth))
             try:
                 if slot is None:  # a block at a time, between other sessions' batches
                     while scheduler.run(lambda: next(prefill, StopIteration)) is not StopIteration:
                         pass
                 views: dict = {}
-                first = on_compute(group, lambda: _distribution(group, len(ids), body.top_k, body.lookahead, views))
+                opening_tree = _TreeAsked(lookahead=body.lookahead) if body.lookahead else None
+                first = on_compute(group, lambda: _distribution(group, len(ids), body.top_k, opening_tree, views))
             except BaseException:
                 close_group(group)
                 raise
             session = Session(secrets.token_urlsafe(16), key, group, len(ids), body.max_new_tokens, len(ids), kv_needed,
-                              slot, lookahead=body.lookahead, views=views)
+                              slot, lookahead=body.lookahead, speculate=body.speculate, views=views)
             table.add(session)
         finally:
             if session is None:  # the prefill failed: give the reservation back
@@ -280,6 +300,7 @@ def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: Serve
             bad = [t for t in body.tokens if not 0 <= t < model.vocab_size]
             if bad:
                 raise ApiError(422, "token_out_of_range", f"token id {bad[0]} is outside the vocabulary [0, {model.vocab_size})")
+            check_draft(session, body)
             if not body.tokens:  # a look: no lock, so a tree being streamed goes on
                 logits = session.views.get(tuple(body.path))
                 if logits is None or session.closed:
@@ -305,7 +326,8 @@ def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: Serve
             if len(body.tokens) > session.budget:
                 raise ApiError(422, "session_budget_exhausted", f"the session may append {session.budget} more tokens, not {len(body.tokens)}")
             session.steps += 1
-            tree = session.lookahead if body.lookahead else None
+            lookahead = session.lookahead if body.lookahead else None
+            tree = _TreeAsked(tuple(body.draft), body.top_k or 1, lookahead) if body.draft or lookahead else None
             with failing_closes(session):
                 stop_tree(session)
 
@@ -321,8 +343,21 @@ def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: Serve
             table.renew(session)  # only appending renews a session's idle time
             if not (body.stream and tree):
                 return reply
-            session.tree = session.group.lookahead(tree.width, tree.depth, tree.min_probability)  # computed as the stream goes
-            return StreamingResponse(stream_tree(session, reply, tree.top_k, session.steps), media_type="application/x-ndjson")
+            session.tree = tree.nodes(session.group)  # computed as the stream goes
+            return StreamingResponse(stream_tree(session, reply, tree, session.steps), media_type="application/x-ndjson")
+
+    def check_draft(session: Session, body: Step) -> None:
+        """A draft goes with tokens to append, as top-k nodes, no longer than the session allows."""
+        if not body.draft:
+            return
+        if len(body.draft) > session.speculate:
+            raise ApiError(422, "draft_too_long", f"a draft of {len(body.draft)} tokens; the session was opened for "
+                           f"{session.speculate} (speculate)")
+        if not body.tokens or body.top_k is None:
+            raise ApiError(422, "invalid_request", "a draft goes with tokens to append and a top_k (its nodes are top-k)")
+        bad = [t for t in body.draft if not 0 <= t < model.vocab_size]
+        if bad:
+            raise ApiError(422, "token_out_of_range", f"token id {bad[0]} is outside the vocabulary [0, {model.vocab_size})")
 
     def stop_tree(session: Session) -> None:
         """End a lookahead still being computed, so the group drops its partial work; under session.lock."""
@@ -345,7 +380,7 @@ def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: Serve
             table.close_locked(session)
             raise ApiError(500, "internal_error", "the step failed on the server; the session is closed") from None
 
-    def stream_tree(session: Session, reply: Distribution, top_k: int, step: int) -> Iterator[str]:
+    def stream_tree(session: Session, reply: Distribution, tree: _TreeAsked, step: int) -> Iterator[str]:
         """The distribution, then each tree node as it is computed. The session's lock is
         held while a node is computed, never across a yield (a client that goes away
         leaves the stream suspended), and a newer request on the session stops it."""
@@ -366,7 +401,7 @@ def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: Serve
                     table.close_locked(session)
                     return
                 session.views[path] = logits
-            yield encode_tree_node(path, NextToken.local(logits), top_k).model_dump_json() + "\n"
+            yield encode_tree_node(path, NextToken.local(logits), tree.top_k(path)).model_dump_json() + "\n"
 
     @app.delete(f"{API_PREFIX}/sessions/{{session_id}}", status_code=204, responses={404: {"model": ErrorBody}})
     def close_session(session_id: str, key: str | None = Depends(caller_key)) -> None:

@@ -40,6 +40,7 @@ class Session:
     kv_tokens: int  # KV cells reserved for it: prompt, max_new_tokens and its lookahead tree
     slot: int | None  # its slot in the shared cache; None: a cache of its own
     lookahead: Lookahead | None = None
+    speculate: int = 0  # the most draft tokens a step may carry
     last_used: float = 0.0  # when a step last appended tokens (looks do not count); set by the table
     created: float = 0.0  # for session_max_age_s; set by the table
     active: int = 0  # requests using it now (guarded by the table's lock): a session in use is not idle
