@@ -152,7 +152,7 @@ async function loadContext() {
       list.replaceChildren(el("li", {class: "muted"}, "No private context: answers are the cloud model's own."));
     } else {
       list.replaceChildren(...context.sources.map((s) => el("li", {},
-        el("span", {class: "name", title: s.name}, s.name),
+        el("span", {class: "name", title: s.name}, s.name.split("/").pop()),  // the full path on hover
         el("span", {class: "size"}, `${formatBytes(s.bytes)} · ${s.tokens.toLocaleString()} tok`))));
     }
     $("context-total").textContent = context.sources.length > 1
