@@ -81,6 +81,41 @@ def test_lookahead_gives_the_per_token_text_with_fewer_round_trips(cloud_url, de
             cs._slots["slm"].model = None
 
 
+COGENESIS_DEV = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "cogenesis" / "ctx_dev.json"
+
+
+@pytest.mark.models
+def test_speculation_gives_the_per_token_tokens_bit_for_bit(cloud_url, device, profile_text):
+    """The device runs ahead on its guesses and takes them back (llama.cpp cells freed
+    and refilled), and the server computes the draft's nodes alone: greedy and seeded
+    sampling give per-token CoSteer's tokens, on the README example and a CoGenesis dev
+    prompt (its ~2,000-token profile), with fewer round trips."""
+    per_token, _ = device
+    modes = {mode: CoSteer(cloud=CloudConfig(cloud_url, api_key=KEY, **mode_cloud), quiet=True)
+             for mode, mode_cloud in (("speculate 2", dict(speculate=2)),
+                                      ("speculate 2, lookahead 3,1", dict(speculate=2, lookahead=(3, 1))))}
+    for cs in modes.values():
+        cs._slots["slm"].model = per_token.model("slm")  # one device model in memory
+    cases = [("README", lambda cs, **kw: cs.generate(BIRTHDAY_PROMPT, profile_text, **kw))]
+    if COGENESIS_DEV.is_file():
+        from costeer.evaluation.datasets import load_dataset
+        example = load_dataset(str(COGENESIS_DEV)).examples[0]
+        cases.append(("CoGenesis", lambda cs, **kw: cs.generate_from_messages(example.public, example.private, **kw)))
+    try:
+        for case, run in cases:
+            for sampling in (dict(), dict(temperature=0.8, seed=7)):
+                steps = run(per_token, max_new_tokens=32, **sampling)
+                for mode, cs in modes.items():
+                    g = run(cs, max_new_tokens=32, **sampling)
+                    assert g.token_ids == steps.token_ids, (case, sampling, mode)
+                    t = g.traffic
+                    assert t["draft_tokens_followed"] > 0 and t["uncertified_steps"] == 0
+                    assert t["round_trips"] < steps.traffic["round_trips"], (case, sampling, mode)
+    finally:
+        for cs in modes.values():
+            cs._slots["slm"].model = None
+
+
 @pytest.mark.models
 def test_certified_traffic_is_reported_and_much_smaller_than_full_vectors(device, profile_text):
     cs, _ = device
