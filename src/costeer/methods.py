@@ -14,7 +14,7 @@ from typing import Callable, Literal
 
 import numpy as np
 
-from .certified import AskFor, Decision, Pick, certify
+from .certified import AskFor, Decision, Pick, certify, next_request, outside_bound
 from .distribution import NextToken, sparse_scores
 from .errors import UserError
 from .fusion import FUSION_DTYPE, SteeringParams, fuse_ftrl_loop, local_delta, log_softmax
@@ -345,6 +345,68 @@ class AdaCoSteer(CoSteerPolicy):
         self._streak = self._streak + 1 if self._confident else 0
 
 
+# SpecSteer's defaults (arXiv 2603.16219): the acceptance ratio gamma and the recovery weight beta.
+SPECSTEER_GAMMA, SPECSTEER_BETA = 0.5, 1.0
+
+
+def jensen_shannon(log_p: np.ndarray, log_q: np.ndarray) -> float:
+    """JSD(p, q) in nats, from two normalized log-distributions."""
+    p, q = np.exp(log_p), np.exp(log_q)
+    log_m = np.log(0.5 * (p + q))
+    with np.errstate(invalid="ignore"):  # 0 * -inf where a probability is 0: no mass, no term
+        terms = np.where(p > 0, p * (log_p - log_m), 0.0) + np.where(q > 0, q * (log_q - log_m), 0.0)
+    return float(0.5 * terms.sum())
+
+
+class SpecSteer(CoSteerPolicy):
+    """`specsteer` (the authors' SpecSteer, arXiv 2603.16219, as a per-position rule): the
+    device model's with-context greedy token (its draft) is taken where the cloud gives it
+    more than gamma * exp(-JSD) times the probability the device model without context
+    gives it, JSD between the device's two distributions (a context that changes much
+    relaxes the test); elsewhere the pick is argmax(log p_LLM + beta * delta). Decided
+    position by position, this gives the output of their draft-then-verify loop for any
+    draft length; `--speculate K` gives it their round trips. Lossy: its output is not
+    CoSteer's, by design. Exact from a top-k: the cloud's value at the draft is read
+    there, or bounded by what the top-k leaves out."""
+
+    def __init__(self, gamma: float = SPECSTEER_GAMMA, beta: float = SPECSTEER_BETA,
+                 first_k: int = DEFAULT_TOP_K) -> None:
+        super().__init__("specsteer", SteeringParams(), first_k=first_k, coefficient=beta)
+        self.log_gamma = math.log(gamma)
+        self.accepted_steps = 0
+        self._accepted = False
+
+    def decide(self, dists: list[NextToken], sampling: SamplingConfig) -> Decision:
+        cloud, with_ctx, without_ctx = dists
+        log_with, log_without = log_softmax(with_ctx.logits), log_softmax(without_ctx.logits)
+        draft = int(np.argmax(log_with))
+        threshold = self.log_gamma - jensen_shannon(log_with, log_without) + float(log_without[draft])
+        known = self._cloud_logprob(cloud, draft)
+        if known is None:  # outside the top-k: accepted only if the bound on it could pass
+            bound = outside_bound(cloud, cloud.logits.astype(np.float64) - cloud.lse).max_logprob if cloud.known else 0.0
+            if bound > threshold and cloud.can_widen:
+                return AskFor(next_request(cloud.known, cloud.vocab_size))
+            self._accepted = False
+        else:
+            self._accepted = known > threshold
+        if self._accepted:
+            scores = np.full(cloud.vocab_size, -np.inf)
+            scores[draft] = 0.0
+            return Pick(scores)
+        return super().decide(dists, sampling)
+
+    @staticmethod
+    def _cloud_logprob(cloud: NextToken, token: int) -> float | None:
+        """log p_LLM(token), the same float embedded and over the wire; None: not in the top-k."""
+        if cloud.complete:
+            return float(cloud.logits[token]) - cloud.lse
+        where = np.flatnonzero(cloud.ids == token)
+        return float(cloud.logits[where[0]]) - cloud.lse if len(where) else None
+
+    def chose(self, token: int) -> None:
+        self.accepted_steps += self._accepted
+
+
 def _parameter(method: str, text: str) -> float:
     try:
         value = float(text)
@@ -378,6 +440,7 @@ METHODS: dict[str, Callable[[SteeringParams, Fusion, int], Policy]] = {
     "cos": lambda p, f, k: ContextSteering(DEFAULT_COS_LAMBDA, name="cos"),
     "ada": lambda p, f, k: AdaCoSteer(p, first_k=k),
     "fit": lambda p, f, k: LengthFitted(k),
+    "specsteer": lambda p, f, k: SpecSteer(first_k=k),
 }
 
 

@@ -10,11 +10,13 @@ import functools
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from costeer import CoSteer
 from costeer.errors import UserError
 from costeer.fusion import SteeringParams, local_delta, log_softmax
-from costeer.methods import make_policy
+from costeer.methods import jensen_shannon, make_policy
 from costeer.prompts import PAPER_SYSTEM_PROMPT, build_prompts
 from support.fakes import HIDDEN, NumpyModel
 
@@ -50,6 +52,14 @@ def reference(method: str, context: str, n: int, counts: dict | None = None) -> 
             n = len(with_p) - len(without_p)  # the context's device tokens
             w = 3.0 if n <= 64 else 1.0 if n >= 512 else 3.0 * (1 / 3) ** (np.log(n / 64) / np.log(8))
             scores = z + w * (zw - zwo)
+        elif name == "specsteer":  # SpecSteer's test, written out: p_LLM(d) > 0.5 * exp(-JSD) * p_without(d)
+            lw, lwo = log_softmax(zw), log_softmax(zwo)
+            draft = int(np.argmax(lw))
+            m = 0.5 * (np.exp(lw) + np.exp(lwo))
+            jsd = 0.5 * np.sum(np.exp(lw) * (lw - np.log(m))) + 0.5 * np.sum(np.exp(lwo) * (lwo - np.log(m)))
+            accepted = log_softmax(z)[draft] > np.log(0.5) - jsd + lwo[draft]
+            counts["accepted"] = counts.get("accepted", 0) + accepted
+            scores = np.where(np.arange(len(z)) == draft, 0.0, -np.inf) if accepted else z + 1.0 * (zw - zwo)
         elif name == "ada":
             confident = p_max >= float(value or 0.9)
             scores = z if streak >= 3 and confident else z + C * (zw - zwo)
@@ -71,11 +81,31 @@ def pair() -> CoSteer:
 
 
 @pytest.mark.parametrize("method", ["unsure:3", "unsure:40", "bounded:0.5", "bounded:3", "ada", "ada:0.5", "ada:0.99",
-                                    "fit"])
+                                    "fit", "specsteer"])
 @pytest.mark.parametrize("context", CONTEXTS + ["x " * 150, "long profile line. " * 120])
 def test_each_lever_equals_its_reference(method, context):
     g = pair().generate(PROMPT, context, method=method, max_new_tokens=24)
     assert g.token_ids == reference(method, context, 24)
+
+
+def test_specsteer_takes_the_device_draft_where_the_cloud_agrees_and_recovers_elsewhere():
+    """Both branches of SpecSteer's rule happen on the fakes, and a rejected step is
+    mix:1's pick (beta = 1)."""
+    counts: dict = {}
+    tokens = reference("specsteer", CONTEXTS[0], 40, counts)
+    assert 0 < counts["accepted"] < len(tokens)
+    assert pair().generate(PROMPT, CONTEXTS[0], method="specsteer", max_new_tokens=40).token_ids == tokens
+    assert tokens != pair().generate(PROMPT, CONTEXTS[0], method="mix:1", max_new_tokens=40).token_ids
+
+
+@given(st.lists(st.floats(-30, 30), min_size=2, max_size=40), st.data())
+def test_jensen_shannon_is_a_bounded_symmetric_divergence(logits, data):
+    other = data.draw(st.lists(st.floats(-30, 30), min_size=len(logits), max_size=len(logits)))
+    p, q = log_softmax(np.array(logits)), log_softmax(np.array(other))
+    d = jensen_shannon(p, q)
+    assert 0 <= d <= np.log(2) + 1e-9
+    assert d == pytest.approx(jensen_shannon(q, p), abs=1e-12)
+    assert jensen_shannon(p, p) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_ada_pauses_and_resumes_and_skips_device_passes():
