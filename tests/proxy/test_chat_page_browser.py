@@ -116,6 +116,12 @@ def tokens_in(card) -> list[tuple[int, bool]]:
             for i in range(spans.count())]
 
 
+def stored_turns(page) -> list[dict]:
+    """The conversation as the page keeps it in localStorage (read through the DevTools
+    protocol: the page's CSP refuses evaluated strings, not this)."""
+    return json.loads(page.evaluate("localStorage.getItem('costeer.chat.v1')"))
+
+
 def screenshot(page, name: str) -> Path:
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     path = SCREENSHOTS / f"{name}.png"
@@ -184,10 +190,13 @@ def test_compare_shows_the_cloud_alone_beside_the_steered_answer_at_1280_and_390
         first, second = steered.bounding_box(), alone.bounding_box()
         assert abs(first["y"] - second["y"]) < 2 and second["x"] > first["x"] + first["width"]  # side by side
         show(steered, "tint")
-        page.locator(".answer.steered .tok.changed").first.hover()
-        screenshot(page, "compare-1280")
+        changed = page.locator(".answer.steered .tok.changed")
+        changed.nth(changed.count() // 2).hover()  # a changed pick mid-answer: its tooltip
+        assert page.is_visible("#tooltip")
+        screenshot(page, "compare-1280")  # docs/images/chat.png
         page.set_viewport_size(PHONE)
         page.mouse.move(0, 0)
+        page.wait_for_timeout(400)  # the side panel slides away (0.2 s)
         first, second = steered.bounding_box(), alone.bounding_box()
         assert second["y"] >= first["y"] + first["height"] and first["width"] <= PHONE["width"]  # stacked
         assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]  # nothing wider than a phone
@@ -219,7 +228,8 @@ def test_enter_sends_shift_enter_breaks_the_line_and_a_second_turn_carries_the_f
         page.type("#prompt", "second line")
         assert page.input_value("#prompt") == "First line\nsecond line" and page.locator(".answer").count() == 0
         page.press("#prompt", "Enter")
-        first = answers(page).first.locator(".text").inner_text()
+        answers(page)
+        first = stored_turns(page)[1]["answers"][0]["text"]  # as the model wrote it (the page renders Markdown)
         assert page.locator(".msg-user .bubble").first.inner_text() == "First line\nsecond line"
         ask(page, "And again.")
         card = answers(page).first

@@ -314,8 +314,7 @@ function fillAnswer(answer, card) {
   const body = el("div", {class: "view"});
   if (answer.view === "tint" && done) body.append(tintView(answer));
   else if (answer.view === "wire" && done) body.append(wireView(answer));
-  else body.append(el("div", {class: `text${answer.status === "streaming" ? " streaming" : ""}`},
-    answer.text || (answer.status === "streaming" ? "" : "")));
+  else body.append(el("div", {class: `text${answer.status === "streaming" ? " streaming" : ""}`}, ...markdown(answer.text)));
   if (answer.status === "streaming" && !answer.text) body.firstChild.classList.add("thinking");
   const stats = answer.stats ? `${answer.stats.tokens ?? "?"} tokens · ${answer.stats.tps} tok/s` : "";
   const foot = el("div", {class: "answer-foot"}, el("span", {class: "stats"}, stats),
@@ -332,9 +331,55 @@ function renderText(answer) {
   const card = answerNodes.get(answer);
   const text = card && card.querySelector(".text");
   if (!text) return;
-  text.textContent = answer.text;
+  text.replaceChildren(...markdown(answer.text));
   text.classList.remove("thinking");
   scrollToEnd();
+}
+
+// A small Markdown subset as DOM nodes (never innerHTML, so model text cannot inject markup):
+// fenced code, headings, bullet and numbered lists, paragraphs; inline code, bold, italics.
+function markdown(text) {
+  const blocks = [];
+  const lines = text.split("\n");
+  for (let i = 0; i < lines.length; i++) {
+    const line = lines[i];
+    if (line.startsWith("```")) {
+      const code = [];
+      for (i++; i < lines.length && !lines[i].startsWith("```"); i++) code.push(lines[i]);
+      blocks.push(el("pre", {class: "code"}, el("code", {}, code.join("\n"))));
+    } else if (/^#{1,4} /.test(line)) {
+      blocks.push(el(`h${Math.min(6, line.indexOf(" ") + 2)}`, {class: "md-h"}, ...inline(line.replace(/^#+ /, ""))));
+    } else if (/^\s*([-*+]|\d+[.)]) /.test(line)) {
+      const ordered = /^\s*\d/.test(line);
+      const items = [];
+      for (; i < lines.length && /^\s*([-*+]|\d+[.)]) /.test(lines[i]); i++) {
+        items.push(el("li", {}, ...inline(lines[i].replace(/^\s*([-*+]|\d+[.)]) /, ""))));
+      }
+      i--;
+      blocks.push(el(ordered ? "ol" : "ul", {}, ...items));
+    } else if (line.trim()) {
+      const para = [line];
+      while (i + 1 < lines.length && lines[i + 1].trim() && !/^(```|#{1,4} |\s*([-*+]|\d+[.)]) )/.test(lines[i + 1])) {
+        para.push(lines[++i]);
+      }
+      blocks.push(el("p", {}, ...inline(para.join("\n"))));
+    }
+  }
+  return blocks;
+}
+
+function inline(text) {
+  const parts = [];
+  const pattern = /`([^`]+)`|\*\*([^*]+)\*\*|\*([^*\s][^*]*)\*|_([^_\s][^_]*)_/g;
+  let last = 0, match;
+  while ((match = pattern.exec(text))) {
+    parts.push(text.slice(last, match.index));
+    const [, code, bold, em, em2] = match;
+    parts.push(code ? el("code", {}, code) : bold ? el("strong", {}, bold) : el("em", {}, em || em2));
+    last = pattern.lastIndex;
+  }
+  parts.push(text.slice(last));
+  return parts.filter((p) => p !== "");
 }
 
 function scrollToEnd() {
@@ -394,7 +439,7 @@ function tintView(answer) {
 
 function percent(p) {
   if (p === null || p === undefined) return "not in its top-k";
-  return p >= 0.001 ? `${(100 * p).toFixed(1)}%` : `${(100 * p).toExponential(1)}%`;
+  return p >= 0.001 ? `${(100 * p).toFixed(1)}%` : p >= 1e-7 ? `${(100 * p).toPrecision(2)}%` : "< 0.00001%";
 }
 
 function signed(x) {
@@ -419,7 +464,8 @@ function showTip(node, step) {
   const box = node.getBoundingClientRect();
   const width = tip.offsetWidth, height = tip.offsetHeight;
   const left = Math.max(8, Math.min(window.innerWidth - width - 8, box.left + box.width / 2 - width / 2));
-  const top = box.top - height - 8 > 8 ? box.top - height - 8 : box.bottom + 8;
+  // below the token, where the text already read is; above it near the bottom of the window
+  const top = box.bottom + height + 8 < window.innerHeight ? box.bottom + 8 : Math.max(8, box.top - height - 8);
   tip.style.left = `${left}px`;
   tip.style.top = `${top}px`;
 }
