@@ -144,8 +144,8 @@ def real_proxy(tmp_path_factory):
 
 def test_the_page_streams_a_steered_answer_that_the_cloud_panel_does_not_betray(browser, real_proxy):
     with opened(browser, real_proxy) as page:
+        page.wait_for_selector("#context-files .name")  # listed (before: a line asking for the key)
         files = page.locator("#context-files li")
-        files.first.wait_for()
         assert EXAMPLE_PROFILE.name in files.first.inner_text() and "tok" in files.first.inner_text()
         assert not facts_in(page.locator("#sidebar").inner_text())  # names and sizes, never the text
         ask(page, BIRTHDAY_PROMPT)
