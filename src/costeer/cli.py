@@ -304,8 +304,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--rtt-ms", default="0,20,100", help="simulated round-trip times, comma-separated")
     bench.add_argument("--lookahead", metavar="D,M[,P]", type=_lookahead, default=(3, 1, DEFAULT_LOOKAHEAD_MIN_P),
                        help="the lookahead tree measured beside per-token steps (default 3,1,0.5)")
-    bench.add_argument("--cloud-top-k", type=_positive_int, default=1024,
-                       help="first k of every split step, both modes (default 1024: fewer escalations on long contexts)")
+    bench.add_argument("--speculate", metavar="K", type=_draft_tokens, default=2,
+                       help="the draft length measured beside per-token steps, alone and with --lookahead (default 2)")
+    bench.add_argument("--cloud-top-k", type=_positive_int, default=DEFAULT_TOP_K,
+                       help=f"first k of a split session, every mode (default {DEFAULT_TOP_K}, as generate; sessions "
+                            "adapt it as they go)")
     bench.add_argument("--data", metavar="DIR", default=None, help="a CoGenesis folder (default $COSTEER_DATA/cogenesis)")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
@@ -614,7 +617,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if not rtts or any(not math.isfinite(r) or r < 0 for r in rtts):
         raise UserError(f"--rtt-ms takes finite milliseconds >= 0, got {args.rtt_ms!r}")
     config = BenchConfig(rounds=args.rounds, prompts=args.prompts, max_new_tokens=max(2, args.max_new_tokens),
-                         rtts_ms=rtts, lookahead=args.lookahead, cloud_top_k=args.cloud_top_k, data=_bench_data(args.data))
+                         rtts_ms=rtts, lookahead=args.lookahead, speculate=args.speculate, cloud_top_k=args.cloud_top_k,
+                         data=_bench_data(args.data))
     result = run_bench(config)
     print(json.dumps(result) if args.json else format_table(result))
     return 0

@@ -114,6 +114,9 @@ class CloudConfig:
             raise UserError("lookahead applies to a remote cloud (--cloud URL) only")
         if not 0 <= self.speculate <= MAX_DRAFT_TOKENS:
             raise UserError(f"speculate takes 0 to {MAX_DRAFT_TOKENS} draft tokens, got {self.speculate}")
+        if self.speculate and not self.url:
+            raise UserError("speculate applies to a remote cloud (--cloud URL) only: embedded, every token costs "
+                            "no round trip already")
         if not self.timeout_s > 0:
             raise UserError(f"the cloud timeout must be > 0 seconds, got {self.timeout_s!r}")
         if not 0 <= self.retry_for_s < math.inf:

@@ -117,6 +117,10 @@ def test_drafts_are_refused_clearly(served, capsys):
     assert "0..8" in capsys.readouterr().err
     with pytest.raises(UserError, match="0 to 8"):
         CloudConfig(url, speculate=-1)
+    with pytest.raises(UserError, match="remote cloud"):
+        CloudConfig("", speculate=2)
+    assert main(["generate", "--speculate", "2", "--prompt", PROMPT]) == 2
+    assert "remote cloud" in capsys.readouterr().err
     with pytest.raises(UserError, match="costeer serve"):
         device("openai+" + url, speculate=2).generate(PROMPT, CONTEXT, max_new_tokens=2)
 

@@ -12,9 +12,13 @@ order that rotates per round, so load on a shared machine hits them alike:
   empty context cache, then a warm one (and the same tokens);
 - llm_stream_ms_per_token: the cloud model decoding on its own on the cloud's core,
   with no per-token round trip: what a user of the cloud alone waits;
-- for each simulated round-trip time R: split_costeer_over_llm_stream_{R}ms (per-token
-  steps, and with lookahead), split_round_trips_per_token_{R}ms, each mode's greedy
-  tokens checked equal to per-token CoSteer's (the benchmark fails if not);
+- for each simulated round-trip time R and each split mode (per-token steps with the
+  defaults, lookahead, --speculate, --speculate with lookahead):
+  split_{mode}_over_llm_stream_{R}ms and split_{mode}_round_trips_per_token_{R}ms,
+  each mode's greedy tokens checked equal to per-token CoSteer's (the benchmark fails
+  if not); split_round_trips_per_token_{R}ms is the defaults', and
+  split_costeer_over_llm_stream_{R}ms the fastest mode's; speculate_acceptance is the
+  share of drafted tokens the choices followed;
 - cloud_batch_cost: a forward pass of n tokens over one of 1, on the cloud's core.
 """
 
@@ -33,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from ..methods import DEFAULT_TOP_K
 from .contention import warn_if_contended
 
 log = logging.getLogger(__name__)
@@ -49,7 +54,8 @@ class BenchConfig:
     max_new_tokens: int = 32
     rtts_ms: tuple[float, ...] = (0.0, 20.0, 100.0)
     lookahead: tuple[int, int] = (3, 1)
-    cloud_top_k: int = 1024  # first k of every split step: fewer looks than the default 64 on long contexts
+    speculate: int = 2
+    cloud_top_k: int = DEFAULT_TOP_K  # the first k of a split session, adapted by each session as it goes
     data: Path | None = None  # a CoGenesis folder; None: the example profile
 
 
@@ -247,16 +253,23 @@ def _feed(group, tokens: list[int]) -> None:
     group._decode()
 
 
+def split_modes(config: BenchConfig) -> dict[str, dict]:
+    """Each split mode the bench measures: its cloud options beyond the defaults."""
+    return {"per_token": {}, "lookahead": {"lookahead": config.lookahead}, "speculate": {"speculate": config.speculate},
+            "speculate_lookahead": {"speculate": config.speculate, "lookahead": config.lookahead}}
+
+
 def bench_split(tasks, config: BenchConfig, llm_stream_ms: float, device_slm, cache) -> dict:
     from ..api import CloudConfig, CoSteer
 
     results: dict = {}
+    drafted = followed = 0
     with _served_cloud() as url:
         for rtt in config.rtts_ms:
-            modes = {"per_token": None, "lookahead": config.lookahead}
+            modes = split_modes(config)
             clients = {}
-            for name, tree in modes.items():
-                cloud = CloudConfig(url, simulate_rtt_ms=rtt, lookahead=tree, top_k=config.cloud_top_k)
+            for name, options in modes.items():
+                cloud = CloudConfig(url, simulate_rtt_ms=rtt, top_k=config.cloud_top_k, **options)
                 clients[name] = CoSteer(cloud=cloud, quiet=True, context_cache=cache)
                 clients[name]._slots["slm"].model = device_slm  # one device model in memory
             ms: dict[str, list[float]] = {m: [] for m in modes}
@@ -272,9 +285,12 @@ def bench_split(tasks, config: BenchConfig, llm_stream_ms: float, device_slm, ca
                         if value is not None:
                             ms[name].append(value)
                         trips[name].append(g.traffic["round_trips"] / max(1, g.new_tokens))
-                        if g.context_cache_tokens:
+                        drafted += g.traffic.get("draft_tokens", 0)
+                        followed += g.traffic.get("draft_tokens_followed", 0)
+                        if g.context_cache_tokens and name == "per_token":
                             first_token.append(g.time_to_first_token_s)
-                    _check_equal(f"lookahead {config.lookahead} at {rtt:g} ms", tokens[(i, "lookahead")], tokens[(i, "per_token")])
+                    for name in modes:
+                        _check_equal(f"{name} {modes[name]} at {rtt:g} ms", tokens[(i, name)], tokens[(i, "per_token")])
                 _progress(f"split at {rtt:g} ms, round {r + 1}/{config.rounds}: "
                           + ", ".join(f"{n} {_median(ms[n]):.0f} ms/token" for n in modes))
             for name in modes:
@@ -283,13 +299,14 @@ def bench_split(tasks, config: BenchConfig, llm_stream_ms: float, device_slm, ca
             r = f"{rtt:g}ms"
             best = min(modes, key=lambda n: _median(ms[n]))
             results[f"split_costeer_over_llm_stream_{r}"] = llm_stream_ms / _median(ms[best])
-            results[f"split_round_trips_per_token_{r}"] = _median(trips["lookahead"])
+            results[f"split_round_trips_per_token_{r}"] = _median(trips["per_token"])
             results[f"split_best_mode_{r}"] = best
             for name in modes:
                 results[f"split_{name}_ms_per_token_{r}"] = _median(ms[name])
                 results[f"split_{name}_over_llm_stream_{r}"] = llm_stream_ms / _median(ms[name])
-            results[f"split_per_token_round_trips_per_token_{r}"] = _median(trips["per_token"])
+                results[f"split_{name}_round_trips_per_token_{r}"] = _median(trips[name])
             results[f"split_ttft_warm_s_{r}"] = _median(first_token)  # device on one core, cloud on the other
+    results["speculate_acceptance"] = followed / drafted if drafted else float("nan")
     return results
 
 
@@ -319,7 +336,8 @@ def run_bench(config: BenchConfig) -> dict:
         llm, slm = cs.model("llm"), cs.model("slm")
         chosen = tasks[: config.prompts]
         result: dict = {"config": {"rounds": config.rounds, "prompts": len(chosen), "max_new_tokens": config.max_new_tokens,
-                                   "lookahead": list(config.lookahead), "cloud_top_k": config.cloud_top_k,
+                                   "lookahead": list(config.lookahead), "speculate": config.speculate,
+                                   "cloud_top_k": config.cloud_top_k,
                                    "threads_per_side": 1}}
 
         def with_cache(folder):
