@@ -36,6 +36,12 @@ def entries(folder: Path) -> list[Path]:
     return sorted(folder.glob(f"*/*{SUFFIX}"))
 
 
+def context_entries(folder: Path) -> list[Path]:
+    """The entries of private prompts (the context is about 170 byte tokens), not of the
+    public ones (about 70)."""
+    return [e for e in entries(folder) if _split(e)[0]["n_tokens"] >= 150]
+
+
 def generate(cs: CoSteer, request: str, context: str = CONTEXT, method: str = "costeer"):
     return cs.generate(request, context, method=method, max_new_tokens=12)
 
@@ -46,30 +52,39 @@ def test_requests_with_one_context_reuse_its_prefill_and_give_the_cold_tokens(tm
     assert cold_a.context_cache_tokens == 0 and not (tmp_path / "cache").exists()
     warm = pair(device, ContextCache(tmp_path / "cache"))
 
-    first = generate(warm, REQUEST_A)  # a miss: the whole private prompt is saved
-    n_a = first.prompt_tokens["slm_private"]
-    assert first.context_cache_tokens == 0 and device.prefilled[-1] == n_a + first.prompt_tokens["slm_public"]
-    assert len(entries(tmp_path / "cache")) == 1
+    first = generate(warm, REQUEST_A)  # a miss: both of the device's prompts are saved whole
+    n_a, n_public = first.prompt_tokens["slm_private"], first.prompt_tokens["slm_public"]
+    assert first.context_cache_tokens == 0 and device.prefilled[-1] == n_a + n_public
+    assert sorted(saved_tokens(tmp_path / "cache").values()) == sorted([n_a, n_public])
 
-    again = generate(warm, REQUEST_A)  # the same request: all but the last block is reused
-    assert again.context_cache_tokens == (n_a - 1) // 4 * 4
+    again = generate(warm, REQUEST_A)  # the same request: both restored whole, with their logits
+    assert again.context_cache_tokens == n_a and device.prefilled[-1] == 0
     other = generate(warm, REQUEST_B)  # the same context: its shared part is reused
-    assert 150 < other.context_cache_tokens < n_a
+    assert 150 < other.context_cache_tokens < n_a and other.context_cache_tokens % 4 == 0
     assert [g.token_ids for g in (first, again, other)] == [cold_a.token_ids, cold_a.token_ids, cold_b.token_ids]
+    # the whole entry of A was cut back to what the two prompts share
+    assert n_a not in saved_tokens(tmp_path / "cache").values()
+    assert other.context_cache_tokens in saved_tokens(tmp_path / "cache").values()
 
-    # the entry now holds what the two prompts share, and serves both without a rewrite
-    (entry,) = entries(tmp_path / "cache")
-    written = entry.stat().st_mtime_ns
+    # the shared entry serves A without a rewrite, and A is saved whole beside it
+    shared = [e for e, n in saved_tokens(tmp_path / "cache").items() if n == other.context_cache_tokens]
     third = generate(warm, REQUEST_A)
     assert third.context_cache_tokens == other.context_cache_tokens and third.token_ids == cold_a.token_ids
-    assert entries(tmp_path / "cache") == [entry]
-    assert _split(entry)[0]["n_tokens"] == other.context_cache_tokens
+    assert set(shared) <= set(entries(tmp_path / "cache")) and n_a in saved_tokens(tmp_path / "cache").values()
+    fourth = generate(warm, REQUEST_A)
+    assert fourth.context_cache_tokens == n_a and device.prefilled[-1] == 0 and fourth.token_ids == cold_a.token_ids
 
 
-def test_only_private_prompts_are_cached_and_methods_share_them(tmp_path, device):
+def saved_tokens(folder: Path) -> dict[Path, int]:
+    return {e: _split(e)[0]["n_tokens"] for e in entries(folder)}
+
+
+def test_public_prompts_are_saved_whole_for_a_repeat_and_methods_share_the_private_entry(tmp_path, device):
     warm = pair(device, ContextCache(tmp_path / "cache"))
-    assert generate(warm, REQUEST_A, method="slm").context_cache_tokens == 0  # public prompt only
-    assert not entries(tmp_path / "cache")
+    alone = generate(warm, REQUEST_A, method="slm")  # the public prompt only
+    assert alone.context_cache_tokens == 0 and len(entries(tmp_path / "cache")) == 1
+    again = generate(warm, REQUEST_A, method="slm")  # restored whole: no prefill, and no context tokens
+    assert device.prefilled[-1] == 0 and again.context_cache_tokens == 0 and again.token_ids == alone.token_ids
     generate(warm, REQUEST_A, method="slm-context")
     assert generate(warm, REQUEST_A, method="light").context_cache_tokens > 0
 
@@ -80,11 +95,13 @@ def test_the_cache_folder_and_files_are_private(tmp_path, device):
     os.chmod(folder, 0o755)
     generate(pair(device, ContextCache(folder)), REQUEST_A)
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700  # tightened
-    (entry,) = entries(folder)
-    assert stat.S_IMODE(entry.parent.stat().st_mode) == 0o700
-    for path in (entry, folder / DIGESTS_FILE):
+    saved = entries(folder)
+    assert len(saved) == 2 and len(context_entries(folder)) == 1  # the private prompt and the public one
+    assert {stat.S_IMODE(e.parent.stat().st_mode) for e in saved} == {0o700}
+    for path in (*saved, folder / DIGESTS_FILE):
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert CONTEXT.encode() not in entry.read_bytes()  # token ids and state, not text
+    for entry in saved:
+        assert CONTEXT.encode() not in entry.read_bytes()  # token ids, state and logits, not text
 
 
 def _split(path: Path) -> tuple[dict, bytes]:
@@ -101,6 +118,13 @@ def _write(path: Path, header: dict, rest: bytes) -> None:
 
 
 def _flip_state(path: Path) -> None:
+    header, _ = _split(path)
+    data = bytearray(path.read_bytes())
+    data[-header["logits_bytes"] - 5] ^= 0xFF  # in the state, before the logits
+    path.write_bytes(bytes(data))
+
+
+def _flip_logits(path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[-5] ^= 0xFF
     path.write_bytes(bytes(data))
@@ -123,20 +147,20 @@ def _refused(path: Path) -> None:
     """A well-formed entry with a matching digest whose state the backend refuses."""
     header, rest = _split(path)
     tokens, state = rest[: 4 * header["n_tokens"]], b"\0" * 8
-    _write(path, {**header, "state_bytes": len(state), "sha256": hashlib.sha256(tokens + state).hexdigest()},
-           tokens + state)
+    _write(path, {**header, "state_bytes": len(state), "logits_bytes": 0,
+                  "sha256": hashlib.sha256(tokens + state).hexdigest()}, tokens + state)
 
 
-@pytest.mark.parametrize("damage", [_flip_state, _truncate, _foreign, _garbage, _refused])
+@pytest.mark.parametrize("damage", [_flip_state, _flip_logits, _truncate, _foreign, _garbage, _refused])
 def test_a_damaged_entry_is_dropped_and_rebuilt_with_the_same_tokens(tmp_path, device, damage):
     expected = generate(pair(device, False), REQUEST_A).token_ids
     warm = pair(device, ContextCache(tmp_path / "cache"))
     generate(warm, REQUEST_A)
-    (entry,) = entries(tmp_path / "cache")
+    (entry,) = context_entries(tmp_path / "cache")
     damage(entry)
     rebuilt = generate(warm, REQUEST_A)
     assert rebuilt.context_cache_tokens == 0 and rebuilt.token_ids == expected
-    assert len(entries(tmp_path / "cache")) == 1  # a fresh entry, which serves the next request
+    assert len(context_entries(tmp_path / "cache")) == 1  # a fresh entry, which serves the next request
     assert generate(warm, REQUEST_A).context_cache_tokens > 0
 
 
@@ -145,13 +169,15 @@ def test_least_recently_used_entries_go_first_beyond_the_byte_bound(tmp_path, de
     contexts = [f"Profile {i}: " + CONTEXT for i in range(3)]
     saved = []
     for i, bound in ((0, None), (1, 2.5), (0, 2.5), (2, 2.5)):
-        before = set(entries(folder))
-        cache = ContextCache(folder, max_bytes=None if bound is None else int(bound * entries(folder)[0].stat().st_size))
-        g = generate(pair(device, cache), REQUEST_A, contexts[i])
-        saved.append((g.context_cache_tokens, set(entries(folder)) - before))
+        before = set(context_entries(folder))
+        size = None if bound is None else int(bound * context_entries(folder)[0].stat().st_size)
+        g = generate(pair(device, ContextCache(folder, max_bytes=size)), REQUEST_A, contexts[i])
+        saved.append((g.context_cache_tokens, set(context_entries(folder)) - before))
     # 0 and 1 are saved; 0 is used again (now the newest); 2 pushes out the least recently used, 1
+    # (the public prompt's small entry, the same request each time, is used every time)
     (entry_0,), (entry_1,), (entry_2,) = saved[0][1], saved[1][1], saved[3][1]
-    assert saved[2][0] > 200 and set(entries(folder)) == {entry_0, entry_2}
+    assert saved[2][0] > 200 and set(context_entries(folder)) == {entry_0, entry_2}
+    assert len(entries(folder)) == 3
 
 
 def test_no_cache_and_unsupported_backends_write_nothing(tmp_path, device):
@@ -195,10 +221,11 @@ def test_cache_info_and_clear_commands(tmp_path, device, monkeypatch, capsys):
     size = sum(p.stat().st_size for p in entries(folder))
     assert main(["cache", "info"]) == 0
     out = capsys.readouterr().out
-    assert f"{folder}" in out and "entries\t2" in out and f"bytes\t{size}" in out
+    # two contexts, and the public prompt they share (the same request)
+    assert f"{folder}" in out and "entries\t3" in out and f"bytes\t{size}" in out
     assert main(["cache", "clear"]) == 0
     out = capsys.readouterr().out
-    assert "deleted 2 entries" in out and "models are kept" in out
+    assert "deleted 3 entries" in out and "models are kept" in out
     assert not entries(folder) and [p.name for p in folder.iterdir()] == ["notes.txt"]
     assert main(["cache", "info"]) == 0 and "entries\t0" in capsys.readouterr().out
 
@@ -224,7 +251,8 @@ def test_default_models_warm_cache_gives_the_cold_tokens(default_costeer, warm_c
     miss, repeated, other = (warm_costeer.generate(p, profile_text, **kwargs)
                              for p in (BIRTHDAY_PROMPT, BIRTHDAY_PROMPT, OTHER_PROMPT))
     assert miss.context_cache_tokens == 0 and cold[0].context_cache_tokens == 0
-    assert repeated.context_cache_tokens >= 128 and other.context_cache_tokens >= 128
+    # the same request again starts from its whole saved prompt; another from the shared part
+    assert repeated.context_cache_tokens == miss.prompt_tokens["slm_private"] and other.context_cache_tokens >= 128
     assert [miss.token_ids, repeated.token_ids, other.token_ids] == [cold[0].token_ids, cold[0].token_ids, cold[1].token_ids]
 
 
@@ -255,6 +283,12 @@ def test_default_models_restored_prefix_gives_bitwise_cold_logits(default_costee
             keep = min(shared, len(target[0]) - 1) // block * block
             warm, _ = run(target, restore={0: PrefixRestore(snaps[0], len(source[0]), keep)})
             assert keep >= 64 and all(np.array_equal(c, w) for c, w in zip(cold, warm)), (len(source[0]), keep)
+        # both streams saved whole with the logits after them: restored with no prefill at all
+        with slm.open_streams(target, 4, snapshot={0: len(target[0]), 1: len(target[1])}) as group:
+            saved = {s: PrefixRestore(group.snapshots[s], len(target[s]), len(target[s]), group.snapshot_logits[s])
+                     for s in (0, 1)}
+        whole, _ = run(target, restore=saved)
+        assert all(np.array_equal(c, w) for c, w in zip(cold, whole))
 
 
 @pytest.mark.models

@@ -327,17 +327,20 @@ class PrefixModel(NumpyModel):
 
     def open_streams(self, prompts, max_new_tokens, restore=None, snapshot=None, **kw):
         group = NumpyStreams(self, prompts, max_new_tokens)
-        group.snapshots = {}
+        group.snapshots, group.snapshot_logits = {}, {}
         computed = 0
         for i, prompt in enumerate(prompts):
             states = []
             saved = (restore or {}).get(i)
             if saved is not None:
-                assert saved.keep % self.prefix_state_block == 0 and saved.keep < len(prompt)
+                whole = saved.keep == saved.n_tokens == len(prompt) and saved.logits is not None
+                assert whole or (saved.keep % self.prefix_state_block == 0 and saved.keep < len(prompt))
                 held = np.frombuffer(saved.state, dtype=np.float32)
                 if held.size != saved.n_tokens * HIDDEN:
                     raise PrefixStateError("refused")
                 states = list(held.reshape(-1, HIDDEN)[: saved.keep])
+                if whole and not np.array_equal(saved.logits, self.state_logits(states[-1])):
+                    raise PrefixStateError("logits that are not the state's")
             state = states[-1] if states else np.zeros(HIDDEN, dtype=np.float32)
             for token in prompt[len(states):]:
                 state = self.step_state(state, int(token))
@@ -345,6 +348,8 @@ class PrefixModel(NumpyModel):
                 computed += 1
             if snapshot and i in snapshot:
                 group.snapshots[i] = np.stack(states[: snapshot[i]]).tobytes()
+                if snapshot[i] == len(prompt):
+                    group.snapshot_logits[i] = self.state_logits(states[-1])
             group._states[i] = state
         self.prefilled.append(computed)
         return group

@@ -351,7 +351,8 @@ def test_cache_clear_deletes_its_own_files_only(tmp_path, monkeypatch, capsys):
     (store / ("f" * 32 + ".ctx")).write_bytes(b"named like an entry, not one")
     (store / "readme.txt").write_text("someone else's")
     monkeypatch.setenv("COSTEER_CONTEXT_CACHE_DIR", str(folder))
-    assert main(["cache", "clear"]) == 0 and "deleted 1 entries" in capsys.readouterr().out
+    # the request's two entries (its private prompt and its public one), nothing else
+    assert main(["cache", "clear"]) == 0 and "deleted 2 entries" in capsys.readouterr().out
     left = sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
     assert left == sorted(["0123abcd.ctx", "empty", "photos", "photos/2024", "photos/trip.ctx", store.name,
                            f"{store.name}/{'f' * 32}.ctx", f"{store.name}/readme.txt"])

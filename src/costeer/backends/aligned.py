@@ -75,6 +75,11 @@ class AlignedStreams(StreamGroup):
         """The device's saved prefill, for the context cache."""
         return self._inner.snapshots
 
+    @property
+    def snapshot_logits(self) -> dict[int, np.ndarray]:
+        """The device's logits after a prompt saved whole, for the context cache."""
+        return getattr(self._inner, "snapshot_logits", {})
+
     def logits(self) -> np.ndarray:
         if self.pending:  # behind by part of a character: no delta at this position
             return VocabularyMap.unsteered(len(self._prompt_lengths), self._map.cloud_vocab_size)

@@ -180,6 +180,9 @@ class PrefixRestore(NamedTuple):
     state: bytes  # from a group's `snapshots`
     n_tokens: int  # tokens the state holds
     keep: int  # its first tokens that equal the prompt's: the stream prefills from there
+    # the next-token logits after all n_tokens (a group's `snapshot_logits`): with them a
+    # state that holds the whole prompt (keep == n_tokens == its length) needs no prefill
+    logits: np.ndarray | None = None
 
 
 class PrefixStateError(RuntimeError):

@@ -1,4 +1,4 @@
-"""A persistent cache of the device model's private-prompt prefill.
+"""A persistent cache of the local models' prefill, above all the device's private prompt.
 
 Every request reads the whole private context on the device model first (seconds
 for a long context). Requests with the same context share the start of their
@@ -14,17 +14,22 @@ cells the same way with or without a restored prefix, so what follows is compute
 exactly as a cold start computes it: the same logits, bit for bit, and the same
 tokens.
 
+A prompt is also saved whole, with the next-token logits after it: the same prompt
+again (the same request, a regenerated answer) then starts with no prefill at all.
+Public prompts (the device's without the context, an embedded cloud model's) are
+saved that way too; they are short, and serve only the same request again.
+
 Entries are derived from private data: the folder is 0700, files 0600. Each file:
 
-    MAGIC | uint32 header length | JSON header | int32 token ids | state bytes
+    MAGIC | uint32 header length | JSON header | int32 token ids | state bytes | logits
 
-with the header {format, backend, model, n_tokens, state_bytes, sha256 of tokens
-and state}. Nothing in an entry is trusted: a file that is truncated, foreign (another
-model or backend) or corrupt (digest), or a state the backend refuses, is deleted
-and the prompt is prefilled cold (and saved afresh). Writes are atomic (a temporary
-file named with the writer's pid, then `os.replace`); temporary files a killed
-writer left are swept once they are an hour old and their writer is gone. The folder
-is bounded in bytes; the least recently used entries go first. Only files and folders
+with the header {format, backend, model, n_tokens, state_bytes, logits_bytes, sha256
+of tokens, state and logits}. Nothing in an entry is trusted: a file that is
+truncated, foreign (another model or backend) or corrupt (digest), or a state the
+backend refuses, is deleted and the prompt is prefilled cold (and saved afresh).
+Writes are atomic (a temporary file named with the writer's pid, then `os.replace`);
+temporary files a killed writer left are swept once they are an hour old and their
+writer is gone. The folder is bounded in bytes; the least recently used entries go first. Only files and folders
 named as the cache names its own (and entries that start with MAGIC) are ever
 evicted or cleared: a cache folder pointed at the wrong place loses nothing else.
 Messages name files and sizes only, never their content.
@@ -57,9 +62,8 @@ log = logging.getLogger(__name__)
 
 
 class CachedModel:
-    """A local model whose streams of private prompts start from the context cache's
-    longest matching saved prefix, exactly (and are saved for the next prompt); in all
-    else the model itself."""
+    """A local model whose streams start from the context cache's longest matching saved
+    prefix, exactly (and are saved for the next prompt); in all else the model itself."""
 
     def __init__(self, model: LanguageModel, cache: ContextCache) -> None:
         self.model = model
@@ -70,10 +74,10 @@ class CachedModel:
 
     def open_for_decoding(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, private: Sequence[bool],
                           first_k: int | None) -> StreamGroup:
-        if not any(private):
-            return self.model.open_for_decoding(prompts, max_new_tokens, private=private, first_k=first_k)
-        group, restored = self.cache.open_streams(self.model, prompts, max_new_tokens, private)
-        group.restored_tokens = restored
+        group, restored = self.cache.open_streams(self.model, prompts, max_new_tokens, [True] * len(prompts))
+        # what the cache saved of the private context: public prompts are short, and
+        # restored whole only when the same request comes again
+        group.restored_tokens = sum(n for i, n in restored.items() if private[i])
         return group
 
 
@@ -98,18 +102,18 @@ class ContextCache(CacheFiles):
         return CachedModel(model, self)
 
     def open_streams(self, model: LanguageModel, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                     cached: Sequence[bool]) -> tuple[StreamGroup, int]:
+                     cached: Sequence[bool]) -> tuple[StreamGroup, dict[int, int]]:
         """`model.open_streams(prompts, max_new_tokens)`, with the streams where `cached[i]`
-        is true started from the longest matching saved prefix; also how many prompt
-        tokens were reused rather than prefilled."""
+        is true started from the longest matching saved prefix; also, per stream started
+        so, how many prompt tokens were reused rather than prefilled."""
         if not model.supports_prefix_state or not any(cached):
-            return model.open_streams(prompts, max_new_tokens), 0
+            return model.open_streams(prompts, max_new_tokens), {}
         try:
             store = self._store(model)
             entries = self._entries(store)
         except OSError as exc:
             self._warn(f"not used ({exc.strerror or type(exc).__name__})")
-            return model.open_streams(prompts, max_new_tokens), 0
+            return model.open_streams(prompts, max_new_tokens), {}
         arrays = [np.asarray(p, dtype=np.int32) for p in prompts]
         plans = {i: make_plan(entries, arrays[i], store.block) for i, c in enumerate(cached) if c}
         restore: dict[int, PrefixRestore] = {}
@@ -117,7 +121,9 @@ class ContextCache(CacheFiles):
             if plan.entry is None:
                 continue
             try:
-                restore[i] = PrefixRestore(read_state(plan.entry, store), len(plan.entry.tokens), plan.keep)
+                state, logits = read_state(plan.entry, store)
+                restore[i] = PrefixRestore(state, len(plan.entry.tokens), plan.keep,
+                                           logits if plan.keep == len(plan.entry.tokens) else None)
                 os.utime(plan.entry.path)  # used: last in line for eviction
             except (BadEntry, OSError):
                 self._discard(plan.entry.path)
@@ -131,10 +137,10 @@ class ContextCache(CacheFiles):
             restore = {}
             group = model.open_streams(prompts, max_new_tokens, snapshot=snapshot_marks(plans))
         try:
-            self._save(store, plans, arrays, group.snapshots)
+            self._save(store, plans, arrays, group.snapshots, getattr(group, "snapshot_logits", {}))
         except OSError as exc:
             self._warn(f"not written ({exc.strerror or type(exc).__name__})")
-        return group, sum(r.keep for r in restore.values())
+        return group, {i: r.keep for i, r in restore.items()}
 
     # -- user commands -----------------------------------------------------------------
 
@@ -168,14 +174,14 @@ class ContextCache(CacheFiles):
         return CacheInfo(self.folder, entries, total)
 
     def _save(self, store: Store, plans: dict[int, Plan], prompts: list[np.ndarray],
-              snapshots: dict[int, bytes]) -> None:
+              snapshots: dict[int, bytes], snapshot_logits: dict[int, np.ndarray]) -> None:
         wrote = False
         for i, plan in plans.items():
             state = snapshots.get(i)
             if plan.snapshot is None or state is None:
                 continue
             tokens = prompts[i][: plan.snapshot].astype("<i4").tobytes()
-            parts = encode_entry(store, plan.snapshot, tokens, state)
+            parts = encode_entry(store, plan.snapshot, tokens, state, snapshot_logits.get(i))
             if sum(len(part) for part in parts) > self.max_bytes:
                 continue  # would evict itself
             path = store.folder / (hashlib.sha256(tokens).hexdigest()[:32] + SUFFIX)

@@ -23,9 +23,11 @@ class Plan:
 def make_plan(entries: list[Entry], prompt: np.ndarray, block: int) -> Plan:
     """The entry sharing the longest prefix with `prompt`, and what to save after.
 
-    Entries converge to what requests share: when most of the prompt is reused, the
-    rest is a request, and an entry that goes on differently is cut back to the shared
-    part (an entry that is the prompt's start, or holds all of it, is left alone).
+    An entry that is this very prompt, with the logits after it, starts the stream
+    with no prefill. Otherwise entries converge to what requests share: when most of the
+    prompt is reused, the rest is a request, and an entry that goes on differently is
+    cut back to the shared part; an entry that is the prompt's start is left alone, and
+    the whole prompt is saved beside it (with its logits, for the same prompt again).
     When most of the prompt is new (another context after a shared system prompt),
     the prompt is saved whole beside the entry, which other requests may still need.
     """
@@ -35,17 +37,18 @@ def make_plan(entries: list[Entry], prompt: np.ndarray, block: int) -> Plan:
         s = entry.shared_prefix(prompt)
         if s > shared or (s == shared and best is not None and len(entry.tokens) < len(best.tokens)):
             best, shared = entry, s
+        if s == n == len(entry.tokens) and entry.has_logits:
+            return Plan(entry, n, None, None)  # this prompt, as saved
     # at least one prompt token is computed (its logits start the answer), and whole
     # blocks only (so what follows is computed in the batches a cold start uses)
     keep = min(shared, n - 1) // block * block
-    whole = n if n > MIN_SHARED_TOKENS else None  # a shorter prompt could not serve another
     if best is None or keep < MIN_SHARED_TOKENS:
-        return Plan(None, 0, whole, None)  # a miss
+        return Plan(None, 0, n, None)  # a miss
     if 2 * keep < n:
-        return Plan(best, keep, whole, None)
+        return Plan(best, keep, n, None)
     if shared < len(best.tokens) and shared < n:
         return Plan(best, keep, keep, best)
-    return Plan(best, keep, None, None)
+    return Plan(best, keep, n if shared < n else None, None)
 
 
 def snapshot_marks(plans: dict[int, Plan]) -> dict[int, int]:

@@ -96,7 +96,9 @@ class LlamaContext:
 class LlamaCppStreams(LlamaContext, StreamGroup):
     """`restore[s]` starts stream s from a saved state, kept up to its `keep` tokens
     (which must be the prompt's first tokens); `snapshot[s] = m` captures stream s's
-    state when it holds its prompt's first m tokens, into `snapshots[s]`."""
+    state when it holds its prompt's first m tokens, into `snapshots[s]` (and, where m is
+    the whole prompt, the logits after it into `snapshot_logits[s]`). A restore that holds
+    the whole prompt and its logits starts the stream with no prefill at all."""
 
     spare_cells = 0  # cells beyond the prompts and new tokens (tree.LlamaCppTreeStreams)
 
@@ -105,12 +107,15 @@ class LlamaCppStreams(LlamaContext, StreamGroup):
         self._positions = [len(p) for p in prompts]
         self._prompt_lengths = list(self._positions)
         self.snapshots: dict[int, bytes] = {}
+        self.snapshot_logits: dict[int, np.ndarray] = {}
         for p in prompts:
             if not p:
                 raise ValueError("empty prompt")
             check_window(model.name, model.context_window, len(p), max_new_tokens)
         for s, saved in restore.items():
-            if not 0 < saved.keep < len(prompts[s]) or saved.keep > saved.n_tokens or saved.keep % PREFIX_BLOCK:
+            whole = saved.keep == saved.n_tokens == len(prompts[s]) and saved.logits is not None
+            if not whole and (not 0 < saved.keep < len(prompts[s]) or saved.keep > saved.n_tokens
+                              or saved.keep % PREFIX_BLOCK):
                 raise ValueError(f"stream {s}: cannot keep {saved.keep} of a saved state's {saved.n_tokens} tokens")
         needed = sum(len(p) + max_new_tokens + 1 for p in prompts) + self.spare_cells
         # a saved state loads whole before it is cut: room for it beside the streams before it
@@ -130,6 +135,12 @@ class LlamaCppStreams(LlamaContext, StreamGroup):
             # arithmetic) are laid out the same with or without a restored prefix
             for seq, prompt in enumerate(prompts):
                 done = self._restore(seq, restore[seq]) if seq in restore else 0
+                if done == len(prompt):  # the whole prompt, and the logits after it
+                    logits = restore[seq].logits
+                    if logits.shape != (self._model.vocab_size,):
+                        raise PrefixStateError(f"a saved state's logits have shape {logits.shape}")
+                    self._logits[seq] = logits
+                    continue
                 mark = snapshot.get(seq)
                 if mark is not None:
                     if not done <= mark <= len(prompt) or (mark % PREFIX_BLOCK and mark != len(prompt)):
@@ -137,6 +148,8 @@ class LlamaCppStreams(LlamaContext, StreamGroup):
                     yield from self._prefill(seq, prompt, done, mark)
                     done = mark
                     self.snapshots[seq] = self._state(seq)
+                    if mark == len(prompt):
+                        self.snapshot_logits[seq] = self._logits[seq].copy()
                 yield from self._prefill(seq, prompt, done, len(prompt))
             self._after_prompts = self._logits.copy()  # for restart
         except BaseException:
