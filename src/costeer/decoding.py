@@ -227,11 +227,12 @@ class _Groups:
                 group.advance(token)
             cloud = self.widening
             draft = self.speculating.draft(cloud.drafts) if cloud.asks_after(token) else ()
-            for group in self._remote:
-                if group is cloud:
-                    group.advance(token, draft)
-                else:
-                    group.advance(token)
+            pending = [self._pool.submit(g.advance, token, draft) if g is cloud else self._pool.submit(g.advance, token)
+                       for g in self._remote]
+            if draft:  # while the cloud computes: the device's pass on its last guess, used if followed
+                self.speculating.run_ahead(draft[-1])
+            for future in pending:
+                future.result()
             return
         pending = [self._pool.submit(g.advance, token) for g in self._remote] if self._pool else []
         for group in self._local:

@@ -355,7 +355,7 @@ def jensen_shannon(log_p: np.ndarray, log_q: np.ndarray) -> float:
     log_m = np.log(0.5 * (p + q))
     with np.errstate(invalid="ignore"):  # 0 * -inf where a probability is 0: no mass, no term
         terms = np.where(p > 0, p * (log_p - log_m), 0.0) + np.where(q > 0, q * (log_q - log_m), 0.0)
-    return float(0.5 * terms.sum())
+    return max(0.0, float(0.5 * terms.sum()))  # not below 0 by rounding
 
 
 class SpecSteer(CoSteerPolicy):

@@ -77,7 +77,8 @@ class SpeculativeGroup(StreamGroup):
         self._inner.advance(token_id)
 
     def draft(self, n: int) -> list[int]:
-        """Guess the next `n` tokens, running ahead on all but the last."""
+        """Guess the next `n` tokens, running ahead on all but the last (`run_ahead` takes
+        the last, while the cloud computes)."""
         self._take_back()
         guess: list[int] = []
         logits = self._inner.logits()
@@ -89,6 +90,11 @@ class SpeculativeGroup(StreamGroup):
         self.drafted += n
         self._guess = list(guess)
         return guess
+
+    def run_ahead(self, token: int) -> None:
+        """Feed the latest draft's last token past the others (a pass the choices may use)."""
+        if self._guess and self._guess[-1] == token and len(self._ahead) + 1 == len(self._guess):
+            self._run_ahead(token)
 
     def _run_ahead(self, token: int) -> np.ndarray:
         if not self._ahead:
