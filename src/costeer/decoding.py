@@ -217,16 +217,19 @@ class _Groups:
     def distributions(self) -> _StepDistributions:
         return _StepDistributions(self._where)
 
-    def advance(self, token: int) -> None:
-        """Every group by one token. Remote groups run in a thread while the local ones
-        compute, so a step costs max(cloud, device), not their sum; local groups stay
-        sequential (they share this machine's cores). While speculating, the device goes
-        first: a request to the cloud carries the draft it makes then."""
+    def advance(self, token: int, remaining: int) -> None:
+        """Every group by one token; `remaining`: the tokens still to pick after it. Remote
+        groups run in a thread while the local ones compute, so a step costs max(cloud,
+        device), not their sum; local groups stay sequential (they share this machine's
+        cores). While speculating, the device goes first: a request to the cloud carries
+        the draft it makes then (no longer than what is left to pick: the streams hold
+        room for max_new_tokens, no more)."""
         if self.speculating is not None:
             for group in self._local:
                 group.advance(token)
             cloud = self.widening
-            draft = self.speculating.draft(cloud.drafts) if cloud.asks_after(token) else ()
+            n = min(cloud.drafts, remaining)
+            draft = self.speculating.draft(n) if n > 0 and cloud.asks_after(token) else ()
             pending = [self._pool.submit(g.advance, token, draft) if g is cloud else self._pool.submit(g.advance, token)
                        for g in self._remote]
             if draft:  # while the cloud computes: the device's pass on its last guess, used if followed
@@ -329,7 +332,7 @@ def _token_loop(policy: Policy, groups: _Groups, decoder: StreamSource, picker: 
             finish = "stop"
             break
         if len(tokens) < max_new_tokens:
-            groups.advance(token)
+            groups.advance(token, max_new_tokens - len(tokens))
     rest = text.finish()
     if rest and on_text:
         on_text(rest)

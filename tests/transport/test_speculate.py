@@ -93,6 +93,20 @@ def test_the_device_sends_its_draft_and_the_chosen_tokens_only(served, tmp_path)
     assert all(CANARY not in json.dumps(b) for b in sent)
 
 
+@pytest.mark.parametrize("max_new_tokens", [1, 2, 3, 5])
+def test_a_draft_is_never_longer_than_what_is_left_to_pick(served, embedded, tmp_path, max_new_tokens):
+    """The device's streams hold room for max_new_tokens: near the end the guess shortens."""
+    url, _ = served
+    wire = tmp_path / "wire.jsonl"
+    g = device(url, speculate=4, wire_log=wire, top_k=4).generate(PROMPT, CONTEXT, max_new_tokens=max_new_tokens)
+    assert g.token_ids == embedded.generate(PROMPT, CONTEXT, max_new_tokens=max_new_tokens).token_ids
+    sent = [json.loads(line)["body"] for line in wire.read_text().splitlines()]
+    chosen = 0
+    for body in (b for b in sent if b and b.get("tokens")):
+        chosen += len(body["tokens"])
+        assert len(body.get("draft", [])) <= max_new_tokens - chosen
+
+
 def test_drafts_are_refused_clearly(served, capsys):
     url, log = served
     import httpx
