@@ -60,6 +60,14 @@ class NextToken:
         best = self.logits.max() if self.ids is None else self.logits[0]
         return float(best) - self.lse
 
+    def logprob(self, token: int) -> float | None:
+        """log p of `token`, where this view lists it (None: outside a top-k); the same
+        float embedded and over the wire, as `top_logprob`."""
+        if self.ids is None:
+            return float(self.logits[token]) - self.lse
+        where = np.flatnonzero(self.ids == token)
+        return float(self.logits[where[0]]) - self.lse if where.size else None
+
     def top(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(ids, logits) of the k likeliest known tokens, likeliest first."""
         if self.ids is None:

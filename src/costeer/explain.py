@@ -43,14 +43,6 @@ class TokenStep:
         return asdict(self)
 
 
-def _logprob(dist: NextToken, token: int) -> float | None:
-    """log p of `token` under `dist`, when `dist` lists it."""
-    if dist.complete:
-        return float(dist.logits[token]) - dist.lse
-    where = np.flatnonzero(dist.ids == token)
-    return float(dist.logits[where[0]]) - dist.lse if where.size else None
-
-
 def explain_step(policy: Policy, dists: list[NextToken], scores: np.ndarray, token: int,
                  spell: Callable[[int], bytes]) -> TokenStep:
     """The record of one step: `dists` as the policy last saw them, `scores` the pick's,
@@ -60,7 +52,7 @@ def explain_step(policy: Policy, dists: list[NextToken], scores: np.ndarray, tok
     if cloud is not None and cloud.known:
         cloud_token = int(cloud.top(1)[0][0])
         cloud_p = math.exp(cloud.top_logprob())
-        logprob = _logprob(cloud, token)
+        logprob = cloud.logprob(token)
         token_cloud_p = None if logprob is None else math.exp(logprob)
     fused = float(np.exp(log_softmax(np.asarray(scores, dtype=np.float64))[token]))
     steering = policy.steering_at(dists, token)

@@ -381,7 +381,7 @@ class SpecSteer(CoSteerPolicy):
         log_with, log_without = log_softmax(with_ctx.logits), log_softmax(without_ctx.logits)
         draft = int(np.argmax(log_with))
         threshold = self.log_gamma - jensen_shannon(log_with, log_without) + float(log_without[draft])
-        known = self._cloud_logprob(cloud, draft)
+        known = cloud.logprob(draft)
         if known is None:  # outside the top-k: accepted only if the bound on it could pass
             bound = outside_bound(cloud, cloud.logits.astype(np.float64) - cloud.lse).max_logprob if cloud.known else 0.0
             if bound > threshold and cloud.can_widen:
@@ -394,14 +394,6 @@ class SpecSteer(CoSteerPolicy):
             scores[draft] = 0.0
             return Pick(scores)
         return super().decide(dists, sampling)
-
-    @staticmethod
-    def _cloud_logprob(cloud: NextToken, token: int) -> float | None:
-        """log p_LLM(token), the same float embedded and over the wire; None: not in the top-k."""
-        if cloud.complete:
-            return float(cloud.logits[token]) - cloud.lse
-        where = np.flatnonzero(cloud.ids == token)
-        return float(cloud.logits[where[0]]) - cloud.lse if len(where) else None
 
     def chose(self, token: int) -> None:
         self.accepted_steps += self._accepted
