@@ -48,8 +48,7 @@ class LlamaCppTreeStreams(LlamaCppStreams):
         if width == 1:  # a chain: every node is kept as soon as it is computed
             yield from self._follow(draft, depth, min_probability)
             return
-        yield from self._follow(draft, 0, min_probability)
-        self._cut_chain(len(draft))
+        yield from self._follow(draft, 0, min_probability)  # which keeps the draft's cells, no more
         yield from self._tree(width, depth, min_probability, tuple(draft))
 
     def _follow(self, draft: Sequence[int], depth: int, min_probability: float) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:

@@ -297,7 +297,7 @@ def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: Serve
         with table.using(session_id, key) as session:
             if len(body.tokens) > limits.max_tokens_per_step:
                 raise ApiError(422, "too_many_tokens", f"{len(body.tokens)} tokens in one step exceed the limit of {limits.max_tokens_per_step}")
-            bad = [t for t in body.tokens if not 0 <= t < model.vocab_size]
+            bad = [t for t in (*body.tokens, *body.draft) if not 0 <= t < model.vocab_size]
             if bad:
                 raise ApiError(422, "token_out_of_range", f"token id {bad[0]} is outside the vocabulary [0, {model.vocab_size})")
             check_draft(session, body)
@@ -347,7 +347,8 @@ def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: Serve
             return StreamingResponse(stream_tree(session, reply, tree, session.steps), media_type="application/x-ndjson")
 
     def check_draft(session: Session, body: Step) -> None:
-        """A draft goes with tokens to append, as top-k nodes, no longer than the session allows."""
+        """A draft goes with tokens to append, as top-k nodes, no longer than the session
+        allows (its ids are checked with the tokens')."""
         if not body.draft:
             return
         if len(body.draft) > session.speculate:
@@ -355,9 +356,6 @@ def create_app(model: LanguageModel, api_keys: Sequence[str] = (), limits: Serve
                            f"{session.speculate} (speculate)")
         if not body.tokens or body.top_k is None:
             raise ApiError(422, "invalid_request", "a draft goes with tokens to append and a top_k (its nodes are top-k)")
-        bad = [t for t in body.draft if not 0 <= t < model.vocab_size]
-        if bad:
-            raise ApiError(422, "token_out_of_range", f"token id {bad[0]} is outside the vocabulary [0, {model.vocab_size})")
 
     def stop_tree(session: Session) -> None:
         """End a lookahead still being computed, so the group drops its partial work; under session.lock."""
