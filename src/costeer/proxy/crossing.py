@@ -19,12 +19,12 @@ gets no record at all.
 
 from __future__ import annotations
 
-import json
 from typing import Iterable, Sequence
 
 from ..methods import Policy
 from ..prompts import PublicChat
 from ..transport.protocol import API_PREFIX, Message, OpenSession, Step
+from ..transport.wire import encode_body
 
 SPLIT_NOTE = "Every message this answer sent to the cloud, as sent; replies by size only."
 EMBEDDED_NOTE = ("Embedded mode: nothing left this device. These are the messages a split client (--cloud) would have "
@@ -38,8 +38,8 @@ SESSION_PLACEHOLDER = "SESSION"  # an embedded run has no session id
 def _exchange(direction: str, path: str, size: int, body: object, method: str | None = None,
               status: int | None = None) -> dict:
     """One message. A request's `json` is its body's exact text on the wire (the wire
-    client sends json.dumps of it, and counts its bytes); a reply has its size only."""
-    sent = json.dumps(body) if direction == "device->cloud" and body is not None else None
+    client sends encode_body of it and counts its bytes); a reply has its size only."""
+    sent = encode_body(body).decode() if direction == "device->cloud" and body is not None else None
     return {"direction": direction, "method": method, "path": path, "status": status, "bytes": size, "body": body,
             "json": sent}
 
@@ -66,7 +66,7 @@ def split_record(records: Iterable[dict]) -> dict:
 def _body(model: OpenSession | Step) -> tuple[dict, int]:
     """The body as the split client sends it (the fields it sets) and its size as counted on the wire."""
     body = model.model_dump(mode="json", exclude_unset=True)
-    return body, len(json.dumps(body).encode())  # as the wire client counts it
+    return body, len(encode_body(body))
 
 
 def appended_tokens(token_ids: Sequence[int], finish_reason: str) -> list[int]:

@@ -37,6 +37,11 @@ _CONTROL = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]?|\x1b\][^\x07\x1b]*(?:\x07|\x1b\
                       r"|[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
+def encode_body(payload: dict) -> bytes:
+    """A request's body as the device sends it (and counts it in `bytes`)."""
+    return json.dumps(payload).encode()
+
+
 def printable(text: str) -> str:
     """Server-supplied text with terminal control characters and escape sequences removed,
     so a hostile server cannot recolour, hide or rewrite what the user's terminal shows."""
@@ -199,7 +204,7 @@ class WireClient:
 
     def _send(self, method: str, path: str, payload: dict | None) -> httpx.Response:
         """Log, wait half the simulated RTT, send, count; the answer's body is left unread."""
-        body = json.dumps(payload).encode() if payload is not None else b""
+        body = encode_body(payload) if payload is not None else b""
         self._record({"ts": time.time(), "direction": "device->cloud", "method": method, "path": path,
                       "bytes": len(body), "body": payload})
         if self._half_rtt_s:
