@@ -47,9 +47,19 @@ def _draft_tokens(text: str) -> int:
     return value
 
 
-def _lookahead(text: str) -> tuple[int, int, float]:
+def _tree(text: str) -> tuple[int, int, float]:
+    """D,M[,P] only (the bench measures a given tree)."""
+    tree = _lookahead(text)
+    if not isinstance(tree, tuple):
+        raise argparse.ArgumentTypeError(f"expected DEPTH,WIDTH[,MIN_P] such as 3,1, got {text!r}")
+    return tree
+
+
+def _lookahead(text: str) -> tuple[int, int, float] | str | None:
     """D,M or D,M,P: a tree of depth D and width M, grown under nodes where the cloud's
-    likeliest token has probability >= P (default 0.5)."""
+    likeliest token has probability >= P (default 0.5); `auto`, or `off` (None)."""
+    if text in ("auto", "off"):
+        return None if text == "off" else text
     parts = text.split(",")
     try:
         depth, width = int(parts[0]), int(parts[1])
@@ -123,11 +133,12 @@ def _add_cloud_args(p: argparse.ArgumentParser, own_api_key: bool = False) -> No
                             "and asks more up front after steps that escalated (costeer serve)")
     cloud.add_argument("--fixed-top-k", action="store_true",
                        help="ask --cloud-top-k every step, whatever earlier steps needed (same output)")
-    cloud.add_argument("--lookahead", metavar="D,M[,P]", type=_lookahead, default=None,
+    cloud.add_argument("--lookahead", metavar="D,M[,P]|auto|off", type=_lookahead, default="auto",
                        help="with each step the cloud also sends its distributions after its own M likeliest "
                             "tokens, D levels deep, where its likeliest token has probability >= P (default 0.5); "
                             "the device walks them and sends several tokens per round trip (same output, fewer "
-                            "round trips; costeer serve only; 3,1 suits a CPU cloud)")
+                            "round trips; costeer serve only; 3,1 suits a CPU cloud). Default auto: 3,1,0.5 where "
+                            "a round trip to the cloud takes 80 ms or more, measured on connecting")
     cloud.add_argument("--speculate", metavar="K", type=_draft_tokens, default=0,
                        help="with each request, send the device's guess of the next K tokens; the cloud answers "
                             "with its distributions along them, and where the choices follow the guess no request "
@@ -302,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--prompts", type=_positive_int, default=2, help="CoGenesis dev tasks per round")
     bench.add_argument("--max-new-tokens", type=_positive_int, default=32)
     bench.add_argument("--rtt-ms", default="0,20,100", help="simulated round-trip times, comma-separated")
-    bench.add_argument("--lookahead", metavar="D,M[,P]", type=_lookahead, default=(3, 1, DEFAULT_LOOKAHEAD_MIN_P),
+    bench.add_argument("--lookahead", metavar="D,M[,P]", type=_tree, default=(3, 1, DEFAULT_LOOKAHEAD_MIN_P),
                        help="the lookahead tree measured beside per-token steps (default 3,1,0.5)")
     bench.add_argument("--speculate", metavar="K", type=_draft_tokens, default=2,
                        help="the draft length measured beside per-token steps, alone and with --lookahead (default 2)")

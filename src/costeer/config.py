@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Literal, Sequence
 
 from .errors import UserError
 from .fusion import SteeringParams
@@ -83,7 +83,9 @@ class CloudConfig:
     `send_private_context_to_cloud`. `lookahead=(D, M)` or `(D, M, P)` asks a `costeer
     serve` cloud for a tree of its M likeliest continuations, D deep (grown where its
     likeliest token has probability >= P, default 0.5), with every step, so the device
-    sends several tokens per round trip with the same output. `speculate=K` sends the
+    sends several tokens per round trip with the same output; "auto" (the default) asks
+    for (3, 1, 0.5) where a round trip, measured on connecting, takes 80 ms or more, and
+    None never. `speculate=K` sends the
     device's guess of the next K tokens with every request to a `costeer serve` cloud,
     which answers with the distributions along it: where the choices follow the guess,
     no request is needed (the same output again). If a `costeer serve` cloud
@@ -100,7 +102,7 @@ class CloudConfig:
     top_k: int = DEFAULT_TOP_K
     model: str | None = None
     max_k: int | None = None
-    lookahead: tuple[int, int] | tuple[int, int, float] | None = None
+    lookahead: tuple[int, int] | tuple[int, int, float] | Literal["auto"] | None = "auto"
     timeout_s: float = 120.0
     retry_for_s: float = 60.0
     send_private_context_to_cloud: bool = False
@@ -110,7 +112,9 @@ class CloudConfig:
     def __post_init__(self) -> None:
         if self.top_k < 1:
             raise UserError(f"cloud top-k must be >= 1, got {self.top_k}")
-        if self.lookahead is not None and not self.url:
+        if isinstance(self.lookahead, str) and self.lookahead != "auto":
+            raise UserError(f"lookahead is (depth, width[, min_p]), 'auto' or None, got {self.lookahead!r}")
+        if self.lookahead not in (None, "auto") and not self.url:
             raise UserError("lookahead applies to a remote cloud (--cloud URL) only")
         if not 0 <= self.speculate <= MAX_DRAFT_TOKENS:
             raise UserError(f"speculate takes 0 to {MAX_DRAFT_TOKENS} draft tokens, got {self.speculate}")

@@ -43,6 +43,7 @@ EMPTY_PROMPT = ["generate", "--prompt", "   "]  # refused only after both defaul
         (["bench", "--rtt-ms", "-5"], "--rtt-ms"),
         (["bench", "--lookahead", "9,9"], "depth must be"),
         (["bench", "--lookahead", "3,1,2"], "MIN_P"),
+        (["bench", "--lookahead", "auto"], "DEPTH,WIDTH"),
         (["generate", "--prompt", "hi", "--lookahead", "2,4"], "remote cloud"),
     ],
 )

@@ -12,6 +12,7 @@ from costeer import CloudConfig, CoSteer, UserError
 from costeer.cli import main
 from costeer.methods import METHODS, make_policy
 from costeer.transport.server.app import create_app
+from support.fake_servers import RequestLog
 from support.fakes import NumpyModel
 from support.servers import app_in_thread
 from support.split_fixtures import CONTEXT, PROMPT, device, embedded, served  # noqa: F401  (fixtures)
@@ -96,3 +97,44 @@ def test_a_tree_too_large_or_unsupported_is_refused_clearly(served, capsys):
             device(other, lookahead=(2, 2)).generate(PROMPT, CONTEXT, max_new_tokens=4)
     with pytest.raises(UserError, match="remote cloud"):
         CloudConfig("", lookahead=(2, 2))
+
+
+def _opens(log: RequestLog, since: int) -> list[dict]:
+    return [json.loads(body) for path, body in log.bodies[since:] if path.endswith("/sessions")]
+
+
+@pytest.mark.parametrize("method", ["costeer", "mix:1"])
+def test_auto_lookahead_stays_per_token_near_and_asks_trees_far(served, embedded, method):
+    """The default, lookahead="auto": on loopback the session opens without a tree, as
+    before; behind a 90 ms round trip it opens with 3,1,0.5. The tokens are the same."""
+    url, log = served
+    expected = embedded.generate(PROMPT, CONTEXT, method=method, max_new_tokens=24).token_ids
+    before = len(log.bodies)
+    near = device(url).generate(PROMPT, CONTEXT, method=method, max_new_tokens=24)
+    assert near.token_ids == expected
+    assert near.traffic["lookahead_auto_rtt_ms"] < 80 and near.traffic["lookahead_tokens"] == 0
+    assert [("lookahead" in o) for o in _opens(log, before)] == [False]
+    before = len(log.bodies)
+    far = device(url, simulate_rtt_ms=90).generate(PROMPT, CONTEXT, method=method, max_new_tokens=24)
+    assert far.token_ids == expected
+    assert far.traffic["lookahead_auto_rtt_ms"] >= 80
+    assert [o.get("lookahead") for o in _opens(log, before)] == [dict(depth=3, width=1, top_k=64, min_probability=0.5)]
+    assert far.traffic["lookahead_tokens"] > 0
+    assert far.traffic["round_trips"] < near.traffic["round_trips"]
+
+
+def test_auto_lookahead_is_silent_where_trees_are_not_offered_and_off_turns_it_off(served, capsys):
+    class NoTrees(NumpyModel):
+        supports_lookahead = False
+
+    with app_in_thread(create_app(NoTrees(1))) as other:
+        g = device(other, simulate_rtt_ms=90).generate(PROMPT, CONTEXT, max_new_tokens=6)
+        assert g.traffic["lookahead_tokens"] == 0 and "lookahead_auto_rtt_ms" not in g.traffic
+    url, _ = served
+    g = device(url, simulate_rtt_ms=90, lookahead=None).generate(PROMPT, CONTEXT, max_new_tokens=6)
+    assert g.traffic["lookahead_tokens"] == 0 and "lookahead_auto_rtt_ms" not in g.traffic
+    assert main(["generate", "--cloud", url, "--lookahead", "off", "--simulate-rtt", "90", "--prompt", PROMPT,
+                 "--max-new-tokens", "4", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["traffic"]["lookahead_tokens"] == 0
+    with pytest.raises(UserError, match="'auto' or None"):
+        CloudConfig(url, lookahead="sometimes")

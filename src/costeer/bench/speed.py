@@ -12,13 +12,18 @@ order that rotates per round, so load on a shared machine hits them alike:
   empty context cache, then a warm one (and the same tokens);
 - llm_stream_ms_per_token: the cloud model decoding on its own on the cloud's core,
   with no per-token round trip: what a user of the cloud alone waits;
-- for each simulated round-trip time R and each split mode (per-token steps with the
-  defaults, lookahead, --speculate, --speculate with lookahead):
-  split_{mode}_over_llm_stream_{R}ms and split_{mode}_round_trips_per_token_{R}ms,
-  each mode's greedy tokens checked equal to per-token CoSteer's (the benchmark fails
-  if not); split_round_trips_per_token_{R}ms is the defaults', and
-  split_costeer_over_llm_stream_{R}ms the fastest mode's; speculate_acceptance is the
-  share of drafted tokens the choices followed;
+- specsteer_over_costeer: speed of SpecSteer (lossy) over CoSteer, in-process, where
+  both cost the same passes a token; embedded_speculate_over_llm is null: exact drafts
+  would be scored one token a pass on this CPU, which saves nothing in-process;
+- for each simulated round-trip time R and each split mode (the defaults, whose
+  lookahead is auto; per-token steps; lookahead; --speculate; --speculate with
+  lookahead; SpecSteer with --speculate): split_{mode}_over_llm_stream_{R}ms and
+  split_{mode}_round_trips_per_token_{R}ms, each exact mode's greedy tokens checked
+  equal to per-token CoSteer's and SpecSteer's to embedded SpecSteer's (the benchmark
+  fails if not); split_round_trips_per_token_{R}ms is the defaults',
+  split_costeer_over_llm_stream_{R}ms the fastest exact mode's, and
+  split_specsteer_speculate_over_costeer_{R}ms SpecSteer's speed over it;
+  speculate_acceptance is the share of drafted tokens the exact modes' choices followed;
 - cloud_batch_cost: a forward pass of n tokens over one of 1, on the cloud's core.
 """
 
@@ -104,9 +109,9 @@ def _median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def _check_equal(what: str, a: list[int], b: list[int]) -> None:
+def _check_equal(what: str, a: list[int], b: list[int], reference: str = "per-token CoSteer") -> None:
     if a != b:
-        raise RuntimeError(f"bench: {what} gave other tokens than per-token CoSteer "
+        raise RuntimeError(f"bench: {what} gave other tokens than {reference} "
                            f"(first difference at token {next(i for i, (x, y) in enumerate(zip(a + [-1], b + [-1])) if x != y)})")
 
 
@@ -134,18 +139,29 @@ def bench_fusion(cs, public, private, reps: int = 30) -> dict:
             "fusion_closed_ms": _median(times["closed"]) * 1000, "fusion_loop_ms": _median(times["loop"]) * 1000}
 
 
-def bench_embedded(cs, tasks, config: BenchConfig) -> dict:
-    ms: dict[str, list[float]] = {"llm": [], "costeer": []}
+def bench_embedded(cs, tasks, config: BenchConfig, specsteer_tokens: dict[int, list[int]]) -> dict:
+    """CoSteer's speed over the cloud model alone, and SpecSteer's over CoSteer's, in-process;
+    fills `specsteer_tokens` (task -> tokens), what split SpecSteer must give."""
+    ms: dict[str, list[float]] = {"llm": [], "costeer": [], "specsteer": []}
     for r, order in rotating(list(ms), config.rounds):
-        for public, private in tasks:
+        for i, (public, private) in enumerate(tasks):
             for method in order:
-                value = decode_ms(cs.generate_from_messages(public, private, method=method,
-                                                             max_new_tokens=config.max_new_tokens))
+                g = cs.generate_from_messages(public, private, method=method, max_new_tokens=config.max_new_tokens)
+                if method == "specsteer":
+                    specsteer_tokens.setdefault(i, g.token_ids)
+                value = decode_ms(g)
                 if value is not None:
                     ms[method].append(value)
         _progress(f"embedded round {r + 1}/{config.rounds}")
     return {"embedded_llm_ms_per_token": _median(ms["llm"]), "embedded_costeer_ms_per_token": _median(ms["costeer"]),
-            "embedded_costeer_over_llm": _median(ms["llm"]) / _median(ms["costeer"])}
+            "embedded_costeer_over_llm": _median(ms["llm"]) / _median(ms["costeer"]),
+            "embedded_specsteer_ms_per_token": _median(ms["specsteer"]),
+            "specsteer_over_costeer": _median(ms["costeer"]) / _median(ms["specsteer"]),
+            # embedded, a draft would have to be scored in one pass to save anything, and
+            # a pass of 2+ tokens of one sequence is not bit-exact on this llama.cpp build
+            "embedded_speculate_over_llm": None,
+            "embedded_speculate": "not offered: exact drafts are scored one token a pass here, which costs "
+                                  "embedded what per-token steps cost (see cloud_batch_cost and docs/speed.md)"}
 
 
 @contextmanager
@@ -253,13 +269,23 @@ def _feed(group, tokens: list[int]) -> None:
     group._decode()
 
 
+# A split mode's method: the default one (auto), but where named here.
+SPLIT_MODE_METHODS = {"specsteer_speculate": "specsteer"}
+
+
 def split_modes(config: BenchConfig) -> dict[str, dict]:
-    """Each split mode the bench measures: its cloud options beyond the defaults."""
-    return {"per_token": {}, "lookahead": {"lookahead": config.lookahead}, "speculate": {"speculate": config.speculate},
-            "speculate_lookahead": {"speculate": config.speculate, "lookahead": config.lookahead}}
+    """Each split mode the bench measures: its cloud options beyond the defaults (whose
+    lookahead is "auto": on from 80 ms)."""
+    return {"default": {}, "per_token": {"lookahead": None}, "lookahead": {"lookahead": config.lookahead},
+            "speculate": {"lookahead": None, "speculate": config.speculate},
+            "speculate_lookahead": {"speculate": config.speculate, "lookahead": config.lookahead},
+            "specsteer_speculate": {"lookahead": None, "speculate": config.speculate}}
 
 
-def bench_split(tasks, config: BenchConfig, llm_stream_ms: float, device_slm, cache) -> dict:
+def bench_split(tasks, config: BenchConfig, llm_stream_ms: float, device_slm, cache,
+                specsteer_tokens: dict[int, list[int]]) -> dict:
+    """Every split mode at every simulated RTT; each exact mode's tokens checked against
+    per-token steps, SpecSteer's (lossy by design) against embedded SpecSteer's."""
     from ..api import CloudConfig, CoSteer
 
     results: dict = {}
@@ -279,27 +305,35 @@ def bench_split(tasks, config: BenchConfig, llm_stream_ms: float, device_slm, ca
                 tokens: dict[tuple[int, str], list[int]] = {}
                 for i, (public, private) in enumerate(tasks):
                     for name in order:
-                        g = clients[name].generate_from_messages(public, private, max_new_tokens=config.max_new_tokens)
+                        method = SPLIT_MODE_METHODS.get(name, "auto")
+                        g = clients[name].generate_from_messages(public, private, method=method,
+                                                                 max_new_tokens=config.max_new_tokens)
                         tokens[(i, name)] = g.token_ids
                         value = decode_ms(g)
                         if value is not None:
                             ms[name].append(value)
                         trips[name].append(g.traffic["round_trips"] / max(1, g.new_tokens))
-                        drafted += g.traffic.get("draft_tokens", 0)
-                        followed += g.traffic.get("draft_tokens_followed", 0)
+                        if name not in SPLIT_MODE_METHODS:  # the exact modes' acceptance
+                            drafted += g.traffic.get("draft_tokens", 0)
+                            followed += g.traffic.get("draft_tokens_followed", 0)
                         if g.context_cache_tokens and name == "per_token":
                             first_token.append(g.time_to_first_token_s)
                     for name in modes:
-                        _check_equal(f"{name} {modes[name]} at {rtt:g} ms", tokens[(i, name)], tokens[(i, "per_token")])
+                        if name in SPLIT_MODE_METHODS:
+                            _check_equal(f"split {name} at {rtt:g} ms", tokens[(i, name)], specsteer_tokens[i],
+                                         reference="embedded SpecSteer")
+                        else:
+                            _check_equal(f"{name} {modes[name]} at {rtt:g} ms", tokens[(i, name)], tokens[(i, "per_token")])
                 _progress(f"split at {rtt:g} ms, round {r + 1}/{config.rounds}: "
                           + ", ".join(f"{n} {_median(ms[n]):.0f} ms/token" for n in modes))
             for name in modes:
                 clients[name]._slots["slm"].model = None
                 clients[name].close()
             r = f"{rtt:g}ms"
-            best = min(modes, key=lambda n: _median(ms[n]))
+            best = min((n for n in modes if n not in SPLIT_MODE_METHODS), key=lambda n: _median(ms[n]))
             results[f"split_costeer_over_llm_stream_{r}"] = llm_stream_ms / _median(ms[best])
-            results[f"split_round_trips_per_token_{r}"] = _median(trips["per_token"])
+            results[f"split_round_trips_per_token_{r}"] = _median(trips["default"])
+            results[f"split_specsteer_speculate_over_costeer_{r}"] = _median(ms[best]) / _median(ms["specsteer_speculate"])
             results[f"split_best_mode_{r}"] = best
             for name in modes:
                 results[f"split_{name}_ms_per_token_{r}"] = _median(ms[name])
@@ -350,7 +384,8 @@ def run_bench(config: BenchConfig) -> dict:
         result.update(bench_fusion(warm, *chosen[0]))
         _progress(f"fusion: loop {result['fusion_loop_ms']:.1f} ms, closed {result['fusion_closed_ms']:.2f} ms")
         result.update(bench_ttft(with_cache, tasks, config))
-        result.update(bench_embedded(warm, chosen, config))
+        specsteer_tokens: dict[int, list[int]] = {}
+        result.update(bench_embedded(warm, chosen, config, specsteer_tokens))
         result.update(bench_llm_stream(warm, chosen, config))
         _progress(f"cloud model alone on its core: {result['llm_stream_ms_per_token']:.0f} ms/token")
         result.update(bench_batch_cost(llm))
@@ -358,7 +393,8 @@ def run_bench(config: BenchConfig) -> dict:
         result.update(bench_contention(llm, slm, *chosen[0]))
         _progress(f"steps alone: device {result['device_step_ms']:.0f} ms, cloud {result['cloud_step_ms']:.0f} ms; "
                   f"at once: {result['device_step_concurrent_ms']:.0f} and {result['cloud_step_concurrent_ms']:.0f} ms")
-        result.update(bench_split(chosen, config, result["llm_stream_ms_per_token"], slm, warm.context_cache))
+        result.update(bench_split(chosen, config, result["llm_stream_ms_per_token"], slm, warm.context_cache,
+                                  specsteer_tokens))
         shutil.rmtree(cache_folder, ignore_errors=True)
     result["bench_seconds"] = round(time.perf_counter() - started, 1)
     return result

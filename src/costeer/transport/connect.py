@@ -27,7 +27,7 @@ def connect_cloud(config: CloudConfig, tokenizer: LanguageModel) -> RemoteCloud:
     if not base.startswith(("http://", "https://")):
         raise UserError(f"cloud URL must be http(s)://HOST:PORT (costeer serve), "
                         f"{', or '.join(k + 'http(s)://...' for k in CLOUD_URL_KINDS)}, got {config.url!r}")
-    if kind and config.lookahead:
+    if kind and config.lookahead not in (None, "auto"):
         raise UserError(f"lookahead needs a costeer serve cloud; a {kind[:-1]} server cannot send trees")
     if kind and config.speculate:
         raise UserError(f"speculate needs a costeer serve cloud; a {kind[:-1]} server cannot score drafts")
@@ -40,8 +40,8 @@ def connect_cloud(config: CloudConfig, tokenizer: LanguageModel) -> RemoteCloud:
     except BaseException:
         wire.close()
         raise
-    tree = None
-    if config.lookahead:
-        depth, width, *rest = config.lookahead
+    tree = config.lookahead
+    if tree not in (None, "auto"):
+        depth, width, *rest = tree
         tree = Lookahead(depth=depth, width=width, min_probability=rest[0] if rest else DEFAULT_LOOKAHEAD_MIN_P)
     return ServedCloud(wire, tokenizer, tree, config.retry_for_s, config.adaptive_top_k, config.speculate)

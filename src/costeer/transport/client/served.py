@@ -2,19 +2,30 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import replace
-from typing import Callable, Sequence
+from typing import Callable, Literal, Sequence
 
 from ...backends.base import LanguageModel, vocabulary_digest
 from ...cloud import CloudSession, RemoteCloud
 from ...distribution import NextToken, check_token_ids
 from ...errors import UserError
 from ...prompts import PublicChat
-from ..protocol import API_PREFIX, Lookahead, Vocabulary, decode_distribution, decode_tree_node
+from ..protocol import API_PREFIX, DEFAULT_LOOKAHEAD_MIN_P, Lookahead, Vocabulary, decode_distribution, decode_tree_node
 from ..wire import CloudRefused, CloudUnreachable, WireClient, printable
 from .first_k import FirstTopK
 from .lookahead import TreeWalk
 from .resume import Resumer
+
+log = logging.getLogger(__name__)
+
+# `lookahead="auto"` (the default): the tree a session asks for when a round trip costs at
+# least AUTO_LOOKAHEAD_MIN_RTT_S. Measured on this project's CPU cloud (docs/speed.md):
+# per-token steps are faster at 20 ms, lookahead 3,1,0.5 at 100 ms, the lines cross near
+# 80 ms. A tree never changes the output, only round trips and the cloud's work.
+AUTO_LOOKAHEAD = Lookahead(depth=3, width=1, min_probability=DEFAULT_LOOKAHEAD_MIN_P)
+AUTO_LOOKAHEAD_MIN_RTT_S = 0.080
 
 
 class ServedCloud(RemoteCloud):
@@ -25,12 +36,14 @@ class ServedCloud(RemoteCloud):
     session then walks that tree and sends the tokens it chose in one request when
     the choice leaves it. The output is the same token for token."""
 
-    def __init__(self, wire: WireClient, tokenizer: LanguageModel, lookahead: Lookahead | None = None,
+    def __init__(self, wire: WireClient, tokenizer: LanguageModel, lookahead: Lookahead | Literal["auto"] | None = None,
                  retry_for_s: float = 0.0, adaptive_top_k: bool = True, speculate: int = 0) -> None:
-        """`retry_for_s`: how long a session keeps trying to reopen itself on a server
-        that failed or restarted mid-generation (0: it fails at once). `adaptive_top_k`:
-        each session learns its first k from its escalations (first_k.py). `speculate`:
-        the most tokens of a device's draft a step sends along (speculation.py)."""
+        """`lookahead`: a tree to ask for with every step, none, or "auto": AUTO_LOOKAHEAD
+        where the server offers trees and a round trip, measured now, costs at least
+        AUTO_LOOKAHEAD_MIN_RTT_S. `retry_for_s`: how long a session keeps trying to reopen
+        itself on a server that failed or restarted mid-generation (0: it fails at once).
+        `adaptive_top_k`: each session learns its first k from its escalations (first_k.py).
+        `speculate`: the most tokens of a device's draft a step sends along (speculation.py)."""
         self.adaptive_top_k = adaptive_top_k
         super().__init__(tokenizer)
         self._wire = wire
@@ -50,7 +63,10 @@ class ServedCloud(RemoteCloud):
         check_token_ids(sorted(self.eos_token_ids), self.vocab_size, f"the cloud at {wire.base_url}")
         self.retry_for_s = retry_for_s
         self.name = f"{printable(str(info['name']))} at {wire.base_url}"
-        if lookahead is not None and "lookahead" not in info.get("features", []):
+        self.measured_rtt_s: float | None = None  # with lookahead="auto": the round trip the choice was made on
+        if lookahead == "auto":
+            lookahead = self._auto_lookahead("lookahead" in info.get("features", []))
+        elif lookahead is not None and "lookahead" not in info.get("features", []):
             raise UserError(f"the cloud at {wire.base_url} does not offer lookahead (an older costeer serve, or a "
                             "backend without lookahead trees); run without --lookahead")
         self.lookahead = lookahead
@@ -58,6 +74,25 @@ class ServedCloud(RemoteCloud):
             raise UserError(f"the cloud at {wire.base_url} does not take drafts (an older costeer serve, or a "
                             "backend without lookahead trees); run without --speculate")
         self.speculate = speculate
+
+    def _auto_lookahead(self, offered: bool) -> Lookahead | None:
+        """AUTO_LOOKAHEAD if the server offers trees and a round trip to it (the faster of
+        two `/healthz` requests on the open connection) takes AUTO_LOOKAHEAD_MIN_RTT_S or more."""
+        if not offered:
+            return None
+        times = []
+        for _ in range(2):
+            start = time.perf_counter()
+            try:
+                self._wire.request("GET", "/healthz")
+            except (CloudRefused, CloudUnreachable):
+                return None  # no measure: no tree (per-token steps are never wrong, only slower far away)
+            times.append(time.perf_counter() - start)
+        self.measured_rtt_s = min(times)
+        chosen = AUTO_LOOKAHEAD if self.measured_rtt_s >= AUTO_LOOKAHEAD_MIN_RTT_S else None
+        log.debug("lookahead auto: a round trip to %s takes %.0f ms, so %s", self._wire.base_url,
+                 self.measured_rtt_s * 1000, "a 3,1,0.5 tree comes with each step" if chosen else "per-token steps")
+        return chosen
 
     def vocabulary_digest(self) -> str:
         return self._digest
@@ -242,6 +277,8 @@ class ServedSession(CloudSession):
     def traffic(self) -> dict:
         counters = self._wire.counters.since(self._start)
         counters["lookahead_tokens"] = self._walk.tokens
+        if self._cloud.measured_rtt_s is not None:
+            counters["lookahead_auto_rtt_ms"] = round(self._cloud.measured_rtt_s * 1000, 1)
         counters["resumes"] = self.resumes
         return counters
 
