@@ -3,8 +3,9 @@
     .venv/bin/python benchmarks/round_trips.py [--method auto] [--max-new-tokens 60]
 
 The README's birthday example and a second request on the example profile, greedy,
-the default models: per-token steps with the defaults, `--lookahead 3,1`,
-`--speculate 1/2/3` and `--speculate 2 --lookahead 3,1`. Each mode's tokens are
+the default models: per-token steps, the defaults (lookahead auto) on loopback and
+behind a simulated 100 ms round trip, `--lookahead 3,1`, `--speculate 1/2/3` and
+`--speculate 2 --lookahead 3,1`. Each mode's tokens are
 checked equal to per-token steps (the script fails if not). Round trips are counts,
 not times, so the figures do not depend on the machine's load.
 """
@@ -18,9 +19,10 @@ from costeer import CloudConfig, CoSteer
 from costeer.bench.speed import EXAMPLE, _served_cloud
 
 PROMPTS = ["Write a two-sentence invitation to my birthday party.", "Write a short note to my neighbour about the noise."]
-MODES = {"per-token": {}, "lookahead 3,1": dict(lookahead=(3, 1)), "speculate 1": dict(speculate=1),
-         "speculate 2": dict(speculate=2), "speculate 3": dict(speculate=3),
-         "speculate 2, lookahead 3,1": dict(speculate=2, lookahead=(3, 1))}
+MODES = {"per-token": dict(lookahead=None), "defaults on loopback": {},
+         "defaults at 100 ms": dict(simulate_rtt_ms=100.0), "lookahead 3,1": dict(lookahead=(3, 1)),
+         "speculate 1": dict(lookahead=None, speculate=1), "speculate 2": dict(lookahead=None, speculate=2),
+         "speculate 3": dict(lookahead=None, speculate=3), "speculate 2, lookahead 3,1": dict(speculate=2, lookahead=(3, 1))}
 
 
 def main() -> None:
