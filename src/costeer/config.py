@@ -88,9 +88,9 @@ class CloudConfig:
     None never. `speculate=K` sends the device's guess of the next K tokens with every
     request to a `costeer serve` cloud, which answers with the distributions along it:
     where the choices follow the guess, no request is needed (the same output again).
-    If a `costeer serve` cloud goes away mid-generation (restart, dropped connection, proxy 502-504), the device
-    reopens its session there and carries on with the same output, trying for
-    `retry_for_s` seconds (0: fail at once). `timeout_s` bounds any one request;
+    If a `costeer serve` cloud goes away mid-generation (restart, dropped connection,
+    proxy 502-504), the device reopens its session there and carries on with the same
+    output, trying for `retry_for_s` seconds (0: fail at once). `timeout_s` bounds any one request;
     `wire_log` appends every message to and from the cloud to a file; `simulate_rtt_ms`
     adds a network round trip."""
 
