@@ -14,7 +14,7 @@ conversation holding the private context cannot reach a cloud by accident.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Sequence
+from typing import ContextManager, Sequence
 
 from .backends.base import LanguageModel, Streams
 from .distribution import NextToken
@@ -101,6 +101,11 @@ class RemoteCloud(ABC):
         if len(prompts) != 1:
             raise ValueError("a remote cloud session holds one public conversation")
         return self.open_session(prompts[0], max_new_tokens, first_k)
+
+    def recording(self) -> ContextManager[list[dict]]:
+        """A block during which every message to and from the cloud is also kept in the
+        list it yields, as the wire log writes it (what the chat page shows crossed)."""
+        raise UserError(f"the cloud at {self.name} keeps no record of its messages")
 
     def close(self) -> None:
         """Release the connection."""

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Mapping, Sequence
 
-from .backends.base import ChatMessage
 from .errors import UserError
 
 log = logging.getLogger(__name__)

@@ -26,7 +26,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .fusion import FUSION_DTYPE, log_softmax
+from .fusion import FUSION_DTYPE
 
 SENTENCEPIECE_SPACE = "\u2581"  # ▁
 _BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")

@@ -50,7 +50,6 @@ from ..methods import DEFAULT_TOP_K, make_policy
 from ..prompts import ContextSource, PublicChat, build_prompts, join_context
 from ..sampling import SamplingConfig
 from ..transport.guard import Guard, serve_app
-from ..transport.wire import WireClient
 from .access import ProxyAccess
 from .crossing import embedded_record, split_record
 from .errors import ApiError, Cancelled, classify, invalid_request, one_line, render_guard_error
@@ -286,7 +285,7 @@ def create_proxy_app(costeer: CoSteer, context: str | Sequence[ContextSource] = 
         if not (options and options.wire):
             return _Answer(costeer.generate(messages, context, request, on_text=job.on_text), public_tokens)
         if remote:
-            with _wire_of(costeer).recording() as records:
+            with costeer.model("llm").recording() as records:
                 g = costeer.generate(messages, context, request, on_text=job.on_text)
             return _Answer(g, public_tokens, split_record(records))
         g = costeer.generate(messages, context, request, on_text=job.on_text)
@@ -381,14 +380,6 @@ def _context_sources(context: str | Sequence[ContextSource]) -> list[ContextSour
     if isinstance(context, str):  # text given whole (the Python API, tests): one source
         return [ContextSource("context text", len(context.encode()), context)] if context else []
     return list(context)
-
-
-def _wire_of(costeer: CoSteer) -> WireClient:
-    """The remote cloud's wire client: every transport client keeps it as `_wire`."""
-    wire = getattr(costeer.model("llm"), "_wire", None)
-    if not isinstance(wire, WireClient):
-        raise UserError("this cloud's client keeps no wire record to show")
-    return wire
 
 
 def serve_proxy(costeer: CoSteer, context: str | Sequence[ContextSource], defaults: ProxyDefaults,

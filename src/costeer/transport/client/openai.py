@@ -25,6 +25,7 @@ from __future__ import annotations
 import re
 from abc import abstractmethod
 from dataclasses import dataclass
+from typing import ContextManager, Sequence
 
 import numpy as np
 
@@ -33,7 +34,7 @@ from ...cloud import CloudSession, RemoteCloud
 from ...distribution import NextToken, check_token_ids
 from ...errors import UserError
 from ...prompts import PublicChat
-from ..wire import CloudRefused, CloudUnreachable, WireClient, printable
+from ..wire import CloudRefused, WireClient, printable
 
 DEFAULT_MAX_K = 20  # vLLM's default --max-logprobs: the cap assumed when a refusal names none
 # Probabilities come from a float32 softmax summed one term at a time (llama-server) or
@@ -137,6 +138,9 @@ class TopLogprobsCloud(RemoteCloud):
 
     def traffic_notes(self) -> dict:
         return {"cloud_kind": self.kind, "logprobs_cap": self.max_k, "tokenizer_checked": self.tokenizer_checked}
+
+    def recording(self) -> ContextManager[list[dict]]:
+        return self._wire.recording()
 
     def close(self) -> None:
         self._wire.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import replace
-from typing import Callable, Literal, Sequence
+from typing import Callable, ContextManager, Literal, Sequence
 
 from ...backends.base import LanguageModel, vocabulary_digest
 from ...cloud import CloudSession, RemoteCloud
@@ -127,6 +127,9 @@ class ServedCloud(RemoteCloud):
         lookahead = self.lookahead.model_copy(update={"top_k": min(first_k, 1024)}) if self.lookahead and first_k else None
         return ServedSession(self, self.encode_chat(chat), max_new_tokens, first_k, lookahead,
                              self.speculate if first_k else 0)
+
+    def recording(self) -> ContextManager[list[dict]]:
+        return self._wire.recording()
 
     def close(self) -> None:
         self._wire.close()
