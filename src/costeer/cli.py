@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from ._version import __version__
-from .transport.protocol import DEFAULT_LOOKAHEAD_MIN_P, MAX_DRAFT_TOKENS, MAX_LOOKAHEAD_NODES
+from .transport.protocol import CPU_LOOKAHEAD, DEFAULT_LOOKAHEAD_MIN_P, MAX_DRAFT_TOKENS, MAX_LOOKAHEAD_NODES
 from .errors import UserError
 from .fusion import SteeringParams
 from .methods import DEFAULT_TOP_K, METHODS
@@ -313,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--prompts", type=_positive_int, default=2, help="CoGenesis dev tasks per round")
     bench.add_argument("--max-new-tokens", type=_positive_int, default=32)
     bench.add_argument("--rtt-ms", default="0,20,100", help="simulated round-trip times, comma-separated")
-    bench.add_argument("--lookahead", metavar="D,M[,P]", type=_tree, default=(3, 1, DEFAULT_LOOKAHEAD_MIN_P),
+    bench.add_argument("--lookahead", metavar="D,M[,P]", type=_tree, default=CPU_LOOKAHEAD,
                        help="the lookahead tree measured beside per-token steps (default 3,1,0.5)")
     bench.add_argument("--speculate", metavar="K", type=_draft_tokens, default=2,
                        help="the draft length measured beside per-token steps, alone and with --lookahead (default 2)")

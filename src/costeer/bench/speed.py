@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..methods import DEFAULT_TOP_K
+from ..transport.protocol import CPU_LOOKAHEAD
 from .contention import warn_if_contended
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ class BenchConfig:
     prompts: int = 2
     max_new_tokens: int = 32
     rtts_ms: tuple[float, ...] = (0.0, 20.0, 100.0)
-    lookahead: tuple[int, int] = (3, 1)
+    lookahead: tuple[int, int] | tuple[int, int, float] = CPU_LOOKAHEAD
     speculate: int = 2
     cloud_top_k: int = DEFAULT_TOP_K  # the first k of a split session, adapted by each session as it goes
     data: Path | None = None  # a CoGenesis folder; None: the example profile

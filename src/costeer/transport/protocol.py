@@ -32,6 +32,7 @@ class Message(BaseModel):
 
 MAX_LOOKAHEAD_NODES = 64  # a tree's nodes: each costs the server one forward pass per step
 DEFAULT_LOOKAHEAD_MIN_P = 0.5  # what a device asks for unless told: measured best on a CPU cloud (README)
+CPU_LOOKAHEAD = (3, 1, DEFAULT_LOOKAHEAD_MIN_P)  # depth, width, min_p: the tree measured best on a CPU cloud
 MAX_DRAFT_TOKENS = 8  # a step's draft: each token costs the server one forward pass
 
 

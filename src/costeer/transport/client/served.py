@@ -12,7 +12,7 @@ from ...cloud import CloudSession, RemoteCloud
 from ...distribution import NextToken, check_token_ids
 from ...errors import UserError
 from ...prompts import PublicChat
-from ..protocol import API_PREFIX, DEFAULT_LOOKAHEAD_MIN_P, Lookahead, Vocabulary, decode_distribution, decode_tree_node
+from ..protocol import API_PREFIX, CPU_LOOKAHEAD, Lookahead, Vocabulary, decode_distribution, decode_tree_node
 from ..wire import CloudRefused, CloudUnreachable, WireClient, printable
 from .first_k import FirstTopK
 from .lookahead import TreeWalk
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 # least AUTO_LOOKAHEAD_MIN_RTT_S. Measured on this project's CPU cloud (docs/speed.md):
 # per-token steps are faster at 20 ms, lookahead 3,1,0.5 at 100 ms, the lines cross near
 # 80 ms. A tree never changes the output, only round trips and the cloud's work.
-AUTO_LOOKAHEAD = Lookahead(depth=3, width=1, min_probability=DEFAULT_LOOKAHEAD_MIN_P)
+AUTO_LOOKAHEAD = Lookahead(depth=CPU_LOOKAHEAD[0], width=CPU_LOOKAHEAD[1], min_probability=CPU_LOOKAHEAD[2])
 AUTO_LOOKAHEAD_MIN_RTT_S = 0.080
 
 
@@ -64,13 +64,14 @@ class ServedCloud(RemoteCloud):
         self.retry_for_s = retry_for_s
         self.name = f"{printable(str(info['name']))} at {wire.base_url}"
         self.measured_rtt_s: float | None = None  # with lookahead="auto": the round trip the choice was made on
+        features = info.get("features", [])
         if lookahead == "auto":
-            lookahead = self._auto_lookahead("lookahead" in info.get("features", []))
-        elif lookahead is not None and "lookahead" not in info.get("features", []):
+            lookahead = self._auto_lookahead("lookahead" in features)
+        elif lookahead is not None and "lookahead" not in features:
             raise UserError(f"the cloud at {wire.base_url} does not offer lookahead (an older costeer serve, or a "
                             "backend without lookahead trees); run without --lookahead")
         self.lookahead = lookahead
-        if speculate and "speculate" not in info.get("features", []):
+        if speculate and "speculate" not in features:
             raise UserError(f"the cloud at {wire.base_url} does not take drafts (an older costeer serve, or a "
                             "backend without lookahead trees); run without --speculate")
         self.speculate = speculate
@@ -91,7 +92,7 @@ class ServedCloud(RemoteCloud):
         self.measured_rtt_s = min(times)
         chosen = AUTO_LOOKAHEAD if self.measured_rtt_s >= AUTO_LOOKAHEAD_MIN_RTT_S else None
         log.debug("lookahead auto: a round trip to %s takes %.0f ms, so %s", self._wire.base_url,
-                 self.measured_rtt_s * 1000, "a 3,1,0.5 tree comes with each step" if chosen else "per-token steps")
+                  self.measured_rtt_s * 1000, "a tree comes with each step" if chosen else "per-token steps")
         return chosen
 
     def vocabulary_digest(self) -> str:
