@@ -265,6 +265,30 @@ class CoSteer:
         made = self._score({m: m for m in methods}, request, models, PromptPair(public, private), ids, batched)
         return {m: [replace(s, method=policies[m].name) for s in made[m]] for m in methods}
 
+    def decoding_keys(self, public: list[ChatMessage], private: list[ChatMessage], methods: Sequence[str],
+                      request: GenerationRequest | None = None) -> dict[str, tuple | None]:
+        """Per method, what decides its answer to these conversations under `request`
+        (`Policy.decoding_key` once fitted to the prompts, and the prompts): methods with
+        equal keys answer alike, token for token and score alike, so one answer serves both
+        (`costeer eval`). Tokenizes, runs no model. None where no claim is made: a policy
+        that makes none, a remote cloud or a device following another tokenizer, and every
+        method when the sampler is not reproducible (sampling without a seed)."""
+        request = _request(request, {})
+        if not request.sampling.greedy and request.sampling.seed is None:
+            return dict.fromkeys(methods)
+        pair, keys = PromptPair(public, private), {}
+        for method in methods:
+            policy = self._policy(method, request.steering, request.fusion)
+            models = self._models_for(policy.roles)
+            if self._cloud or isinstance(self._device_beside_cloud, AlignedModel):
+                keys[method] = None
+                continue
+            prompts = tuple(tuple(models[s.role].encode_chat(self._chat_for(s, pair))) for s in policy.streams)
+            policy.started([len(p) for p in prompts])
+            key = policy.decoding_key()
+            keys[method] = None if key is None else (key, prompts)
+        return keys
+
     def _scoring_policy(self, method: str, request: GenerationRequest) -> Policy:
         policy = self._policy(method, request.steering, request.fusion)
         if self._cloud and "llm" in policy.roles:

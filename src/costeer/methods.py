@@ -66,6 +66,12 @@ class Policy(ABC):
     def chose(self, token: int) -> None:
         """The token picked at this step (stateful policies update here, once a step)."""
 
+    def decoding_key(self) -> tuple | None:
+        """Once `started`: what decides this policy's picks. Two policies with equal keys pick
+        the same tokens from the same prompts and sampler (`costeer eval` then answers once
+        and copies the answer); None makes no such claim."""
+        return None
+
     def steering_at(self, dists: list[NextToken], token: int) -> float | None:
         """The steering term this step added at `token`, in nats (explain.py); None for a
         method that steers nothing. Called before `chose`, from the device's full vectors."""
@@ -108,6 +114,9 @@ class SingleModel(Policy):
     def decide(self, dists: list[NextToken], sampling: SamplingConfig) -> Decision:
         return unsteered(dists[0], sampling)
 
+    def decoding_key(self) -> tuple | None:
+        return ("single", self.streams) if type(self) is SingleModel else None
+
 
 def unsteered(dist: NextToken, sampling: SamplingConfig) -> Decision:
     """Pick from one model's distribution as it is: from its top-1 when greedy."""
@@ -149,6 +158,14 @@ class CoSteerPolicy(Policy):
     def first_cloud_k(self, sampling: SamplingConfig) -> int | None:
         return None if self.fusion == "loop" else self.first_k
 
+    def decoding_key(self) -> tuple | None:
+        """The fusion and its weight, for this class and subclasses that only choose the weight
+        (`mix:W`, `fit`); one that changes how a step is decided or steered makes no claim."""
+        if any(getattr(type(self), hook) is not getattr(CoSteerPolicy, hook) for hook in _PICK_HOOKS):
+            return None
+        loop = self.params if self.fusion == "loop" else None  # the closed form reads the weight alone
+        return ("weighted-delta", self.streams, self.fusion, self.coefficient, loop, self.first_k)
+
     def steering_at(self, dists: list[NextToken], token: int) -> float | None:
         """The step's steering term on the device's log-probabilities (c * delta), not on
         its raw logits, which differ from them by a constant the fusion ignores."""
@@ -168,6 +185,11 @@ class CoSteerPolicy(Policy):
         # log_softmax(B + c*delta) without its normalizations, which only shift every
         # token by one constant: z_llm + c*(z_with - z_without). 5x cheaper per token.
         return np.asarray(logits[0], dtype=FUSION_DTYPE) + self.steering(logits[1], logits[2])
+
+
+# What a subclass of CoSteerPolicy overrides to pick otherwise than by its weight.
+_PICK_HOOKS = ("decide", "step_steering", "next_logprobs", "steering", "chose", "device_paused", "pauses_device",
+               "first_cloud_k")
 
 
 class PlausibleCoSteer(CoSteerPolicy):

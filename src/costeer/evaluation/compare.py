@@ -58,7 +58,7 @@ def compare_report(specs: Sequence[str], exclude: Sequence[str] = ()) -> str:
     for label, rows in runs:
         cells = []
         for key in [*metrics, "tokens_per_second"]:
-            e = bootstrap_mean([rows[i][key] for i in ids])
+            e = bootstrap_mean([rows[i][key] for i in ids if rows[i].get(key) is not None])  # copies have no timing
             cells.append(f"{e.mean:.3f} [{e.low:.3f}, {e.high:.3f}]")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     first_label, first = runs[0]

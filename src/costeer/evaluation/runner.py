@@ -56,6 +56,8 @@ CHOICE_RULE = "highest mean log-probability per token, options scored in llama.c
 GENERATION_FIELDS = ("new_tokens", "elapsed_s", "tokens_per_second", "time_to_first_token_s", "prefill_s",
                      "finish_reason", "prompt_tokens", "steering_coefficient", "context_cache_tokens", "alignment",
                      "paused_steps")
+# what a copied answer (`same_as`) did not measure
+TIMING_FIELDS = ("elapsed_s", "tokens_per_second", "time_to_first_token_s", "prefill_s")
 
 
 @dataclass
@@ -255,20 +257,67 @@ def _progress(total: int, todo: list, unit: str) -> tqdm:
                 dynamic_ncols=True)
 
 
+class AnsweredAlike:
+    """Finds the stored row that a pending (example, method) would repeat token for token
+    (`CoSteer.decoding_keys`): `fit` on a context long enough for its weight to be 1 is
+    `mix:1`, and `auto` is the method it names. Such a pair is not run again: its row is
+    the other's, marked `same_as` and without timings."""
+
+    def __init__(self, costeer, store: ResultsStore) -> None:
+        self.costeer, self.store = costeer, store
+        self._keys: dict[tuple[str, str], tuple | None] = {}
+
+    def keys(self, example: Example, methods: list[str], request: GenerationRequest) -> dict[str, tuple | None]:
+        missing = [m for m in methods if (example.id, m) not in self._keys]
+        if missing:
+            made = self.costeer.decoding_keys(example.public, example.private, missing, request)
+            self._keys.update({(example.id, m): key for m, key in made.items()})
+        return {m: self._keys[example.id, m] for m in methods}
+
+    def twin(self, example: Example, method: str, request: GenerationRequest, among: list[str] | None = None):
+        """The stored row (or, with `among`, the first of those methods) that `method` repeats here."""
+        others = among if among is not None else [r["method"] for r in self.store.rows if r["id"] == example.id]
+        others = [m for m in others if m != method]
+        if not others:
+            return None
+        keys = self.keys(example, [method, *others], request)
+        if keys[method] is None:
+            return None
+        same = next((m for m in others if keys[m] == keys[method]), None)
+        if same is None or among is not None:
+            return same
+        return next(r for r in self.store.rows if r["id"] == example.id and r["method"] == same)
+
+
+def copied_row(row: dict, method: str) -> dict:
+    """`row` as the answer of `method`, which would have repeated it token for token."""
+    return {**row, "method": method, "same_as": row.get("same_as", row["method"]), **dict.fromkeys(TIMING_FIELDS)}
+
+
+def _example_request(settings: EvalSettings, request: GenerationRequest, index: int, method: str) -> GenerationRequest:
+    seed = None if settings.seed is None else settings.seed + index
+    return replace(request, method=method, sampling=replace(request.sampling, seed=seed))
+
+
 def _generate(settings: EvalSettings, request: GenerationRequest, todo: list[tuple[int, Example, str]], total: int,
               store: ResultsStore, costeer=None) -> None:
     """Answer, score and store each pending (example, method) with `request`, its method and
-    seed made the pair's; models load only here."""
+    seed made the pair's; models load only here. A pair that would repeat a stored answer
+    token for token takes it (AnsweredAlike)."""
     scorer = Scorer()
     with _models(settings, costeer) as costeer, _progress(total, todo, "answer") as bar:
+        alike = AnsweredAlike(costeer, store)
         for index, example, method in todo:
             bar.set_postfix_str(f"{example.id} {method}")
-            seed = None if settings.seed is None else settings.seed + index
-            g = costeer.generate_from_messages(example.public, example.private, replace(
-                request, method=method, sampling=replace(request.sampling, seed=seed)))
-            generation = {k: getattr(g, k) for k in GENERATION_FIELDS}
-            store.append({"id": example.id, "method": method, "text": g.text,
-                          **scorer.score(g.text, example.reference), **generation})
+            pair_request = _example_request(settings, request, index, method)
+            twin = alike.twin(example, method, pair_request)
+            if twin is not None:
+                store.append(copied_row(twin, method))
+            else:
+                g = costeer.generate_from_messages(example.public, example.private, pair_request)
+                generation = {k: getattr(g, k) for k in GENERATION_FIELDS}
+                store.append({"id": example.id, "method": method, "text": g.text,
+                              **scorer.score(g.text, example.reference), **generation})
             bar.update()
 
 
@@ -279,22 +328,38 @@ def _choose(settings: EvalSettings, request: GenerationRequest, todo: list[tuple
     pass over each model and prompt) and choose the likeliest per token. The mean per token
     was chosen before any run, so that an option is not preferred for being short (a sum)
     or long; the right option is the first."""
-    pending: dict[str, tuple[Example, list[str]]] = {}
-    for _, example, method in todo:
-        pending.setdefault(example.id, (example, []))[1].append(method)
+    pending: dict[str, tuple[int, Example, list[str]]] = {}
+    for index, example, method in todo:
+        pending.setdefault(example.id, (index, example, []))[2].append(method)
     with _models(settings, costeer) as costeer, _progress(total, todo, "choice") as bar:
-        for example, methods in pending.values():
+        alike = AnsweredAlike(costeer, store)
+        for index, example, methods in pending.values():
             bar.set_postfix_str(example.id)
+            item_request = _example_request(settings, request, index, request.method)
+            stored = {m: alike.twin(example, m, item_request) for m in methods}  # repeats of stored rows
+            fresh = [m for m in methods if stored[m] is None]
+            follows = {m: alike.twin(example, m, item_request, among=fresh[:i]) for i, m in enumerate(fresh)}
+            scoring = [m for m in fresh if follows[m] is None]  # each distinct policy once
             started = time.perf_counter()
-            scored = costeer.score_from_messages(example.public, example.private, example.options, methods, request,
-                                                 batched=True)
-            elapsed = (time.perf_counter() - started) / len(methods)  # shared work: split evenly
+            scored = costeer.score_from_messages(example.public, example.private, example.options, scoring,
+                                                 request, batched=True) if scoring else {}
+            elapsed = (time.perf_counter() - started) / max(len(scoring), 1)  # shared work: split evenly
+            rows: dict[str, dict] = {}
             for method in methods:
-                means = [s.mean for s in scored[method]]
-                best = [i for i, m in enumerate(means) if m == max(means)]
-                # a tie (options a method rules out all score -inf) is a uniform draw among the tied,
-                # counted at its expected value: never a free win for the right option listed first
-                store.append({"id": example.id, "method": method, "choice": best[0], "tied": len(best),
-                              "correct": (0 in best) / len(best), "option_mean_logprobs": means,
-                              "option_tokens": [len(s.token_ids) for s in scored[method]], "elapsed_s": elapsed})
+                if stored[method] is not None:
+                    rows[method] = copied_row(stored[method], method)
+                elif follows[method] is not None:
+                    rows[method] = copied_row(rows[follows[method]], method)
+                else:
+                    rows[method] = _choice_row(example.id, method, scored[method], elapsed)
+                store.append(rows[method])
                 bar.update()
+
+
+def _choice_row(example_id: str, method: str, scores: list, elapsed: float) -> dict:
+    means = [s.mean for s in scores]
+    best = [i for i, m in enumerate(means) if m == max(means)]
+    # a tie (options a method rules out all score -inf) is a uniform draw among the tied,
+    # counted at its expected value: never a free win for the right option listed first
+    return {"id": example_id, "method": method, "choice": best[0], "tied": len(best), "correct": (0 in best) / len(best),
+            "option_mean_logprobs": means, "option_tokens": [len(s.token_ids) for s in scores], "elapsed_s": elapsed}
