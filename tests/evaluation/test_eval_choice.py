@@ -44,6 +44,10 @@ def test_each_method_picks_the_option_likeliest_per_token_and_the_report_gives_a
     run_eval(EvalSettings(dataset=f"prefeval-mcq:{data}", out=out, methods=methods, figures=False), tiny_costeer)  # resume: 1 more
     rows = [json.loads(line) for line in (out / RESULTS).read_text().splitlines()]
     assert len(rows) == 12 and {r["id"] for r in rows[8:]} == {"travel-001"}
+    by_topic = (out / "report.md").read_text().split("## By topic")[1].split("##")[0]
+    for topic, n in (("pets", 1), ("travel", 2)):  # the topic files, in name order
+        cells = [sum(r["correct"] for r in rows if r["method"] == m and r["id"].startswith(topic)) / n for m in methods]
+        assert f"| {topic} | {n} | " + " | ".join(f"{c:.3f}" for c in cells) + " |" in by_topic
 
 
 def test_options_a_method_rules_out_tie_and_count_as_a_draw_not_a_win(tmp_path, tiny_costeer):

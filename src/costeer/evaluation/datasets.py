@@ -42,6 +42,7 @@ class Example:
     reference: str | None  # the reference answer; None for preference tasks
     task: str  # the public request, for the report's samples
     options: tuple[str, ...] = ()  # multiple choice: the candidate answers, the right one first
+    topic: str = ""  # PrefEval: the topic file it came from (the report breaks accuracy down by it)
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ def load_prefeval_mcq(folder: Path) -> Dataset:
                                 "'classification_task_options'")
             pair = build_prompts(question, preference)
             examples.append(Example(f"{path.stem}-{i:03d}", list(pair.public), list(pair.private), None, question,
-                                    tuple(options)))
+                                    tuple(options), topic=path.stem))
     return Dataset(f"{CHOICE_PREFIX}{folder.resolve()}", None, examples)
 
 

@@ -135,6 +135,7 @@ def write_report(out: Path, rows: list[dict], dataset: Dataset, run: RunInfo, fi
                      lambda path: plots.quality_bars(path, methods, metrics, table)) or [""]
     lines += [*_metric_notes(dataset, config), *_same_as_notes(methods, by_method), ""]
     lines += _paired_section(methods, metrics, by_method)
+    lines += _topic_section(methods, headline, by_method, dataset)
     lines += _weight_section(drawn, methods, by_method, table, headline, config)
     if not choice:
         lines += _speed_section(drawn, methods, by_method, table, headline)
@@ -203,6 +204,29 @@ def _same_as_notes(methods: list[str], by_method: dict[str, dict[str, dict]]) ->
                          "(same weight, same prompts), so the answer was made once (`same_as` in results.jsonl; "
                          "its speed counts the answers it made).")
     return ["", *notes] if notes else []
+
+
+def _topic_section(methods: list[str], headline: Metric, by_method: dict[str, dict[str, dict]],
+                   dataset: Dataset) -> list[str]:
+    """The headline metric per topic (PrefEval's topic files), where the examples have topics."""
+    topics = list(dict.fromkeys(e.topic for e in dataset.examples if e.topic))
+    if len(topics) < 2:
+        return []
+    topic_of = {e.id: e.topic for e in dataset.examples}
+    lines = ["## By topic", "",
+             f"{headline.label} per topic (means over the topic's items; n is the items the first method answered). "
+             "A topic holds about 50 items, so a topic's 95% CI is about ±0.13: read these for where "
+             "steering helps, not as separate findings.", "",
+             "| topic | n | " + " | ".join(f"`{m}`" for m in methods) + " |",
+             "|---|---|" + "---|" * len(methods)]
+    for topic in topics:
+        cells, n = [], None
+        for m in methods:
+            values = [r[headline.key] for i, r in by_method[m].items() if topic_of.get(i) == topic]
+            n = len(values) if n is None else n
+            cells.append(_fmt(sum(values) / len(values), headline.key) if values else "n/a")
+        lines.append(f"| {topic} | {n} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def _paired_section(methods: list[str], metrics: list[Metric], by_method: dict[str, dict[str, dict]]) -> list[str]:
