@@ -56,3 +56,21 @@ def test_report_states_significance_in_words_and_places_costeer_on_the_weight_cu
     assert "(40 examples" not in text and "40 examples, 5 methods" in text
     # a sample whose text holds backtick runs still sits in one fence
     assert "`````text\n```\nllm answer\n````\n`````" in text
+
+
+def test_the_report_says_when_rows_came_from_several_machines(tmp_path):
+    dataset = load_dataset(str(write_split(tmp_path / "data", n=4)))
+    settings = EvalSettings(dataset.name, tmp_path, list(EFFECTS))
+    run = RunInfo(settings.fingerprint(), [settings.as_command()])
+    rows = rows_for(dataset)
+
+    def note(rows: list[dict]) -> str:
+        text = write_report(tmp_path, rows, dataset, run, figures=False).read_text()
+        return next((line for line in text.splitlines() if line.startswith("Rows were made on")), "")
+
+    assert note([r | {"machine": "aaaa0000"} for r in rows]) == ""  # one machine: nothing to say
+    two = [r | {"machine": "aaaa0000" if i % 2 else "bbbb1111"} for i, r in enumerate(rows)]
+    assert note(two).startswith("Rows were made on 2 machines (`machine` in results.jsonl).")
+    older = [r | {"machine": "aaaa0000"} for r in rows[:5]] + rows[5:]
+    assert note(older).startswith(f"Rows were made on 1 machine (`machine` in results.jsonl), and {len(rows) - 5} rows "
+                                  "from before machines were recorded.")

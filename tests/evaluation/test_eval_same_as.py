@@ -13,6 +13,7 @@ import pytest
 from costeer import CoSteer
 from costeer.config import GenerationRequest
 from costeer.evaluation.datasets import load_dataset
+from costeer.evaluation.machine import machine_fingerprint
 from costeer.evaluation.runner import RESULTS, TIMING_FIELDS, EvalSettings, run_eval
 from costeer.fusion import SteeringParams
 from costeer.methods import AUTO_METHOD, FIT_LONG, FIT_SHORT, make_policy
@@ -83,6 +84,7 @@ def test_copied_answers_are_the_answers_the_method_makes(tmp_path, numpy_costeer
         assert made.text == copy["text"] == rows[example, source]["text"]
         assert made.steering_coefficient == copy["steering_coefficient"]
         assert all(copy[k] is None for k in TIMING_FIELDS) and rows[example, source]["tokens_per_second"] > 0
+        assert copy["machine"] == rows[example, source]["machine"] == machine_fingerprint()  # made where its source was
     assert "`fit`: 1 `mix:1`'s of its 2 answers" in report and "`fit:0.5`: 1 `fit`'s of its 2 answers" in report
     assert "| `fit` | 12.0 |" in report  # speed: the answer it made; the copy's timing is not invented
 

@@ -73,6 +73,18 @@ def _clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[:limit].rstrip() + " […]"
 
 
+def _machines_note(rows: list[dict]) -> list[str]:
+    """How many machines made the rows, where more than one may have (evaluation/machine.py)."""
+    machines = Counter(r.get("machine") for r in rows)
+    unrecorded = machines.pop(None, 0)
+    if len(machines) + bool(unrecorded) < 2:
+        return []
+    made = f"{len(machines)} machine{'s' if len(machines) != 1 else ''} (`machine` in results.jsonl)"
+    earlier = f", and {unrecorded} rows from before machines were recorded" if unrecorded else ""
+    return [f"Rows were made on {made}{earlier}. Each builds llama.cpp for its own CPU, and two builds can round "
+            "a near tie apart, so a greedy answer made on one machine may differ from another's.", ""]
+
+
 def _versions() -> list[str]:
     lines = [f"python {platform.python_version()} ({platform.platform()})"]
     for name in VERSIONED_PACKAGES:
@@ -151,6 +163,7 @@ def write_report(out: Path, rows: list[dict], dataset: Dataset, run: RunInfo, fi
         "",
         "Settings shared by every row: " + ", ".join(f"{k} = `{v}`" for k, v in config.items()) + ".",
         "",
+        *_machines_note(rows),
         "Package versions:",
         "",
         *[f"- {v}" for v in _versions()],

@@ -32,6 +32,7 @@ from ..fusion import SteeringParams
 from ..methods import AUTO_METHOD, Fusion, make_policy
 from ..sampling import SamplingConfig
 from .datasets import CHOICE_PREFIX, PREFERENCE_PREFIX, Dataset, Example, load_dataset
+from .machine import machine_fingerprint
 from .metrics import Scorer, backfill, meteor_synonyms
 from .report import RunInfo, write_report
 from .store import ResultsStore
@@ -317,7 +318,8 @@ def _generate(settings: EvalSettings, request: GenerationRequest, todo: list[tup
                 g = costeer.generate_from_messages(example.public, example.private, pair_request)
                 generation = {k: getattr(g, k) for k in GENERATION_FIELDS}
                 store.append({"id": example.id, "method": method, "text": g.text,
-                              **scorer.score(g.text, example.reference), **generation})
+                              **scorer.score(g.text, example.reference), **generation,
+                              "machine": machine_fingerprint()})
             bar.update()
 
 
@@ -362,4 +364,5 @@ def _choice_row(example_id: str, method: str, scores: list, elapsed: float) -> d
     # a tie (options a method rules out all score -inf) is a uniform draw among the tied,
     # counted at its expected value: never a free win for the right option listed first
     return {"id": example_id, "method": method, "choice": best[0], "tied": len(best), "correct": (0 in best) / len(best),
-            "option_mean_logprobs": means, "option_tokens": [len(s.token_ids) for s in scores], "elapsed_s": elapsed}
+            "option_mean_logprobs": means, "option_tokens": [len(s.token_ids) for s in scores], "elapsed_s": elapsed,
+            "machine": machine_fingerprint()}
