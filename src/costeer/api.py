@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from dataclasses import dataclass, replace
@@ -283,10 +284,10 @@ class CoSteer:
             if self._cloud or isinstance(self._device_beside_cloud, AlignedModel):
                 keys[method] = None
                 continue
-            prompts = tuple(tuple(models[s.role].encode_chat(self._chat_for(s, pair))) for s in policy.streams)
+            prompts = [list(models[s.role].encode_chat(self._chat_for(s, pair))) for s in policy.streams]
             policy.started([len(p) for p in prompts])
             key = policy.decoding_key()
-            keys[method] = None if key is None else (key, prompts)
+            keys[method] = None if key is None else (key, hashlib.sha256(repr(prompts).encode()).hexdigest())
         return keys
 
     def _scoring_policy(self, method: str, request: GenerationRequest) -> Policy:

@@ -266,7 +266,7 @@ class AnsweredAlike:
 
     def __init__(self, costeer, store: ResultsStore) -> None:
         self.costeer, self.store = costeer, store
-        self._keys: dict[tuple[str, str], tuple | None] = {}
+        self._keys: dict[tuple[str, str], tuple | None] = {}  # (example, method) -> key
 
     def keys(self, example: Example, methods: list[str], request: GenerationRequest) -> dict[str, tuple | None]:
         missing = [m for m in methods if (example.id, m) not in self._keys]
@@ -275,19 +275,19 @@ class AnsweredAlike:
             self._keys.update({(example.id, m): key for m, key in made.items()})
         return {m: self._keys[example.id, m] for m in methods}
 
-    def twin(self, example: Example, method: str, request: GenerationRequest, among: list[str] | None = None):
-        """The stored row (or, with `among`, the first of those methods) that `method` repeats here."""
-        others = among if among is not None else [r["method"] for r in self.store.rows if r["id"] == example.id]
+    def same_as(self, example: Example, method: str, request: GenerationRequest, others: list[str]) -> str | None:
+        """The first of `others` that `method` repeats on this example, if any."""
         others = [m for m in others if m != method]
         if not others:
             return None
         keys = self.keys(example, [method, *others], request)
-        if keys[method] is None:
-            return None
-        same = next((m for m in others if keys[m] == keys[method]), None)
-        if same is None or among is not None:
-            return same
-        return next(r for r in self.store.rows if r["id"] == example.id and r["method"] == same)
+        return None if keys[method] is None else next((m for m in others if keys[m] == keys[method]), None)
+
+    def stored_twin(self, example: Example, method: str, request: GenerationRequest) -> dict | None:
+        """The stored row of this example that `method` would repeat, if any."""
+        rows = {r["method"]: r for r in self.store.rows if r["id"] == example.id}
+        same = self.same_as(example, method, request, list(rows))
+        return None if same is None else rows[same]
 
 
 def copied_row(row: dict, method: str) -> dict:
@@ -311,7 +311,7 @@ def _generate(settings: EvalSettings, request: GenerationRequest, todo: list[tup
         for index, example, method in todo:
             bar.set_postfix_str(f"{example.id} {method}")
             pair_request = _example_request(settings, request, index, method)
-            twin = alike.twin(example, method, pair_request)
+            twin = alike.stored_twin(example, method, pair_request)
             if twin is not None:
                 store.append(copied_row(twin, method))
             else:
@@ -338,9 +338,9 @@ def _choose(settings: EvalSettings, request: GenerationRequest, todo: list[tuple
         for index, example, methods in pending.values():
             bar.set_postfix_str(example.id)
             item_request = _example_request(settings, request, index, request.method)
-            stored = {m: alike.twin(example, m, item_request) for m in methods}  # repeats of stored rows
+            stored = {m: alike.stored_twin(example, m, item_request) for m in methods}
             fresh = [m for m in methods if stored[m] is None]
-            follows = {m: alike.twin(example, m, item_request, among=fresh[:i]) for i, m in enumerate(fresh)}
+            follows = {m: alike.same_as(example, m, item_request, fresh[:i]) for i, m in enumerate(fresh)}
             scoring = [m for m in fresh if follows[m] is None]  # each distinct policy once
             started = time.perf_counter()
             scored = costeer.score_from_messages(example.public, example.private, example.options, scoring,
