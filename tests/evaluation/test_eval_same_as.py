@@ -128,3 +128,17 @@ def test_multiple_choice_scores_each_distinct_policy_once(tmp_path, numpy_costee
                  numpy_costeer)
         auto = rows_of(out)["pets-000", "auto"]
         assert auto["same_as"] in methods and auto["correct"] == rows["pets-000", auto["same_as"]]["correct"]
+
+
+def test_a_stored_auto_answer_is_never_copied(tmp_path, numpy_costeer):
+    """An `auto` row is what auto named when it was made, which a later AUTO_METHOD may not be."""
+    data, out = write_prefeval(tmp_path / "mcq", {"pets": 1}), tmp_path / "out"
+    run_eval(EvalSettings(dataset=f"prefeval-mcq:{data}", out=out, methods=["llm", "auto"], figures=False), numpy_costeer)
+    lines = (out / RESULTS).read_text().splitlines()
+    older = [json.dumps(r | {"option_mean_logprobs": [0.0, 0.0, 0.0, 0.0]}) if r["method"] == "auto" else json.dumps(r)
+             for r in map(json.loads, lines)]  # as if auto had named another method then
+    (out / RESULTS).write_text("\n".join(older) + "\n")
+    run_eval(EvalSettings(dataset=f"prefeval-mcq:{data}", out=out, methods=["llm", "auto", AUTO_METHOD], figures=False),
+             numpy_costeer)
+    named = rows_of(out)["pets-000", AUTO_METHOD]
+    assert "same_as" not in named and named["option_mean_logprobs"] != [0.0, 0.0, 0.0, 0.0]

@@ -284,8 +284,9 @@ class AnsweredAlike:
         return None if keys[method] is None else next((m for m in others if keys[m] == keys[method]), None)
 
     def stored_twin(self, example: Example, method: str, request: GenerationRequest) -> dict | None:
-        """The stored row of this example that `method` would repeat, if any."""
-        rows = {r["method"]: r for r in self.store.rows if r["id"] == example.id}
+        """The stored row of this example that `method` would repeat, if any. Never an `auto`
+        row: it may be the answer of what `auto` named when it was made (run.json), not now."""
+        rows = {r["method"]: r for r in self.store.rows if r["id"] == example.id and r["method"] != "auto"}
         same = self.same_as(example, method, request, list(rows))
         return None if same is None else rows[same]
 
