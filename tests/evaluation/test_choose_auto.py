@@ -13,6 +13,7 @@ import pytest
 
 from costeer.errors import UserError
 from costeer.evaluation.choose import TASK_METRICS, choice_report, choose, standardised_gain
+from costeer.evaluation.metrics import rare_word_share
 from support.cogenesis import CANARY, write_split
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -97,3 +98,15 @@ def test_the_rule_needs_every_task_and_real_candidates(runs):
         choose(runs, ["broad", "llm-context"])
     with pytest.raises(UserError, match="no rows where both llm and nothing"):
         choose(runs, ["nothing"])
+
+
+def test_rows_written_before_a_metric_existed_get_it_from_their_text(runs):
+    """`rare_words` (creative) came after the first preference runs: their rows carry text only."""
+    folder = runs["creative"][0]
+    rows = [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines()]
+    old = "a vivid, luminous, iridescent answer"
+    rows = [{k: v for k, v in r.items() if k != "rare_words"} | {"text": old} if r["method"] == "llm" else r
+            for r in rows]
+    (folder / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    gain = next(g for g in choose(runs, ["broad"])[0].gains if g.task == "creative")
+    assert gain.mean_diff == pytest.approx(np.mean(lifted()) - rare_word_share(old)) and rare_word_share(old) > 0

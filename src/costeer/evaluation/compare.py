@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import UserError
-from .metrics import REFERENCE_METRICS
+from .metrics import REFERENCE_METRICS, backfill
 from .stats import bootstrap_mean, paired_bootstrap
 from .store import read_rows
 
@@ -19,11 +19,12 @@ Answers = dict[str, dict]  # row id -> one method's eval row
 
 
 def rows_of(run: Path) -> list[dict]:
-    """A `costeer eval` folder's rows, read as the eval itself reads them (a torn last line dropped)."""
+    """A `costeer eval` folder's rows, read as the eval itself reads them (a torn last line dropped,
+    a metric added since a row was written computed from its text)."""
     path = run / "results.jsonl"
     if not path.is_file():
         raise UserError(f"no {path}: expected a `costeer eval` folder")
-    return read_rows(path)[0]
+    return backfill(read_rows(path)[0])
 
 
 def load_answers(spec: str) -> tuple[str, Answers]:
