@@ -458,11 +458,13 @@ METHODS: dict[str, Callable[[SteeringParams, Fusion, int], Policy]] = {
 }
 
 
-# `auto`: the project's recommended personalization method, chosen on CoGenesis dev only,
-# by a rule fixed before the numbers (scripts/choose_auto.py): the best mean paired gain
-# over `llm` in ROUGE-L, METEOR and semantic similarity. Evidence and every candidate: the
-# README section "Why the paper's weight does not beat the cloud alone, and `--method auto`".
-AUTO_METHOD = "mix:1"
+# `auto`: the project's recommended personalization method, chosen by the rule in
+# evaluation/choose.py, fixed before the candidates ran (scripts/choose_auto.py): standardised
+# paired gains over `llm` on CoGenesis ctx and paper, PrefEval and the four preference tasks,
+# rejecting a candidate worse than `llm` anywhere or copying more of a profile than the
+# cloud given it. `fit:0.5` weighs 3 on a stated preference and 0.5 on a long profile or
+# history. Every candidate's figures: docs/evaluation.md, "The choice over every dev task".
+AUTO_METHOD = "fit:0.5"
 
 
 def _auto(params: SteeringParams, fusion: Fusion, first_k: int) -> Policy:
