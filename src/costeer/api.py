@@ -6,7 +6,7 @@ import hashlib
 import logging
 import os
 from dataclasses import dataclass, replace
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from .backends import LanguageModel, load_model, same_tokenizer
 from .backends.aligned import AlignedModel
@@ -277,17 +277,18 @@ class CoSteer:
         request = _request(request, {})
         if not request.sampling.greedy and request.sampling.seed is None:
             return dict.fromkeys(methods)
-        pair, keys = PromptPair(public, private), {}
-        for method in methods:
-            policy = self._policy(method, request.steering, request.fusion)
-            models = self._models_for(policy.roles)
-            if self._cloud or isinstance(self._device_beside_cloud, AlignedModel):
-                keys[method] = None
-                continue
-            prompts = [list(models[s.role].encode_chat(self._chat_for(s, pair))) for s in policy.streams]
-            policy.started([len(p) for p in prompts])
+        policies = {m: self._policy(m, request.steering, request.fusion) for m in methods}
+        models = self._models_for({role for p in policies.values() for role in p.roles})
+        if self._cloud or isinstance(self._device_beside_cloud, AlignedModel):
+            return dict.fromkeys(methods)
+        specs = dict.fromkeys(spec for p in policies.values() for spec in p.streams)
+        prompts = self._prompts(specs, models, PromptPair(public, private))  # each stream's prompt once
+        keys = {}
+        for method, policy in policies.items():
+            mine = [list(prompts[s]) for s in policy.streams]
+            policy.started([len(p) for p in mine])
             key = policy.decoding_key()
-            keys[method] = None if key is None else (key, hashlib.sha256(repr(prompts).encode()).hexdigest())
+            keys[method] = None if key is None else (key, hashlib.sha256(repr(mine).encode()).hexdigest())
         return keys
 
     def _scoring_policy(self, method: str, request: GenerationRequest) -> Policy:
@@ -302,12 +303,16 @@ class CoSteer:
         """`methods`: name in the result -> method."""
         makers = {name: (lambda m=m: self._policy(m, request.steering, request.fusion)) for name, m in methods.items()}
         specs = dict.fromkeys(spec for make in makers.values() for spec in make().streams)
-        prompts = {spec: models[spec.role].encode_chat(self._chat_for(spec, pair)) for spec in specs}
+        prompts = self._prompts(specs, models, pair)
         return score_continuations(makers, models, prompts, ids, batched)
+
+    def _prompts(self, specs: Iterable[StreamSpec], models: dict[Role, StreamSource], pair: PromptPair) -> dict:
+        """Each stream's prompt as its model encodes it, in the order given."""
+        return {spec: models[spec.role].encode_chat(self._chat_for(spec, pair)) for spec in specs}
 
     def _run(self, policy: Policy, models: dict[Role, StreamSource], pair: PromptPair, request: GenerationRequest,
              on_text: Callable[[str], None] | None, truncated: bool) -> Generation:
-        prompts = [models[spec.role].encode_chat(self._chat_for(spec, pair)) for spec in policy.streams]
+        prompts = list(self._prompts(policy.streams, models, pair).values())
         result = decode(policy, models, prompts, TokenPicker(request.sampling), request.max_new_tokens, request.stop,
                         on_text, request.explain)
         prompt_tokens = {f"{s.role}_{s.prompt}": n for s, n in zip(policy.streams, result.prompt_lengths)}
