@@ -218,7 +218,7 @@ def test_zero_turns_resuming_off(server):
     started = []
     with pytest.raises(UserError, match="cannot reach the cloud"):
         cs.generate(PROMPT, CONTEXT, max_new_tokens=40, on_text=after_tokens(4, lambda: (server.stop(), started.append(time.monotonic()))))
-    assert time.monotonic() - started[0] < 1
+    assert time.monotonic() - started[0] < 3  # not the default 60 s window
 
 
 def test_a_server_back_with_another_model_is_refused(server):
