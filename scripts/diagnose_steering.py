@@ -9,11 +9,12 @@ Per answer (one `costeer eval` run's methods, or RUN_DIR:METHOD answers from sev
   - length: words, and how often the answer ran to the token limit;
   - how the ROUGE-L gain over `llm` moves with each (Spearman's rho over answers).
 
-Per token (`--steps N`: decode the first N rows again with the paper's `costeer`,
-recording every step; greedy, the default models):
+Per token (`--steps N`: decode the first N rows again with the paper's `costeer`, or
+the method `--steps-method` names, recording every step; greedy, the default models):
   - how often steering changed the cloud's own choice (a flip), by the cloud's
     confidence (its top probability);
-  - the size of c*delta at the chosen token: the flips driven by a huge delta.
+  - the size of the steering term (c*delta for `costeer`) at the chosen token: the
+    flips driven by a huge delta.
 Prints Markdown tables.
 """
 
@@ -35,6 +36,7 @@ def main() -> int:
     ap.add_argument("--dataset", default="../shared/data/cogenesis")  # a script: relative to where it is run
     ap.add_argument("--methods", help="with --run: which of its methods (default: all, as they first appear)")
     ap.add_argument("--steps", type=int, default=0, help="also decode this many rows, recording every step")
+    ap.add_argument("--steps-method", default="costeer", help="the method --steps decodes with (default: costeer)")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     args = ap.parse_args()
     try:
@@ -44,7 +46,7 @@ def main() -> int:
             ap.error("give --run or RUN_DIR:METHOD answers")
         print(per_answer([load_answers(spec) for spec in specs], args.dataset))
         if args.steps:
-            print(per_token(args.dataset, args.steps, args.max_new_tokens))
+            print(per_token(args.dataset, args.steps, args.max_new_tokens, method=args.steps_method))
     except UserError as exc:
         sys.exit(f"diagnose_steering: {exc}")
     return 0

@@ -73,23 +73,23 @@ def per_answer(answers: Sequence[tuple[str, Answers]], dataset_spec: str) -> str
     return "\n".join(lines)
 
 
-def per_token(dataset_spec: str, n_rows: int, max_new_tokens: int, costeer=None) -> str:
-    """Decode the first `n_rows` again with the paper's `costeer` (greedy), every step
-    explained (explain.py). `costeer`: a CoSteer to take the two models from (default:
-    the default models)."""
+def per_token(dataset_spec: str, n_rows: int, max_new_tokens: int, costeer=None, method: str = "costeer") -> str:
+    """Decode the first `n_rows` again with `method` (greedy; default the paper's
+    `costeer`), every step explained (explain.py). `costeer`: a CoSteer to take the two
+    models from (default: the default models)."""
     from ..api import CoSteer
 
     steps: list[tuple[float, bool, float]] = []  # cloud's top probability, flipped, c*delta at the pick
     cs = costeer if costeer is not None else CoSteer(quiet=True, context_cache=False)
     for example in load_dataset(dataset_spec).examples[:n_rows]:
-        g = cs.generate_from_messages(example.public, example.private, method="costeer",
+        g = cs.generate_from_messages(example.public, example.private, method=method,
                                       max_new_tokens=max_new_tokens, explain=True)
         steps += [(s.cloud_probability, s.changed, s.steering) for s in g.steps]
     p = np.array([s[0] for s in steps])
     flip = np.array([s[1] for s in steps])
     cd = np.array([s[2] for s in steps])
-    lines = [f"\n## Per token ({len(steps)} steps of `costeer` on {n_rows} rows)\n",
-             "| cloud's top probability | steps | flipped by steering | median c*delta at a flip |",
+    lines = [f"\n## Per token ({len(steps)} steps of `{method}` on {n_rows} rows)\n",
+             "| cloud's top probability | steps | flipped by steering | median steering term at a flip |",
              "|---|---|---|---|"]
     for lo, hi in ((0, 0.5), (0.5, 0.9), (0.9, 0.99), (0.99, 1.01)):
         sel = (p >= lo) & (p < hi)
@@ -99,5 +99,5 @@ def per_token(dataset_spec: str, n_rows: int, max_new_tokens: int, costeer=None)
                      f"{flips.sum()} ({flips.sum() / max(sel.sum(), 1):.0%}) | {med} |")
     lines.append(f"\nFlips: {flip.sum()} of {len(steps)} steps ({flip.mean():.1%}); "
                  f"{(flip & (p >= 0.9)).sum()} of them where the cloud was at least 90% sure; "
-                 f"{(flip & (cd > 3)).sum()} chose a token the context made e^3 = 20x likelier or more.")
+                 f"{(flip & (cd > 3)).sum()} chose a token the steering term made e^3 = 20x likelier or more.")
     return "\n".join(lines)
