@@ -68,3 +68,25 @@ def test_no_shared_rows_is_a_clear_error(tmp_path):
     answers = [load_answers(f"{run}:{m}={m}") for m in ("llm", "costeer")]
     with pytest.raises(UserError, match="none at all by costeer"):
         per_answer(answers, str(DATA))
+
+
+def test_a_task_without_references_has_no_rouge_column_and_a_choice_run_is_a_clear_error(tmp_path):
+    """Preference tasks have no reference answer (no ROUGE-L in their rows); multiple-choice
+    rows have no text: the first gets the table without ROUGE-L, the second one line."""
+    examples = load_dataset("preference:concise").examples[:2]
+    rows = [{k: v for k, v in _row(e, m, "a short plain answer of six words").items() if k != "rougeL"}
+            for e in examples for m in ("llm", "fit:0.5")]
+    run = _run(tmp_path, rows)
+    out = per_answer([load_answers(f"{run}:{m}={m}") for m in ("llm", "fit:0.5")], "preference:concise")
+    assert "| method | 4-gram copy from the context | words | hit the token limit |\n" in out
+    assert "ROUGE-L" not in out and "| fit:0.5 | 0.000 | 7 | 100% |" in out
+
+    chosen = tmp_path / "mcq"
+    chosen.mkdir()
+    (chosen / "results.jsonl").write_text(
+        "".join(json.dumps({"id": e.id, "method": "llm", "choice": 0, "correct": 1.0}) + "\n" for e in examples))
+    script = subprocess.run([sys.executable, str(ROOT / "scripts" / "diagnose_steering.py"), "--run", str(chosen),
+                             "--dataset", "preference:concise"], capture_output=True, text=True, timeout=120)
+    assert script.returncode == 1 and "Traceback" not in script.stderr
+    assert script.stderr.strip() == "diagnose_steering: llm wrote no answers (a multiple-choice run?): " \
+                                    "the diagnosis reads generated text"

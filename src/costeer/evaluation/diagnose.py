@@ -48,19 +48,24 @@ def per_answer(answers: Sequence[tuple[str, Answers]], dataset_spec: str) -> str
         empty = [label for label, rows in answers if not rows.keys() & data.keys()]
         raise UserError(f"no row of {dataset_spec} is answered by every method"
                         + (f"; none at all by {', '.join(empty)}" if empty else ""))
+    unwritten = [label for label, rows in answers if any("text" not in rows[i] for i in ids)]
+    if unwritten:  # a multiple-choice run scores given options: no answer of its own to read
+        raise UserError(f"{', '.join(unwritten)} wrote no answers (a multiple-choice run?): "
+                        "the diagnosis reads generated text")
+    scored = all("rougeL" in rows[i] for _, rows in answers for i in ids)  # not on tasks without a reference
     lines = [f"## Per answer ({len(ids)} rows)\n",
-             "| method | 4-gram copy from the context | words | hit the token limit | ROUGE-L |",
-             "|---|---|---|---|---|"]
+             "| method | 4-gram copy from the context | words | hit the token limit |" + (" ROUGE-L |" if scored else ""),
+             "|---|---|---|---|" + ("---|" if scored else "")]
     copies: dict[str, list[float]] = {}
     for label, rows in answers:
         copies[label] = [copy_rate(rows[i]["text"], data[i].private[-1]["content"], data[i].public[-1]["content"])
                          for i in ids]
         words = [rows[i]["words"] for i in ids]
         limit = np.mean([rows[i]["finish_reason"] == "length" for i in ids])
-        lines.append(f"| {label} | {np.mean(copies[label]):.3f} | {np.mean(words):.0f} | {limit:.0%} | "
-                     f"{np.mean([rows[i]['rougeL'] for i in ids]):.3f} |")
+        lines.append(f"| {label} | {np.mean(copies[label]):.3f} | {np.mean(words):.0f} | {limit:.0%} |"
+                     + (f" {np.mean([rows[i]['rougeL'] for i in ids]):.3f} |" if scored else ""))
     base = dict(answers).get("llm")
-    if base is not None:
+    if base is not None and scored:
         lines += ["\nSpearman's rho over answers, ROUGE-L gain over `llm` against:\n",
                   "| method | its copy rate | its length change |",
                   "|---|---|---|"]
