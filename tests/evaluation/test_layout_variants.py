@@ -68,3 +68,28 @@ def test_written_variants_load_and_pair_with_the_original(tmp_path):
                 assert new.private == old.private
                 assert public.endswith(old.public[-1]["content"] + "\n") and "## Task" in public
     assert json.loads((tmp_path / "no-history" / "ctx_dev.json").read_text(encoding="utf-8"))[0]["tid"] == original[0].id
+
+
+PAPER = ROOT.parent / "shared" / "data" / "cogenesis-paper" / "paper_dev.json"
+
+
+@pytest.mark.skipif(not PAPER.is_file(), reason="needs ../shared/data/cogenesis-paper")
+def test_the_paper_split_gets_its_variants_under_its_own_file_names(tmp_path):
+    script = subprocess.run([sys.executable, str(ROOT / "scripts" / "layout_variants.py"), "--data", str(PAPER),
+                             "--out", str(tmp_path), "--limit", "3"], capture_output=True, text=True, timeout=120)
+    assert script.returncode == 0 and script.stderr == ""
+    assert sorted(p.name for p in (tmp_path / "shared-instruction").iterdir()) == ["paper_dev.json", "paper_dev_wo.json"]
+    original = load_dataset(str(PAPER)).examples[:3]
+    shared = load_dataset(str(tmp_path / "shared-instruction" / "paper_dev.json")).examples
+    bare = load_dataset(str(tmp_path / "no-history" / "paper_dev.json")).examples
+    for old, new, without in zip(original, shared, bare):
+        public, task = new.public[-1]["content"], old.public[-1]["content"]
+        assert new.private == old.private and public.startswith("You are now a helpful personal AI assistant")
+        assert public.endswith(f"## Task\n{task}\n") and "## History Paper Abstracts" not in public
+        assert "## History Paper Abstracts" not in without.private[-1]["content"] and without.public == old.public
+
+    missing = subprocess.run([sys.executable, str(ROOT / "scripts" / "layout_variants.py"), "--data",
+                              str(tmp_path / "nothing.json"), "--out", str(tmp_path / "x")],
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr
+    assert missing.stderr.startswith("layout_variants: no CoGenesis split at ")
