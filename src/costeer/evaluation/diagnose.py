@@ -3,8 +3,9 @@ scripts/diagnose_steering.py prints; Markdown text, returned for the caller to p
 
 Per answer: copying (the share of an answer's word 4-grams found in the private context
 but not in the public request), length, and how the ROUGE-L gain over `llm` moves with
-each. Per token: how often the paper's `costeer` changed the cloud's own choice, by the
-cloud's confidence, and the size of c*delta at the chosen token.
+each. Per token: how often a method (the paper's `costeer` unless told) changed the
+cloud's own choice, by the cloud's confidence, and the size of the steering term (c*delta
+for `costeer`) at the chosen token.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def per_token(dataset_spec: str, n_rows: int, max_new_tokens: int, costeer=None,
     models from (default: the default models)."""
     from ..api import CoSteer
 
-    steps: list[tuple[float, bool, float]] = []  # cloud's top probability, flipped, c*delta at the pick
+    steps: list[tuple[float, bool, float]] = []  # cloud's top probability, flipped, steering term at the pick
     cs = costeer if costeer is not None else CoSteer(quiet=True, context_cache=False)
     for example in load_dataset(dataset_spec).examples[:n_rows]:
         g = cs.generate_from_messages(example.public, example.private, method=method,
