@@ -312,7 +312,8 @@ class CoSteer:
 
     def _run(self, policy: Policy, models: dict[Role, StreamSource], pair: PromptPair, request: GenerationRequest,
              on_text: Callable[[str], None] | None, truncated: bool) -> Generation:
-        prompts = list(self._prompts(policy.streams, models, pair).values())
+        prompts = self._prompts(policy.streams, models, pair)
+        prompts = [prompts[spec] for spec in policy.streams]  # one per stream, in its order
         result = decode(policy, models, prompts, TokenPicker(request.sampling), request.max_new_tokens, request.stop,
                         on_text, request.explain)
         prompt_tokens = {f"{s.role}_{s.prompt}": n for s, n in zip(policy.streams, result.prompt_lengths)}
