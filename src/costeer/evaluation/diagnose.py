@@ -31,7 +31,7 @@ def copy_rate(answer: str, private: str, public: str) -> float:
     mine = grams(answer)
     if not mine:
         return 0.0
-    return len({g for g in mine if g in grams(private) and g not in grams(public)}) / len(mine)
+    return len(mine & (grams(private) - grams(public))) / len(mine)  # each text split once
 
 
 def spearman(a: list[float], b: list[float]) -> float:
